@@ -1,0 +1,5 @@
+import sys
+
+from lazykernel.cli import main
+
+sys.exit(main())

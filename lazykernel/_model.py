@@ -1,0 +1,155 @@
+"""A uniform functional view of the two kinds of model `ntk` accepts.
+
+* an ``nn.Module`` applied as ``model(x)``, whose trainable parameters are chosen
+  by ``params`` (None, names, or a predicate);
+* a torch.func-style ``fn(params, x)`` with ``params`` a dict of tensors.
+
+Both become a `ModelAdapter` with one method, ``call(values, x)``, that applies
+the model with the selected parameters replaced by ``values``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Mapping, Optional, Union
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+ParamSelection = Union[None, str, List[str], tuple, Callable[[str, torch.Tensor], bool]]
+
+
+class ModelAdapter:
+    """A model with a chosen set of trainable parameters.
+
+    Attributes:
+        module: the ``nn.Module``, or None for a functional model.
+        params: the selected parameters, by name (the tensors themselves).
+    """
+
+    def __init__(self, module: Optional[nn.Module], fn: Optional[Callable],
+                 params: Dict[str, torch.Tensor], constants: Dict[str, torch.Tensor]):
+        self.module = module
+        self._fn = fn
+        self.params = params
+        # Values of the functional model that are not differentiated (non-floating).
+        self._constants = constants
+
+    def call(self, values: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Apply the model to a batch ``x`` with the selected parameters set to ``values``."""
+        if self.module is not None:
+            return functional_call(self.module, dict(values), (x,))
+        merged = dict(self._constants)
+        merged.update(values)
+        return self._fn(merged, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the model with its own parameters (autograd tracks them as usual)."""
+        if self.module is not None:
+            return self.module(x)
+        return self.call(self.params, x)
+
+    def detached_params(self) -> Dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.params.items()}
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+
+def _select_module_parameters(module: nn.Module, params: ParamSelection) -> Dict[str, torch.Tensor]:
+    named = dict(module.named_parameters())
+    if params is None:
+        chosen = list(named)
+    elif isinstance(params, str):
+        chosen = [params]
+    elif callable(params):
+        chosen = [name for name, p in named.items() if params(name, p)]
+    elif isinstance(params, Mapping):
+        raise ValueError(
+            "params must be None, a list of parameter names or a predicate "
+            "(name, param) -> bool for an nn.Module; a dict of values is only "
+            "accepted with a functional model fn(params, x)"
+        )
+    else:
+        chosen = list(params)
+        unknown = [name for name in chosen if name not in named]
+        if unknown:
+            raise ValueError(
+                f"params names {unknown} are not parameters of the model; "
+                f"its parameters are {list(named)}"
+            )
+    return {name: named[name] for name in chosen if named[name].requires_grad}
+
+
+def make_adapter(model, params: ParamSelection) -> ModelAdapter:
+    """Build the functional view of ``model`` and check that it has something to differentiate."""
+    if isinstance(model, nn.Module):
+        selected = _select_module_parameters(model, params)
+        adapter = ModelAdapter(model, None, selected, {})
+        where = "the model"
+    elif callable(model):
+        if not isinstance(params, Mapping):
+            raise ValueError(
+                "a functional model fn(params, x) needs params: a dict mapping names to "
+                f"tensors, got {type(params).__name__}"
+            )
+        selected, constants = {}, {}
+        for name, value in params.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"params[{name!r}] must be a tensor, got {type(value).__name__}")
+            (selected if value.is_floating_point() else constants)[name] = value
+        adapter = ModelAdapter(None, model, selected, constants)
+        where = "params"
+    else:
+        raise ValueError(
+            "model must be an nn.Module or a callable fn(params, x), "
+            f"got {type(model).__name__}"
+        )
+    if not adapter.params or adapter.num_params == 0:
+        raise ValueError(
+            f"no trainable parameters: {where} has no floating-point parameter with "
+            "requires_grad=True that `params` selects, so the NTK is empty. Unfreeze "
+            "parameters or change `params`."
+        )
+    return adapter
+
+
+def check_eval_mode(module: nn.Module) -> None:
+    """Refuse modules whose per-example outputs depend on the batch or on chance."""
+    for name, sub in module.named_modules():
+        label = name or type(module).__name__
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            if sub.training or not sub.track_running_stats:
+                raise ValueError(
+                    f"module {label!r} ({type(sub).__name__}) normalises with batch "
+                    "statistics, which couples examples and makes the per-example NTK "
+                    "undefined. Call model.eval() first (and use track_running_stats=True)."
+                )
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
+            raise ValueError(
+                f"module {label!r} ({type(sub).__name__}, p={sub.p}) is active in training "
+                "mode, which makes the model random and its NTK undefined. Call model.eval() first."
+            )
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() or tensor.is_complex():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} contains NaN or Inf values; the NTK would be meaningless")
+
+
+def model_tensors(adapter: ModelAdapter) -> Dict[str, torch.Tensor]:
+    """Every tensor the model computes with: parameters and buffers, by name."""
+    if adapter.module is None:
+        merged = dict(adapter._constants)
+        merged.update(adapter.params)
+        return merged
+    tensors = dict(adapter.module.named_parameters())
+    tensors.update(dict(adapter.module.named_buffers()))
+    return tensors
+
+
+def numel_per_example(x: torch.Tensor) -> int:
+    return math.prod(x.shape[1:])

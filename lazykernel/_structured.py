@@ -1,0 +1,223 @@
+"""The structured method: parameter groups, their rules, and the operands they feed.
+
+A `StructuredPlan` splits the selected parameters between structured rules
+(one per module with a registered rule) and the generic per-example-gradient
+group. It is built and verified on a few examples: every rule must reproduce
+autograd's gradient there, otherwise its parameters move to the generic group,
+so a module used in a way its rule does not describe can cost speed but never
+correctness.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from lazykernel._jacobian import per_example_jacobian
+from lazykernel._model import ModelAdapter
+from lazykernel.rules import StructuredRule, rule_for
+
+Operands = Tuple[List[torch.Tensor], List[torch.Tensor]]
+
+
+class StructuredPlan:
+    """Which rule handles which parameters.
+
+    Attributes:
+        rules: structured rules, each owning some selected parameters.
+        generic: names of the selected parameters left to the generic rule.
+        materialise: per rule, whether it builds per-example gradients instead
+            of the pairwise positions form (decided by :meth:`choose_forms`).
+    """
+
+    def __init__(self, adapter: ModelAdapter, rules: List[StructuredRule], generic: List[str]):
+        self.adapter = adapter
+        self.rules = rules
+        self.generic = generic
+        self.materialise = [False] * len(rules)
+        self.outputs: Optional[int] = None
+
+    def describe(self) -> List[dict]:
+        rows = [
+            {"rule": type(rule).__name__, "params": sorted(rule.names.values()),
+             "form": "per-example gradient" if mat else "pairwise"}
+            for rule, mat in zip(self.rules, self.materialise)
+        ]
+        if self.generic:
+            rows.append({"rule": "PerExampleJacobian", "params": list(self.generic),
+                         "form": "per-example gradient"})
+        return rows
+
+    # -- building ----------------------------------------------------------------
+    @classmethod
+    def build(cls, adapter: ModelAdapter) -> "StructuredPlan":
+        if adapter.module is None:
+            return cls(adapter, [], list(adapter.params))
+        by_identity = {id(p): name for name, p in adapter.params.items()}
+        owners: Dict[int, int] = {}
+        for module in adapter.module.modules():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        rules, claimed = [], set()
+        for module in adapter.module.modules():
+            rule_cls = rule_for(module)
+            if rule_cls is None:
+                continue
+            names = {}
+            for local, p in module.named_parameters(recurse=False):
+                # A parameter owned by two modules (tied weights) needs the sum of
+                # both uses before the Gram; the generic rule does that.
+                if id(p) in by_identity and owners[id(p)] == 1:
+                    names[local] = by_identity[id(p)]
+            if names:
+                rules.append(rule_cls(module, names))
+                claimed.update(names.values())
+        generic = [name for name in adapter.params if name not in claimed]
+        return cls(adapter, rules, generic)
+
+    def demote(self, rule: StructuredRule) -> None:
+        index = self.rules.index(rule)
+        self.rules.pop(index)
+        self.materialise.pop(index)
+        order = list(self.adapter.params)
+        self.generic = sorted(set(self.generic) | set(rule.names.values()), key=order.index)
+
+    # -- running -------------------------------------------------------------------
+    def _capture(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
+        """Forward with the rules' hooks, then cotangents of every output at every hooked output."""
+        n = x.shape[0]
+        for rule in self.rules:
+            rule.attach()
+        try:
+            with torch.enable_grad():
+                y = self.adapter.forward(x)
+        finally:
+            for rule in self.rules:
+                rule.detach()
+        modified = [rule for rule in self.rules if rule.inputs_modified()]
+        if modified:
+            for rule in modified:
+                rule.clone_inputs = True
+            return self._capture(x)
+        f = y.reshape(n, -1)
+        o = f.shape[1]
+        targets = [out for rule in self.rules for out in rule.outputs]
+        cotangents = _output_cotangents(f, targets) if targets else []
+        per_rule, k = [], 0
+        for rule in self.rules:
+            count = len(rule.outputs)
+            per_rule.append(cotangents[k:k + count])
+            k += count
+        del o
+        return f.detach(), per_rule
+
+    def verify(self, x: torch.Tensor) -> torch.Tensor:
+        """Check every rule against autograd on ``x``; demote the ones that disagree.
+
+        Returns the model's outputs on ``x`` as ``[n, O]``.
+        """
+        n = x.shape[0]
+        f, per_rule = self._capture(x)
+        self.outputs = f.shape[1]
+        if not self.rules:
+            return f
+        rules = list(self.rules)
+        names = [name for rule in rules for name in rule.names.values()]
+        with torch.enable_grad():
+            y = self.adapter.forward(x).reshape(n, -1)
+            truth = torch.autograd.grad(y.sum(), [self.adapter.params[nm] for nm in names],
+                                        allow_unused=True)
+        truth = dict(zip(names, truth))
+        tol = 1e-4 if f.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        for rule, cotangents in zip(rules, per_rule):
+            agree = bool(cotangents) or all(truth[nm] is None for nm in rule.names.values())
+            if cotangents:
+                a, g = rule.operands(cotangents, n, materialise=False)
+                for name, grad in rule.summed_gradients(a, g).items():
+                    ref = truth[name]
+                    ref = torch.zeros_like(grad) if ref is None else ref.reshape(grad.shape)
+                    scale = max(ref.abs().max().item(), grad.abs().max().item(), 1e-30)
+                    if (grad - ref).abs().max().item() > tol * scale:
+                        agree = False
+            if not agree:
+                self.demote(rule)
+        return f
+
+    def choose_forms(self, n1: int, n2: int, output: str, budget_elements: float) -> None:
+        """Per rule, pairwise positions form or per-example gradients, by FLOPs.
+
+        Pairwise costs ``N1·N2·T²·(K + m·D)``; materialising costs
+        ``(N1+N2)·T·O·D·K`` to build plus ``N1·N2·m·D·K`` for its Gram, where
+        ``m = O²`` for full output and ``O`` otherwise. Materialising is only
+        chosen when one example's gradient fits comfortably in memory.
+        """
+        o = self.outputs or 1
+        m = o * o if output == "full" else o
+        for k, rule in enumerate(self.rules):
+            t, kdim, d = rule.sizes()
+            pairwise = n1 * n2 * t * t * (kdim + m * d)
+            materialised = (n1 + n2) * t * o * d * kdim + n1 * n2 * m * d * kdim
+            fits = o * d * kdim * 8 < budget_elements
+            self.materialise[k] = t > 1 and fits and materialised < pairwise
+
+    def elements_per_example(self) -> int:
+        """Elements of the operands one example produces (all groups)."""
+        o = self.outputs or 1
+        total = 0
+        for rule, mat in zip(self.rules, self.materialise):
+            t, kdim, d = rule.sizes()
+            total += 1 + o * d * kdim if mat else t * (kdim + o * d)
+        generic = sum(self.adapter.params[name].numel() for name in self.generic)
+        return total + (1 + o * generic if self.generic else 0)
+
+    def operands(self, x: torch.Tensor) -> Operands:
+        """Operands ``(a_list, g_list)`` of every group for the examples ``x``."""
+        n = x.shape[0]
+        a_list, g_list = [], []
+        if self.rules:
+            _, per_rule = self._capture(x)
+            for rule, mat, cotangents in zip(self.rules, self.materialise, per_rule):
+                if not cotangents:
+                    continue
+                a, g = rule.operands(cotangents, n, materialise=mat)
+                a_list.append(a)
+                g_list.append(g)
+                rule.inputs, rule.outputs = [], []
+        if self.generic:
+            jac = per_example_jacobian(self.adapter, self.generic, x)
+            a_list.append(jac.new_ones(n, 1, 1))
+            g_list.append(jac.unsqueeze(1))
+        return a_list, g_list
+
+
+def _output_cotangents(f: torch.Tensor, targets: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``∂f_o/∂target`` for every output o, stacked: ``[O, *target.shape]`` each.
+
+    One backward pass batched over the O one-hot output cotangents; models whose
+    backward cannot be batched fall back to one pass per output.
+    """
+    n, o = f.shape
+    if o == 1:
+        grads = torch.autograd.grad(f, targets, grad_outputs=torch.ones_like(f),
+                                    allow_unused=True)
+        return [(_zeros_if_none(g, t)).unsqueeze(0) for g, t in zip(grads, targets)]
+    basis = torch.eye(o, dtype=f.dtype, device=f.device).unsqueeze(1).expand(o, n, o)
+    try:
+        grads = torch.autograd.grad(f, targets, grad_outputs=basis, is_grads_batched=True,
+                                    allow_unused=True, retain_graph=True)
+        return [_zeros_if_none(g, t, batch=o) for g, t in zip(grads, targets)]
+    except RuntimeError:
+        per_output = []
+        for k in range(o):
+            grads = torch.autograd.grad(f, targets, grad_outputs=basis[k], allow_unused=True,
+                                        retain_graph=k + 1 < o)
+            per_output.append([_zeros_if_none(g, t) for g, t in zip(grads, targets)])
+        return [torch.stack([row[j] for row in per_output]) for j in range(len(targets))]
+
+
+def _zeros_if_none(g: Optional[torch.Tensor], target: torch.Tensor, batch: int = 0) -> torch.Tensor:
+    if g is not None:
+        return g
+    shape = ((batch,) if batch else ()) + tuple(target.shape)
+    return torch.zeros(shape, dtype=target.dtype, device=target.device)

@@ -1,0 +1,390 @@
+"""`lazykernel.ntk`: the empirical Neural Tangent Kernel of a PyTorch model."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from lazykernel import _memory
+from lazykernel._jacobian import ntk_block_by_ntvp, per_example_jacobian
+from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite,
+                               make_adapter, model_tensors)
+from lazykernel._structured import StructuredPlan
+from lazykernel.ops import OUTPUTS, gram_hadamard_accumulate
+
+METHODS = ("auto", "structured", "jacobian", "ntvp")
+_PROBE_EXAMPLES = 3
+
+
+def ntk(
+    model,
+    x1: torch.Tensor,
+    x2: Optional[torch.Tensor] = None,
+    *,
+    output: str = "trace",
+    method: str = "auto",
+    params: ParamSelection = None,
+    batch_size: Optional[int] = None,
+    memory_budget: Optional[float] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Empirical Neural Tangent Kernel ``Θ(x1, x2) = J(x1) J(x2)ᵀ``.
+
+    ``J(x) = ∂f(x; θ)/∂θ ∈ R^{O×P}`` is the Jacobian of one example's outputs
+    (flattened to O) with respect to the selected parameters θ (Jacot, Gabriel &
+    Hongler, 2018, "Neural Tangent Kernel: Convergence and Generalization in
+    Neural Networks"). Examples must be independent: a model in training mode
+    with BatchNorm or active Dropout is refused.
+
+    Args:
+        model: an ``nn.Module`` applied as ``model(x)``, or a torch.func-style
+            ``fn(params, x)``; then ``params`` is required and is the dict of all
+            its tensors (every floating-point entry is differentiated).
+        x1: ``[N1, *in]`` inputs (floating point in the model's dtype, or integer
+            token ids).
+        x2: ``[N2, *in]`` inputs; ``None`` means ``x1`` (and half the work).
+        output: ``"trace"`` → ``[N1, N2]``, ``Σ_o Θ_oo`` (a sum, not a mean);
+            ``"diagonal"`` → ``[N1, N2, O]``, ``Θ_oo``; ``"full"`` →
+            ``[N1, N2, O, O]``. With O = 1 every mode gives ``[N1, N2]``.
+        method: ``"structured"``: per-layer rules (Novak, Sohl-Dickstein &
+            Schoenholz, 2022, "Fast Finite Width Neural Tangent Kernel"):
+            ``(A Aᵀ) ∘ (G Gᵀ)`` for linear maps, per-example gradients for the
+            rest; ``"jacobian"``: explicit per-example Jacobian contraction;
+            ``"ntvp"``: NTK-vector products (one VJP and one JVP per row);
+            ``"auto"``: structured.
+        params: for an ``nn.Module``: ``None`` (all parameters with
+            ``requires_grad=True``), a list of names from
+            ``model.named_parameters()``, or a predicate ``(name, param) -> bool``.
+            Parameters with ``requires_grad=False`` never count.
+        batch_size: at most this many examples per chunk.
+        memory_budget: bytes of working memory (the returned kernel is not
+            counted); default a quarter of the memory available on the device.
+        progress: show a progress bar over chunk pairs (tqdm if installed).
+
+    Returns:
+        The kernel, on the model's device, in the model's dtype.
+
+    Raises:
+        ValueError: bad arguments: unknown ``output``/``method``, inputs the model
+            rejects, mismatched trailing shapes, devices or dtypes, no trainable
+            parameters, training-mode BatchNorm/Dropout, NaN or Inf, or a
+            ``memory_budget`` too small for one example.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown output {output!r}; expected one of {OUTPUTS}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    adapter = make_adapter(model, params)
+    if adapter.module is not None:
+        check_eval_mode(adapter.module)
+    dtype, device = _check_inputs(adapter, x1, x2)
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if memory_budget is None:
+        budget = float(_memory.default_memory_budget(device))
+    else:
+        if not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        budget = float(memory_budget)
+
+    symmetric = x2 is None
+    x2_ = x1 if symmetric else x2
+    n1, n2 = x1.shape[0], x2_.shape[0]
+    outputs, activations = _probe(adapter, x1, "x1")
+    if not symmetric:
+        _probe(adapter, x2_, "x2")
+    mode = "trace" if outputs == 1 else output
+    compute_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    elt = torch.empty((), dtype=compute_dtype).element_size()
+
+    engine = _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget, elt)
+    shape = _result_shape(n1, n2, outputs, mode)
+    result = torch.zeros(shape, dtype=compute_dtype, device=device)
+    if n1 and n2:
+        _run_tiles(engine, x1, x2_, symmetric, result, mode, budget, elt, batch_size, progress)
+    return result.to(dtype)
+
+
+# -- validation ------------------------------------------------------------------
+
+def _check_inputs(adapter: ModelAdapter, x1, x2) -> Tuple[torch.dtype, torch.device]:
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is None and name == "x2":
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape [N, *in], got {type(x).__name__}")
+        if x.dim() < 1:
+            raise ValueError(f"{name} must have a batch dimension first, [N, *in]; got a scalar")
+    if x2 is not None and tuple(x1.shape[1:]) != tuple(x2.shape[1:]):
+        raise ValueError(
+            f"x1 and x2 must have the same trailing shape (one example's shape): "
+            f"x1 is {tuple(x1.shape)}, x2 is {tuple(x2.shape)}"
+        )
+    values = list(adapter.params.items())
+    devices = {p.device for _, p in values}
+    dtypes = {p.dtype for _, p in values}
+    if len(devices) > 1:
+        raise ValueError(f"the selected parameters are spread over several devices {sorted(map(str, devices))}; "
+                         "move the model to one device")
+    if len(dtypes) > 1:
+        raise ValueError(f"the selected parameters mix dtypes {sorted(map(str, dtypes))}; "
+                         "convert the model to one dtype (e.g. model.float())")
+    device, dtype = devices.pop(), dtypes.pop()
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is None:
+            continue
+        if x.device != device:
+            raise ValueError(f"{name} is on device {x.device} but the model's parameters are on "
+                             f"{device}; move them to the same device (e.g. {name}.to({str(device)!r}))")
+        if x.is_floating_point() and x.dtype != dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but the model's parameters have dtype {dtype}; "
+                             f"convert one of them (e.g. {name}.to({dtype}))")
+        check_finite(name, x)
+    for name, tensor in model_tensors(adapter).items():
+        check_finite(f"parameter {name!r}" if name in adapter.params else f"model tensor {name!r}", tensor)
+    return dtype, device
+
+
+def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str) -> Tuple[int, int]:
+    """Run the model on a few examples: does it accept ``x``, and how big is it?
+
+    Returns (O, activation elements per example).
+    """
+    k = min(x.shape[0], _PROBE_EXAMPLES)
+    sample = x[:k] if k else x[:1].new_zeros((1,) + tuple(x.shape[1:]))
+    k = sample.shape[0]
+    seen = [int(sample.numel())]
+    handles = []
+    if adapter.module is not None:
+        def count(module, args, out):
+            if isinstance(out, torch.Tensor):
+                seen.append(out.numel())
+        handles = [m.register_forward_hook(count) for m in adapter.module.modules()
+                   if not list(m.children())]
+    try:
+        with torch.no_grad():
+            y = adapter.forward(sample)
+    except Exception as error:
+        raise ValueError(
+            f"the model could not be applied to {name} of shape {tuple(x.shape)} "
+            f"(tried its first {k} example(s)): {type(error).__name__}: {error}"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"the model must return a tensor, got {type(y).__name__}")
+    if y.dim() == 0 or y.shape[0] != k:
+        raise ValueError(
+            f"the model's output must have the batch dimension first: for {k} example(s) of {name} "
+            f"it returned shape {tuple(y.shape)}"
+        )
+    return max(1, y[0].numel()), sum(seen) // k
+
+
+def _result_shape(n1: int, n2: int, outputs: int, mode: str) -> Tuple[int, ...]:
+    if mode == "trace":
+        return (n1, n2)
+    if mode == "diagonal":
+        return (n1, n2, outputs)
+    return (n1, n2, outputs, outputs)
+
+
+# -- the methods -----------------------------------------------------------------
+
+class _Engine:
+    """One method: per-chunk features, and the kernel block of two feature sets."""
+
+    name = ""
+
+    def features(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def block(self, f1, f2, same: bool, shape) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bytes_per_example(self, other_chunk: int) -> float:
+        raise NotImplementedError
+
+
+class _StructuredEngine(_Engine):
+    name = "structured"
+
+    def __init__(self, plan: StructuredPlan, mode: str, dtype: torch.dtype, activations: int,
+                 elt: int):
+        self.plan, self.mode, self.dtype = plan, mode, dtype
+        self.activations, self.elt = activations, elt
+
+    def features(self, x):
+        a_list, g_list = self.plan.operands(x)
+        cast = [t if t.dtype == self.dtype else t.to(self.dtype) for t in a_list + g_list]
+        k = len(a_list)
+        return cast[:k], cast[k:]
+
+    def block(self, f1, f2, same, shape):
+        out = torch.zeros(shape, dtype=self.dtype, device=f1[1][0].device if f1[1] else None)
+        gram_hadamard_accumulate(out, f1[0], f2[0], f1[1], f2[1], self.mode, symmetric=same)
+        return out
+
+    def bytes_per_example(self, other_chunk):
+        o = self.plan.outputs or 1
+        # operands, plus the batched backward's cotangent buffers and the forward graph
+        return self.elt * (2 * self.plan.elements_per_example() + (o + 2) * self.activations)
+
+
+class _JacobianEngine(_Engine):
+    name = "jacobian"
+
+    def __init__(self, adapter: ModelAdapter, mode: str, dtype, outputs: int, activations: int,
+                 elt: int):
+        self.adapter, self.mode, self.dtype = adapter, mode, dtype
+        self.outputs, self.activations, self.elt = outputs, activations, elt
+        self.names = list(adapter.params)
+
+    def features(self, x):
+        return per_example_jacobian(self.adapter, self.names, x).to(self.dtype)
+
+    def block(self, f1, f2, same, shape):
+        n1, o, p = f1.shape
+        n2 = f2.shape[0]
+        if self.mode == "trace":
+            return f1.reshape(n1, o * p) @ f2.reshape(n2, o * p).T
+        if self.mode == "diagonal":
+            return torch.einsum("iop,jop->ijo", f1, f2)
+        full = f1.reshape(n1 * o, p) @ f2.reshape(n2 * o, p).T
+        return full.reshape(n1, o, n2, o).permute(0, 2, 1, 3).contiguous()
+
+    def bytes_per_example(self, other_chunk):
+        p = self.adapter.num_params
+        return self.elt * (3 * self.outputs * p + (self.outputs + 2) * self.activations)
+
+
+class _NtvpEngine(_Engine):
+    name = "ntvp"
+
+    def __init__(self, adapter: ModelAdapter, mode: str, dtype, outputs: int, activations: int,
+                 elt: int):
+        self.adapter, self.mode, self.dtype = adapter, mode, dtype
+        self.outputs, self.activations, self.elt = outputs, activations, elt
+
+    def features(self, x):
+        return x
+
+    def block(self, f1, f2, same, shape):
+        rows = ntk_block_by_ntvp(self.adapter, f1, f2).to(self.dtype)  # [n1, O, n2, O]
+        if self.mode == "trace":
+            return rows.diagonal(dim1=1, dim2=3).sum(-1)
+        if self.mode == "diagonal":
+            return rows.diagonal(dim1=1, dim2=3).contiguous()
+        return rows.permute(0, 2, 1, 3).contiguous()
+
+    def bytes_per_example(self, other_chunk):
+        # each of the O rows of an x1 example holds a parameter-sized tangent and a
+        # JVP through the whole x2 chunk
+        p = self.adapter.num_params
+        return self.elt * self.outputs * (2 * p + 3 * other_chunk * self.activations)
+
+
+def _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget, elt) -> _Engine:
+    dtype = torch.float64 if elt == 8 else torch.float32
+    if method in ("auto", "structured"):
+        plan = StructuredPlan.build(adapter)
+        plan.verify(x1[:_PROBE_EXAMPLES])
+        plan.choose_forms(n1, n2, mode, budget / elt)
+        return _StructuredEngine(plan, mode, dtype, activations, elt)
+    if method == "jacobian":
+        return _JacobianEngine(adapter, mode, dtype, outputs, activations, elt)
+    return _NtvpEngine(adapter, mode, dtype, outputs, activations, elt)
+
+
+# -- tiling ----------------------------------------------------------------------
+
+def _plan_chunks(engine: _Engine, n1: int, n2: int, cell_bytes: float, budget: float,
+                 batch_size: Optional[int]) -> Tuple[int, int]:
+    """Chunk sizes (b1, b2) whose features and kernel block fit in ``budget``."""
+
+    def cost(b1: int, b2: int) -> float:
+        return (b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1)
+                + b1 * b2 * cell_bytes)
+
+    one = cost(1, 1)
+    if one > budget:
+        raise ValueError(
+            f"memory_budget of {_memory.format_bytes(budget)} is too small for even one tile: "
+            f"the {engine.name} method needs about {_memory.format_bytes(one)} for one pair of "
+            f"examples. Raise memory_budget to at least {int(one) + 1} bytes."
+        )
+    cap = batch_size or max(n1, n2)
+    b1, b2 = min(n1, cap), min(n2, cap)
+    while cost(b1, b2) > budget:
+        if b1 >= b2 and b1 > 1:
+            b1 = (b1 + 1) // 2
+        else:
+            b2 = (b2 + 1) // 2
+    return b1, b2
+
+
+def _run_tiles(engine: _Engine, x1, x2, symmetric: bool, result: torch.Tensor, mode: str,
+               budget: float, elt: int, batch_size: Optional[int], progress: bool) -> None:
+    n1, n2 = x1.shape[0], x2.shape[0]
+    cell = math.prod(result.shape[2:]) if result.dim() > 2 else 1
+    b1, b2 = _plan_chunks(engine, n1, n2, cell * elt, budget, batch_size)
+    if symmetric:
+        b1 = b2 = min(b1, b2)
+    starts1 = list(range(0, n1, b1))
+    starts2 = list(range(0, n2, b2))
+    pairs = [(i, j) for i in starts1 for j in starts2 if not symmetric or j >= i]
+    bar = _Progress(len(pairs), progress)
+    cached2 = engine.features(x2) if (not symmetric and b2 >= n2) else None
+    current_i, f1 = None, None
+    for i, j in pairs:
+        if i != current_i:
+            current_i, f1 = i, engine.features(x1[i:i + b1])
+        same = symmetric and i == j
+        if same:
+            f2 = f1
+        elif cached2 is not None:
+            f2 = cached2
+        else:
+            f2 = engine.features(x2[j:j + b2])
+        rows = min(b1, n1 - i)
+        cols = min(b2, n2 - j)
+        block = engine.block(f1, f2, same, (rows, cols) + tuple(result.shape[2:]))
+        result[i:i + rows, j:j + cols] = block
+        if symmetric and not same:
+            mirrored = block.transpose(0, 1)
+            if mode == "full":
+                mirrored = mirrored.transpose(2, 3)
+            result[j:j + cols, i:i + rows] = mirrored
+        bar.update()
+    bar.close()
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self._bar = None
+        self._enabled = enabled
+        self._done, self._total = 0, total
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+                self._bar = tqdm(total=total, desc="lazykernel.ntk", unit="tile")
+            except ImportError:
+                pass
+
+    def update(self) -> None:
+        self._done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        elif self._enabled:
+            print(f"\rlazykernel.ntk: {self._done}/{self._total} tiles", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self._enabled:
+            print(file=sys.stderr)
