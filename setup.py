@@ -66,11 +66,11 @@ def _extension():
         "csrc/lazykernel.cpp",
         "csrc/cpu/gram_hadamard_cpu.cpp",
     ]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         if os.environ.get("LAZYKERNEL_PTXAS_VERBOSE", "") == "1":
             nvcc_flags.append("-Xptxas=-v")
         return cpp_extension.CUDAExtension(
