@@ -135,9 +135,14 @@ def check_eval_mode(module: nn.Module) -> None:
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() or tensor.is_complex():
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{name} contains NaN or Inf values; the NTK would be meaningless")
+    """Raise ValueError naming ``name`` if ``tensor`` holds a NaN or an Inf."""
+    if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+        return
+    # One reduction decides the common case; only a non-finite sum (which can
+    # also come from overflow) needs the exact element-wise test.
+    if bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()):
+        return
+    raise ValueError(f"{name} contains NaN or Inf values; the NTK would be meaningless")
 
 
 def model_tensors(adapter: ModelAdapter) -> Dict[str, torch.Tensor]:

@@ -51,12 +51,10 @@ class StructuredRule:
         self.inputs: List[torch.Tensor] = []
         self.outputs: List[torch.Tensor] = []
         self._handle = None
-        self._input_versions: List[int] = []
-        self.clone_inputs = False
 
     # -- capture ---------------------------------------------------------------
     def attach(self) -> None:
-        self.inputs, self.outputs, self._input_versions = [], [], []
+        self.inputs, self.outputs = [], []
         self._handle = self.module.register_forward_hook(self._hook)
 
     def detach(self) -> None:
@@ -65,18 +63,13 @@ class StructuredRule:
             self._handle = None
 
     def _hook(self, module, args, output):
-        a = args[0]
-        self._input_versions.append(a._version)
-        self.inputs.append(a.detach().clone() if self.clone_inputs else a.detach())
+        # No copy of the input is needed: a selected weight requires grad, so
+        # autograd itself refuses any in-place change of it after the layer.
+        self.inputs.append(args[0].detach())
         # The cotangent is taken with respect to this exact tensor; the clone that
         # flows on protects it from in-place operations that follow the layer.
         self.outputs.append(output)
         return output.clone()
-
-    def inputs_modified(self) -> bool:
-        """Whether a recorded input was changed in place after the layer read it."""
-        return any(a._version != v for a, v in zip(self.inputs, self._input_versions)) \
-            if not self.clone_inputs else False
 
     # -- the rule ----------------------------------------------------------------
     def operands(self, cotangents: List[torch.Tensor], n: int, materialise: bool

@@ -1,0 +1,164 @@
+"""The structured method's plan: which rule gets which parameters, and its safety net."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lazykernel
+from lazykernel._model import make_adapter
+from lazykernel._structured import StructuredPlan
+from lazykernel.rules import LinearRule, StructuredRule, register_rule, rule_for
+
+
+def _kernel_by_explicit_jacobians(model, x, output="full"):
+    """Float64 Θ(x, x) from one autograd backward per (example, output)."""
+    model = copy.deepcopy(model).double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        y = model(x[i:i + 1].double()).reshape(-1)
+        rows.append(torch.stack([
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(y[o], params, retain_graph=True)])
+            for o in range(y.numel())
+        ]))
+    jac = torch.stack(rows)
+    full = torch.einsum("iop,jqp->ijoq", jac, jac)
+    return full if output == "full" else full.diagonal(dim1=2, dim2=3).sum(-1)
+
+
+def _plan(model, x):
+    plan = StructuredPlan.build(make_adapter(model, None))
+    plan.verify(x[:3])
+    return plan
+
+
+def _rules_by_params(plan):
+    return {tuple(row["params"]): row["rule"] for row in plan.describe()}
+
+
+def test_linear_layers_get_the_linear_rule():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    plan = _plan(model, torch.randn(4, 3, dtype=torch.float64))
+    assert _rules_by_params(plan) == {("0.bias", "0.weight"): "LinearRule",
+                                      ("2.bias", "2.weight"): "LinearRule"}
+    assert plan.generic == []
+
+
+class _BypassesHook(nn.Module):
+    """Uses its Linear's weight through F.linear, which forward hooks never see."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x) + F.linear(x, self.lin.weight)))
+
+
+def test_rule_that_disagrees_with_autograd_is_demoted_and_result_stays_exact():
+    torch.manual_seed(0)
+    model = _BypassesHook().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    plan = _plan(model, x)
+    assert "lin.weight" in plan.generic
+    assert _rules_by_params(plan)[("head.bias", "head.weight")] == "LinearRule"
+    expected = _kernel_by_explicit_jacobians(model, x)
+    got = lazykernel.ntk(model, x, output="full", method="structured")
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_tied_weights_go_to_the_generic_rule():
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second).double()
+    plan = _plan(model, torch.randn(4, 4, dtype=torch.float64))
+    assert plan.generic == ["0.weight"]
+
+
+def test_module_called_twice_keeps_its_rule_and_is_exact():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(torch.sin(self.lin(x)))
+
+    torch.manual_seed(1)
+    model = Twice().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    plan = _plan(model, x)
+    assert plan.generic == []
+    torch.testing.assert_close(lazykernel.ntk(model, x, output="full"),
+                               _kernel_by_explicit_jacobians(model, x), rtol=1e-10, atol=1e-12)
+
+
+def test_positions_choose_materialised_gradients_when_cheaper_and_stay_exact():
+    torch.manual_seed(3)
+    # many positions, small layer: T² (K + O·D) per pair beats O·D·K only when T is small
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 40, 2)).double()
+    x = torch.randn(6, 40, 2, dtype=torch.float64)
+    plan = _plan(model, x)
+    plan.choose_forms(6, 6, "full", budget_elements=1e9)
+    assert plan.materialise[0] is True   # T = 40 positions, K = 3, D = 3
+    assert plan.materialise[1] is False  # T = 1
+    expected = _kernel_by_explicit_jacobians(model, x)
+    torch.testing.assert_close(lazykernel.ntk(model, x, output="full"), expected,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_register_rule_is_used_for_its_module_type():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.weight
+
+    @register_rule(Scale)
+    class ScaleRule(StructuredRule):
+        """y = w ∘ a: a diagonal linear map, gradient g ∘ a per position."""
+
+        def operands(self, cotangents, n, materialise):
+            a = self.inputs[0].reshape(n, 1, -1)
+            g = cotangents[0].permute(1, 0, 2).unsqueeze(1)  # [n, 1, O, 3]
+            return a.new_ones(n, 1, 1), (g * a.unsqueeze(2))
+
+        def summed_gradients(self, a, g):
+            return {self.names["weight"]: g.sum(dim=(0, 1, 2))}
+
+        def sizes(self):
+            return 1, 1, 3
+
+    try:
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Linear(2, 3), Scale(), nn.Tanh(), nn.Linear(3, 2)).double()
+        assert rule_for(model[1]) is ScaleRule
+        x = torch.randn(5, 2, dtype=torch.float64)
+        plan = _plan(model, x)
+        assert _rules_by_params(plan)[("1.weight",)] == "ScaleRule"
+        torch.testing.assert_close(lazykernel.ntk(model, x, output="full"),
+                                   _kernel_by_explicit_jacobians(model, x), rtol=1e-10, atol=1e-12)
+    finally:
+        from lazykernel import rules
+        rules._RULES.pop(Scale, None)
+    assert rule_for(nn.Linear(1, 1)) is LinearRule
+
+
+@pytest.mark.parametrize("output", ["trace", "full"])
+def test_bias_only_and_weight_only_selection(output):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for chosen in (["0.bias", "2.bias"], ["0.weight"]):
+        frozen = copy.deepcopy(model)
+        for name, p in frozen.named_parameters():
+            p.requires_grad_(name in chosen)
+        expected = _kernel_by_explicit_jacobians(frozen, x, output)
+        got = lazykernel.ntk(model, x, output=output, params=chosen)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
