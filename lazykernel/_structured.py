@@ -16,7 +16,7 @@ import torch
 
 from lazykernel._jacobian import per_example_jacobian
 from lazykernel._model import ModelAdapter
-from lazykernel.rules import StructuredRule, rule_for
+from lazykernel.rules import RuleDoesNotApply, StructuredRule, rule_for
 
 Operands = Tuple[List[torch.Tensor], List[torch.Tensor]]
 
@@ -108,6 +108,12 @@ class StructuredPlan:
     def verify(self, x: torch.Tensor) -> torch.Tensor:
         """Check every rule against autograd on ``x``; demote the ones that disagree.
 
+        The check is per example: each example's gradient ``Σ_o ∂f_o(x_i)/∂θ``
+        rebuilt from the rule's operands must match autograd's. A rule that
+        misreads which rows belong to which example (a layer applied to a
+        sequence-first or folded batch) or that misses uses of its parameters
+        outside the hooked call fails it and is replaced by the generic rule.
+
         Returns the model's outputs on ``x`` as ``[n, O]``.
         """
         n = x.shape[0]
@@ -117,22 +123,26 @@ class StructuredPlan:
             return f
         rules = list(self.rules)
         names = [name for rule in rules for name in rule.names.values()]
-        with torch.enable_grad():
-            y = self.adapter.forward(x).reshape(n, -1)
-            truth = torch.autograd.grad(y.sum(), [self.adapter.params[nm] for nm in names],
-                                        allow_unused=True)
-        truth = dict(zip(names, truth))
+        truth = dict(zip(names, _per_example_gradients(self.adapter, names, x)))
         tol = 1e-4 if f.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
         for rule, cotangents in zip(rules, per_rule):
-            agree = bool(cotangents) or all(truth[nm] is None for nm in rule.names.values())
-            if cotangents:
-                a, g = rule.operands(cotangents, n, materialise=False)
-                for name, grad in rule.summed_gradients(a, g).items():
-                    ref = truth[name]
-                    ref = torch.zeros_like(grad) if ref is None else ref.reshape(grad.shape)
+            if not cotangents:
+                agree = all(float(torch.linalg.vector_norm(truth[nm])) == 0.0
+                            for nm in rule.names.values())
+            else:
+                agree = True
+                try:
+                    a, g = rule.operands(cotangents, n, materialise=False)
+                    rebuilt = rule.per_example_gradients(a, g)
+                except RuleDoesNotApply:
+                    agree, rebuilt = False, {}
+                for name, grad in rebuilt.items():
+                    ref = truth[name].reshape(grad.shape)
                     scale = max(float(torch.linalg.vector_norm(ref)), 1e-30)
                     if float(torch.linalg.vector_norm(grad - ref)) > tol * scale:
                         agree = False
+            rule.measured_sizes = rule.sizes()
+            rule.inputs, rule.outputs = [], []
             if not agree:
                 self.demote(rule)
         return f
@@ -148,7 +158,7 @@ class StructuredPlan:
         o = self.outputs or 1
         m = o * o if output == "full" else o
         for k, rule in enumerate(self.rules):
-            t, kdim, d = rule.sizes()
+            t, kdim, d = rule.measured_sizes
             pairwise = n1 * n2 * t * t * (kdim + m * d)
             materialised = (n1 + n2) * t * o * d * kdim + n1 * n2 * m * d * kdim
             fits = o * d * kdim * 8 < budget_elements
@@ -159,7 +169,7 @@ class StructuredPlan:
         o = self.outputs or 1
         total = 0
         for rule, mat in zip(self.rules, self.materialise):
-            t, kdim, d = rule.sizes()
+            t, kdim, d = rule.measured_sizes
             total += 1 + o * d * kdim if mat else t * (kdim + o * d)
         generic = sum(self.adapter.params[name].numel() for name in self.generic)
         return total + (1 + o * generic if self.generic else 0)
@@ -207,6 +217,30 @@ def _output_cotangents(f: torch.Tensor, targets: List[torch.Tensor]) -> List[tor
                                         retain_graph=k + 1 < o)
             per_output.append([_zeros_if_none(g, t) for g, t in zip(grads, targets)])
         return [torch.stack([row[j] for row in per_output]) for j in range(len(targets))]
+
+
+def _per_example_gradients(adapter: ModelAdapter, names: List[str], x: torch.Tensor
+                           ) -> List[torch.Tensor]:
+    """``[n, *θ.shape]`` per parameter: the gradient of ``Σ_o f_o(x_i)`` for each example i.
+
+    Examples are independent, so one backward pass batched over the n one-hot
+    example selectors gives every example's gradient.
+    """
+    n = x.shape[0]
+    params = [adapter.params[name] for name in names]
+    with torch.enable_grad():
+        y = adapter.forward(x).reshape(n, -1)
+        selectors = torch.eye(n, dtype=y.dtype, device=y.device).unsqueeze(2).expand(n, n, y.shape[1])
+        try:
+            grads = torch.autograd.grad(y, params, grad_outputs=selectors, is_grads_batched=True,
+                                        allow_unused=True, retain_graph=True)
+        except RuntimeError:
+            rows = [torch.autograd.grad(y, params, grad_outputs=selectors[i], allow_unused=True,
+                                        retain_graph=True) for i in range(n)]
+            grads = [None if rows[0][k] is None else torch.stack([row[k] for row in rows])
+                     for k in range(len(params))]
+    return [g if g is not None else torch.zeros((n,) + tuple(p.shape), dtype=p.dtype, device=p.device)
+            for g, p in zip(grads, params)]
 
 
 def _zeros_if_none(g: Optional[torch.Tensor], target: torch.Tensor, batch: int = 0) -> torch.Tensor:

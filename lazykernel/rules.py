@@ -22,6 +22,10 @@ from torch import nn
 _RULES: Dict[Type[nn.Module], Type["StructuredRule"]] = {}
 
 
+class RuleDoesNotApply(RuntimeError):
+    """A rule's hooked call does not look the way the rule describes (e.g. no batch axis first)."""
+
+
 def register_rule(module_type: Type[nn.Module]):
     """Class decorator: use the decorated rule for modules of ``module_type``."""
 
@@ -51,6 +55,8 @@ class StructuredRule:
         self.inputs: List[torch.Tensor] = []
         self.outputs: List[torch.Tensor] = []
         self._handle = None
+        # (T, K, D) per example, as measured when the plan was verified
+        self.measured_sizes: Tuple[int, int, int] = (1, 1, 1)
 
     # -- capture ---------------------------------------------------------------
     def attach(self) -> None:
@@ -85,17 +91,18 @@ class StructuredRule:
         """
         raise NotImplementedError
 
-    def summed_gradients(self, a: torch.Tensor, g: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``Σ_i Σ_o ∂f_o(x_i)/∂θ`` for each parameter, from the pairwise operands.
+    def per_example_gradients(self, a: torch.Tensor, g: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``Σ_o ∂f_o(x_i)/∂θ`` for each example i and parameter, from the pairwise operands.
 
         Compared with autograd on a few examples, this catches a module whose
-        parameters are used outside the hooked call, so the rule is never trusted
-        where it does not apply.
+        rows are not laid out batch-first or whose parameters are used outside
+        the hooked call, so a rule is never trusted where it does not apply.
+        Returns ``[n, *param.shape]`` per full parameter name.
         """
         raise NotImplementedError
 
     def sizes(self) -> Tuple[int, int, int]:
-        """(T, K, D) of the pairwise form for the recorded calls, per example."""
+        """(T, K, D) of the pairwise form for the calls recorded now, per example."""
         raise NotImplementedError
 
 
@@ -117,8 +124,8 @@ class LinearRule(StructuredRule):
         d_out = self.module.out_features
         a_parts, g_parts = [], []
         for a, g in zip(self.inputs, cotangents):
-            if a.shape[0] != n or g.shape[1] != n:
-                raise RuntimeError(
+            if a.dim() < 2 or a.shape[0] != n or g.shape[1] != n:
+                raise RuleDoesNotApply(
                     f"lazykernel: a {type(self.module).__name__} saw a batch of {a.shape[0]} "
                     f"rows for {n} examples; its rule needs the batch axis first"
                 )
@@ -143,17 +150,15 @@ class LinearRule(StructuredRule):
             return a.new_ones(n, 1, 1), per_example.reshape(n, 1, g.shape[2], -1)
         return a.contiguous(), g.contiguous()
 
-    def summed_gradients(self, a, g):
+    def per_example_gradients(self, a, g):
         use_weight, use_bias = self._use()
         d_in = self.module.in_features
-        grads = {}
-        total = torch.einsum("ntod,ntk->dk", g, a)
-        if use_weight:
-            grads[self.names["weight"]] = total[:, :d_in]
-            if use_bias:
-                grads[self.names["bias"]] = total[:, d_in]
-        else:
-            grads[self.names["bias"]] = total[:, 0]
+        total = torch.einsum("ntod,ntk->ndk", g, a)
+        if not use_weight:
+            return {self.names["bias"]: total[:, :, 0]}
+        grads = {self.names["weight"]: total[:, :, :d_in]}
+        if use_bias:
+            grads[self.names["bias"]] = total[:, :, d_in]
         return grads
 
     def sizes(self):

@@ -129,8 +129,8 @@ def test_register_rule_is_used_for_its_module_type():
             g = cotangents[0].permute(1, 0, 2).unsqueeze(1)  # [n, 1, O, 3]
             return a.new_ones(n, 1, 1), (g * a.unsqueeze(2))
 
-        def summed_gradients(self, a, g):
-            return {self.names["weight"]: g.sum(dim=(0, 1, 2))}
+        def per_example_gradients(self, a, g):
+            return {self.names["weight"]: g.sum(dim=(1, 2))}
 
         def sizes(self):
             return 1, 1, 3

@@ -1,0 +1,131 @@
+"""Shared helpers for the ntk() tests: a float64 ground-truth empirical NTK.
+
+The reference is written to be obviously right rather than fast: it converts the
+model (or the functional parameter dict) and the inputs to float64, runs the
+batch forward once, and obtains every row of the Jacobian with its own
+``torch.autograd.grad`` call, one backward per (example, output component).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+OUTPUTS = ("trace", "full", "diagonal")
+METHODS = ("jacobian", "ntvp", "structured", "auto")
+DTYPES = (torch.float32, torch.float64)
+
+
+def _to_double(x):
+    """Floating tensors become float64; integer tensors (token ids) are left alone."""
+    if torch.is_tensor(x) and x.is_floating_point():
+        return x.detach().to(torch.float64)
+    return x
+
+
+def _selected_module_params(model, params_selection):
+    """(name, param) pairs of ``model`` selected as the specification says."""
+    named = list(model.named_parameters())  # tied weights appear once
+    if params_selection is None:
+        chosen = named
+    elif callable(params_selection):
+        chosen = [(n, p) for n, p in named if params_selection(n, p)]
+    else:
+        wanted = set(params_selection)
+        chosen = [(n, p) for n, p in named if n in wanted]
+    # requires_grad=False never counts, even if named or accepted by the predicate.
+    return [(n, p) for n, p in chosen if p.requires_grad]
+
+
+def _explicit_jacobian(forward, inputs, params):
+    """[N, O, P] Jacobian, one torch.autograd.grad per (example, output)."""
+    out = forward(inputs)
+    n = inputs.shape[0]
+    out = out.reshape(n, -1)  # an output of shape [N] is O = 1
+    rows = []
+    for i in range(n):
+        per_output = []
+        for o in range(out.shape[1]):
+            grads = torch.autograd.grad(out[i, o], params, retain_graph=True, allow_unused=True)
+            flat = [
+                torch.zeros(p.numel(), dtype=torch.float64) if g is None else g.reshape(-1)
+                for g, p in zip(grads, params)
+            ]
+            per_output.append(torch.cat(flat))
+        rows.append(torch.stack(per_output))
+    return torch.stack(rows)
+
+
+def reference_ntk(model_or_fn, x1, x2=None, output="trace", params_selection=None):
+    """Float64 empirical NTK of ``model_or_fn`` between x1 and x2 (x2=None means x1).
+
+    ``model_or_fn`` is an nn.Module (``params_selection``: None, names or a
+    predicate) or a callable fn(params, x) (``params_selection``: the dict of all
+    its parameter values; every floating entry counts as trainable).
+    """
+    if x2 is None:
+        x2 = x1
+    x1d, x2d = _to_double(x1), _to_double(x2)
+
+    if isinstance(model_or_fn, nn.Module):
+        model = copy.deepcopy(model_or_fn).double()
+        params = [p for _, p in _selected_module_params(model, params_selection)]
+        forward = model
+    else:
+        fn = model_or_fn
+        pdict = {}
+        params = []
+        for name, value in params_selection.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                leaf = value.detach().to(torch.float64).clone().requires_grad_(True)
+                params.append(leaf)
+                pdict[name] = leaf
+            else:
+                pdict[name] = value
+
+        def forward(x):
+            return fn(pdict, x)
+
+    if not params:
+        raise AssertionError("reference_ntk: no trainable parameters selected")
+
+    with torch.enable_grad():
+        j1 = _explicit_jacobian(forward, x1d, params)
+        j2 = _explicit_jacobian(forward, x2d, params)
+
+    full = torch.einsum("iap,jbp->ijab", j1, j2)  # [N1, N2, O, O]
+    n_out = full.shape[-1]
+    if output == "full":
+        result = full
+    elif output == "diagonal":
+        result = torch.diagonal(full, dim1=-2, dim2=-1)  # [N1, N2, O]
+    elif output == "trace":
+        result = torch.diagonal(full, dim1=-2, dim2=-1).sum(-1)  # a sum, not a mean
+    else:
+        raise AssertionError(f"reference_ntk: unknown output {output!r}")
+    if n_out == 1:
+        result = result.reshape(full.shape[0], full.shape[1])
+    return result
+
+
+def assert_close_to_reference(result, ref, dtype):
+    """Compare a library kernel (in ``dtype``) with the float64 reference."""
+    assert result.dtype == dtype, f"dtype {result.dtype}, expected {dtype}"
+    assert tuple(result.shape) == tuple(ref.shape), f"shape {tuple(result.shape)}, expected {tuple(ref.shape)}"
+    scale = ref.abs().max().item()
+    assert scale > 0, "degenerate test case: the reference kernel is all zeros"
+    if dtype == torch.float64:
+        torch.testing.assert_close(result, ref, rtol=1e-9, atol=1e-10 * scale)
+    else:
+        # float32 against the float64 reference: each kernel entry is a sum of a few
+        # hundred products, each carrying float32 round-off (~6e-8 relative) from the
+        # forward/backward passes. By Cauchy-Schwarz every |J_a . J_b| <= max|Θ|, so
+        # an absolute error of 1e-4 * max|ref| leaves a wide margin over
+        # (few hundred) * 6e-8 while still catching any real mistake.
+        torch.testing.assert_close(result.double(), ref, rtol=0.0, atol=1e-4 * scale)
+
+
+@pytest.fixture
+def ref_ntk():
+    return reference_ntk

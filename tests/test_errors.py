@@ -1,0 +1,245 @@
+"""ntk() input validation: every documented error is a ValueError naming its cause."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lazykernel
+from conftest import METHODS, reference_ntk
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).to(dtype)
+
+
+def _x(n, *shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+class MeanPool(nn.Module):
+    """Accepts [N, T, 4] for any T (so x1 and x2 may differ in T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x).mean(1)
+
+
+# ------------------------------------------------------------------ shapes
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_x1_shape_rejected_by_model_names_x1(method):
+    with pytest.raises(ValueError, match=r"(?i)x1"):
+        lazykernel.ntk(_mlp(), _x(5, 4), _x(3, 3), method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_x2_shape_rejected_by_model_names_x2(method):
+    # A model accepting x1 but rejecting x2 necessarily sees a different trailing
+    # shape; the message must still say that x2 is the culprit.
+    with pytest.raises(ValueError, match=r"(?i)x2"):
+        lazykernel.ntk(_mlp(), _x(5, 3), _x(3, 4), method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_different_trailing_shapes_accepted_by_model_raise_trailing(method):
+    torch.manual_seed(0)
+    model = MeanPool()
+    x1, x2 = _x(5, 3, 4), _x(3, 2, 4)
+    model(x1), model(x2)  # the model itself accepts both
+    with pytest.raises(ValueError, match=r"(?i)trailing"):
+        lazykernel.ntk(model, x1, x2, method=method)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_and_inputs_on_different_devices_raise_device():
+    model = _mlp().cuda()
+    with pytest.raises(ValueError, match=r"(?i)device"):
+        lazykernel.ntk(model, _x(5, 3), _x(3, 3))
+
+
+# ------------------------------------------------------------------ dtypes
+
+
+@pytest.mark.parametrize(
+    "model_dtype,input_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32)], ids=str
+)
+def test_floating_x1_dtype_differing_from_model_raises_dtype(model_dtype, input_dtype):
+    with pytest.raises(ValueError, match=r"(?i)dtype"):
+        lazykernel.ntk(_mlp(model_dtype), _x(5, 3, dtype=input_dtype))
+
+
+def test_floating_x2_dtype_differing_from_model_raises_dtype():
+    with pytest.raises(ValueError, match=r"(?i)dtype"):
+        lazykernel.ntk(_mlp(torch.float32), _x(5, 3), _x(3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_integer_token_ids_are_accepted_for_embedding_model(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
+    ids1 = torch.randint(0, 10, (5, 3))
+    ids2 = torch.randint(0, 10, (3, 3))
+    result = lazykernel.ntk(model, ids1, ids2, method=method)
+    assert result.shape == (5, 3) and result.dtype == torch.float32
+    torch.testing.assert_close(result.double(), reference_ntk(model, ids1, ids2, "trace", None),
+                               rtol=0, atol=1e-4 * result.abs().max().item())
+
+
+# ------------------------------------------------------------------ parameters
+
+
+def _all_frozen():
+    model = _mlp()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, None
+
+
+def _named_only_frozen():
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    model[2].weight.requires_grad_(False)
+    return model, ["0.weight", "2.weight"]  # the biases stay trainable but are not selected
+
+
+NO_PARAM_CASES = {
+    "all_frozen": _all_frozen,
+    "empty_name_list": lambda: (_mlp(), []),
+    "predicate_selects_none": lambda: (_mlp(), lambda name, p: False),
+    "named_only_frozen": _named_only_frozen,
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", list(NO_PARAM_CASES))
+def test_no_selected_trainable_parameter_raises(case, method):
+    model, params = NO_PARAM_CASES[case]()
+    with pytest.raises(ValueError, match=r"(?i)no trainable parameters"):
+        lazykernel.ntk(model, _x(5, 3), _x(3, 3), method=method, params=params)
+
+
+def test_functional_params_dict_without_floating_entry_raises_no_trainable_parameters():
+    def fn(p, x):
+        return x[:, :2] * p["k"]
+
+    with pytest.raises(ValueError, match=r"(?i)no trainable parameters"):
+        lazykernel.ntk(fn, _x(5, 3), params={"k": torch.tensor(2)})
+
+
+# ------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize("bad", ["sum", "mean", "trace_", ""])
+def test_unknown_output_raises_output(bad):
+    with pytest.raises(ValueError, match=r"(?i)output"):
+        lazykernel.ntk(_mlp(), _x(5, 3), output=bad)
+
+
+@pytest.mark.parametrize("bad", ["vjp", "exact", ""])
+def test_unknown_method_raises_method(bad):
+    with pytest.raises(ValueError, match=r"(?i)method"):
+        lazykernel.ntk(_mlp(), _x(5, 3), method=bad)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_memory_budget_too_small_for_one_example_raises_memory_budget(method):
+    with pytest.raises(ValueError, match=r"(?i)memory_budget"):
+        lazykernel.ntk(_mlp(), _x(5, 3), _x(3, 3), method=method, memory_budget=16)
+
+
+# ------------------------------------------------------------------ train mode
+
+
+def _with_batchnorm():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+
+
+def _with_dropout(p):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Dropout(p), nn.Linear(6, 2))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batchnorm_in_training_mode_raises_eval(method):
+    model = _with_batchnorm().train()
+    with pytest.raises(ValueError, match=r"(?i)eval\(\)"):
+        lazykernel.ntk(model, _x(5, 3), _x(3, 3), method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_active_dropout_in_training_mode_raises_eval(method):
+    model = _with_dropout(0.5).train()
+    with pytest.raises(ValueError, match=r"(?i)eval\(\)"):
+        lazykernel.ntk(model, _x(5, 3), _x(3, 3), method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("build", [_with_batchnorm, lambda: _with_dropout(0.5)], ids=["batchnorm", "dropout"])
+def test_same_models_after_eval_work_and_match_reference(build, method):
+    model = build().eval()
+    x1, x2 = _x(5, 3), _x(3, 3, seed=1)
+    result = lazykernel.ntk(model, x1, x2, method=method)
+    ref = reference_ntk(model, x1, x2, "trace", None)
+    torch.testing.assert_close(result.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dropout_p0_in_training_mode_is_accepted(method):
+    model = _with_dropout(0.0).train()
+    x1, x2 = _x(5, 3), _x(3, 3, seed=1)
+    result = lazykernel.ntk(model, x1, x2, method=method)
+    ref = reference_ntk(model, x1, x2, "trace", None)
+    torch.testing.assert_close(result.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
+# ------------------------------------------------------------------ non-finite
+
+
+def _poison(x, value, index=(1, 2)):
+    x = x.clone()
+    x[index] = value
+    return x
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("method", METHODS)
+def test_nonfinite_x1_raises_naming_x1(method, value):
+    with pytest.raises(ValueError, match=r"(?i)NaN or Inf") as info:
+        lazykernel.ntk(_mlp(), _poison(_x(5, 3), value), _x(3, 3), method=method)
+    assert "x1" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("method", METHODS)
+def test_nonfinite_x2_raises_naming_x2(method, value):
+    with pytest.raises(ValueError, match=r"(?i)NaN or Inf") as info:
+        lazykernel.ntk(_mlp(), _x(5, 3), _poison(_x(3, 3), value), method=method)
+    assert "x2" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("method", METHODS)
+def test_nonfinite_parameter_raises_naming_the_parameter(method, value):
+    model = _mlp()
+    with torch.no_grad():
+        model[2].bias[1] = value
+    with pytest.raises(ValueError, match=r"(?i)NaN or Inf") as info:
+        lazykernel.ntk(model, _x(5, 3), _x(3, 3), method=method)
+    assert "2.bias" in str(info.value)
+
+
+def test_nonfinite_first_weight_raises_naming_0_weight():
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"(?is)NaN or Inf.*0\.weight|0\.weight.*NaN or Inf"):
+        lazykernel.ntk(model, _x(5, 3))
