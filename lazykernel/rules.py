@@ -101,6 +101,19 @@ class StructuredRule:
         """
         raise NotImplementedError
 
+    def directional(self, a: torch.Tensor, g: torch.Tensor, direction: Dict[str, torch.Tensor]
+                    ) -> torch.Tensor:
+        """``[n]``: ``⟨Σ_o ∂f_o(x_i)/∂θ, V⟩`` for each example, V given per full parameter name.
+
+        The default contracts :meth:`per_example_gradients`; rules override it
+        when the contraction is cheaper without building those gradients.
+        """
+        n = a.shape[0]
+        total = a.new_zeros(n)
+        for name, grad in self.per_example_gradients(a, g).items():
+            total = total + grad.reshape(n, -1) @ direction[name].reshape(-1)
+        return total
+
     def sizes(self) -> Tuple[int, int, int]:
         """(T, K, D) of the pairwise form for the calls recorded now, per example."""
         raise NotImplementedError
@@ -160,6 +173,18 @@ class LinearRule(StructuredRule):
         if use_bias:
             grads[self.names["bias"]] = total[:, :, d_in]
         return grads
+
+    def directional(self, a, g, direction):
+        use_weight, use_bias = self._use()
+        # ⟨Σ_t g_t a_tᵀ, V⟩ = Σ_t g_t · (V a_t): no per-example [D, K] gradient is formed
+        if not use_weight:
+            v = direction[self.names["bias"]].unsqueeze(1)
+        elif use_bias:
+            v = torch.cat([direction[self.names["weight"]],
+                           direction[self.names["bias"]].unsqueeze(1)], dim=1)
+        else:
+            v = direction[self.names["weight"]]
+        return torch.einsum("ntod,ntd->n", g, a @ v.t())
 
     def sizes(self):
         use_weight, use_bias = self._use()
