@@ -188,3 +188,45 @@ def test_op_works_under_torch_compile():
     expected = torch.zeros(4, 3)
     gram_hadamard_accumulate_reference(expected, a1, a2, g1, g2, "trace")
     torch.testing.assert_close(compiled(a1[0], a2[0], g1[0], g2[0]), 2 * expected)
+
+
+cuda_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and lazykernel.backend().cuda_kernels),
+    reason="needs a CUDA device and the compiled CUDA kernels",
+)
+
+
+@pytest.mark.cuda
+@cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("output", ["trace", "diagonal", "full"])
+@pytest.mark.parametrize("layers", list(LAYER_SETS))
+@pytest.mark.parametrize("sizes", [(6, 6), (65, 130), (200, 200)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_cuda_kernel_matches_reference(dtype, output, layers, sizes, symmetric):
+    n1, n2 = (sizes[0], sizes[0]) if symmetric else sizes
+    gen = torch.Generator().manual_seed(10)
+    a1, a2, g1, g2 = _layers(n1, n2, 3, LAYER_SETS[layers], dtype, gen)
+    if symmetric:
+        a2, g2 = a1, g1
+    initial = torch.randn(_out_shape(n1, n2, 3, output), dtype=dtype, generator=gen)
+    slow = initial.clone()
+    gram_hadamard_accumulate_reference(slow, a1, a2, g1, g2, output)
+    fast = initial.cuda()
+    torch.ops.lazykernel.gram_hadamard_accumulate_(
+        fast, [t.cuda() for t in a1], [t.cuda() for t in a2], [t.cuda() for t in g1],
+        [t.cuda() for t in g2], output, symmetric)
+    scale = slow.abs().max().item()
+    assert (fast.cpu() - slow).abs().max().item() <= TOL[dtype] * scale
+
+
+@pytest.mark.cuda
+@cuda_kernels
+def test_cuda_opcheck():
+    gen = torch.Generator().manual_seed(11)
+    a1, a2, g1, g2 = _layers(5, 4, 2, [(1, 3, 4), (2, 2, 3)], torch.float32, gen)
+    cuda = lambda ts: [t.cuda() for t in ts]  # noqa: E731
+    torch.library.opcheck(
+        torch.ops.lazykernel.gram_hadamard_accumulate_.default,
+        (torch.zeros(5, 4, 2, 2, device="cuda"), cuda(a1), cuda(a2), cuda(g1), cuda(g2), "full", False),
+    )
