@@ -253,11 +253,11 @@ def _agrees_along_random_direction(adapter: ModelAdapter, rules: List[Structured
 
 def _rank_one_direction(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A random tensor shaped like ``like``: the outer product of one uniform vector per axis."""
-    direction = torch.ones((), dtype=torch.float64)
+    direction = torch.ones((), dtype=like.dtype, device=like.device)
     for size in like.shape:
         factor = torch.rand(size, generator=gen, dtype=torch.float64) - 0.5
-        direction = direction.unsqueeze(-1) * factor
-    return direction.to(dtype=like.dtype, device=like.device)
+        direction = direction.unsqueeze(-1) * factor.to(dtype=like.dtype, device=like.device)
+    return direction
 
 
 def _directional_by_backward(adapter: ModelAdapter, names: List[str],

@@ -177,14 +177,14 @@ class LinearRule(StructuredRule):
     def directional(self, a, g, direction):
         use_weight, use_bias = self._use()
         # ⟨Σ_t g_t a_tᵀ, V⟩ = Σ_t g_t · (V a_t): no per-example [D, K] gradient is formed
-        if not use_weight:
-            v = direction[self.names["bias"]].unsqueeze(1)
-        elif use_bias:
-            v = torch.cat([direction[self.names["weight"]],
-                           direction[self.names["bias"]].unsqueeze(1)], dim=1)
+        d_in = self.module.in_features
+        if use_weight:
+            va = a[..., :d_in] @ direction[self.names["weight"]].t()
+            if use_bias:
+                va = va + a[..., d_in:] * direction[self.names["bias"]]
         else:
-            v = direction[self.names["weight"]]
-        return torch.einsum("ntod,ntd->n", g, a @ v.t())
+            va = a * direction[self.names["bias"]]
+        return torch.einsum("ntod,ntd->n", g, va)
 
     def sizes(self):
         use_weight, use_bias = self._use()
