@@ -631,3 +631,16 @@ def test_random_mlps_match_reference(width, depth, n_out, n1, n2, method, output
     x2 = _randn(n2, 3, seed=seed + 2)
     result = lazykernel.ntk(model, x1, x2, output=output, method=method)
     assert_close_to_reference(result, reference_ntk(model, x1, x2, output, None), torch.float64)
+
+
+def test_progress_reports_tiles_on_stderr_and_leaves_result_unchanged(capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    quiet = lazykernel.ntk(model, x, batch_size=2)
+    capsys.readouterr()
+    loud = lazykernel.ntk(model, x, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    torch.testing.assert_close(loud, quiet, rtol=0, atol=0)
+    # 3 chunks of 2 examples, upper triangle of chunk pairs: 6 tiles
+    assert "6/6" in err
