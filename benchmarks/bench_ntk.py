@@ -111,7 +111,7 @@ def tutorial_ntk_vector_products(model, x1, x2, output):
 
     n1 = x1.shape[0]
     o = f(params, x1[:1]).shape[-1]
-    basis = torch.eye(n1 * o, dtype=x1.dtype).view(n1 * o, n1, o)
+    basis = torch.eye(n1 * o, dtype=x1.dtype, device=x1.device).view(n1 * o, n1, o)
     rows = vmap(row)(basis)  # [N1*O, N2, O]
     blocks = rows.view(n1, o, -1, o).permute(0, 2, 1, 3)
     return _reduce(blocks, output)
@@ -119,21 +119,31 @@ def tutorial_ntk_vector_products(model, x1, x2, output):
 
 # -- timing ----------------------------------------------------------------------
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Dict[str, object]:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1,
+                device: torch.device = torch.device("cpu")) -> Dict[str, object]:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         fn()
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "times_s": times}
 
 
-def measure_gemm_rate(size: int = 2048, repeats: int = 10) -> float:
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
-    timing = median_time(lambda: a @ b, repeats, warmup=3)
+def measure_gemm_rate(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    if device.type == "cuda":
+        size = 8192
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    timing = median_time(lambda: a @ b, repeats, warmup=3, device=device)
     return 2.0 * size ** 3 / timing["median_s"]
 
 
@@ -150,24 +160,26 @@ def main(argv=None) -> int:
                         help="skip a generic method whose Jacobians/tangents would need more than this")
     parser.add_argument("--max-seconds", type=float, default=60.0,
                         help="skip repeats of a method whose first run took longer than this")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    gemm = measure_gemm_rate()
+    device = torch.device(args.device)
+    gemm = measure_gemm_rate(device)
     info = lazykernel.backend()
     print(f"lazykernel backend: {info.name}; torch {torch.__version__}; "
-          f"{torch.get_num_threads()} threads; float32 GEMM rate {gemm / 1e9:.0f} GFLOP/s")
+          f"{torch.get_num_threads()} threads; device {device}; float32 GEMM rate {gemm / 1e9:.0f} GFLOP/s")
     header = f"{'width':>5} {'N':>5} {'O':>3} {'mode':>5} {'method':>18} {'median s':>9} {'GFLOP':>7} {'% GEMM':>7}  note"
     print(header)
     print("-" * len(header))
     records = []
     for width in args.widths:
         for outputs in args.outputs:
-            model = make_mlp(width, outputs).eval()
+            model = make_mlp(width, outputs).eval().to(device)
             params = sum(p.numel() for p in model.parameters())
             for n in args.n:
-                x = torch.randn(n, 128)
+                x = torch.randn(n, 128, device=device)
                 for mode in args.modes:
                     if outputs == 1 and mode == "full":
                         continue
@@ -189,12 +201,14 @@ def main(argv=None) -> int:
                             start = time.perf_counter()
                             try:
                                 fn()
-                            except RuntimeError as error:  # out of memory and the like
+                            except (RuntimeError, ValueError) as error:  # out of memory and the like
                                 record.update(status="failed", note=str(error).splitlines()[0][:80])
                             else:
+                                _synchronize(device)
                                 first = time.perf_counter() - start
                                 repeats = 1 if first > args.max_seconds else args.repeats
-                                record.update(median_time(fn, repeats, warmup=0), status="ok", note="")
+                                record.update(median_time(fn, repeats, warmup=0, device=device),
+                                              status="ok", note="")
                         if record["status"] == "ok":
                             rate = flops / record["median_s"]
                             record["fraction_of_gemm"] = rate / gemm
@@ -209,6 +223,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as handle:
             json.dump({
                 "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                             "threads": torch.get_num_threads(), "torch": torch.__version__,
                             "gemm_float32_flops": gemm, "backend": info.name,
                             "python": sys.version.split()[0]},

@@ -84,8 +84,13 @@ class StructuredPlan:
         self.generic = sorted(set(self.generic) | set(rule.names.values()), key=order.index)
 
     # -- running -------------------------------------------------------------------
-    def _capture(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
-        """Forward with the rules' hooks, then cotangents of every output at every hooked output."""
+    def _capture(self, x: torch.Tensor, summed: bool = False
+                 ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
+        """Forward with the rules' hooks, then cotangents at every hooked output.
+
+        The cotangents are ``[O, *y.shape]``, one per output, or with
+        ``summed=True`` the single cotangent of ``Σ_o f_o``, ``[1, *y.shape]``.
+        """
         n = x.shape[0]
         for rule in self.rules:
             rule.attach()
@@ -97,7 +102,12 @@ class StructuredPlan:
                 rule.detach()
         f = y.reshape(n, -1)
         targets = [out for rule in self.rules for out in rule.outputs]
-        cotangents = _output_cotangents(f, targets) if targets else []
+        if not targets:
+            cotangents = []
+        elif summed:
+            cotangents = _output_cotangents(f.sum(dim=1, keepdim=True), targets)
+        else:
+            cotangents = _output_cotangents(f, targets)
         per_rule, k = [], 0
         for rule in self.rules:
             count = len(rule.outputs)
@@ -118,7 +128,8 @@ class StructuredPlan:
         Returns the model's outputs on ``x`` as ``[n, O]``.
         """
         n = x.shape[0]
-        f, per_rule = self._capture(x)
+        # the check needs only Σ_o of each example's gradient: one plain backward
+        f, per_rule = self._capture(x, summed=True)
         self.outputs = f.shape[1]
         if not self.rules:
             return f

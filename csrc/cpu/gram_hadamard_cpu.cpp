@@ -1,12 +1,12 @@
 // CPU kernel of gram_hadamard_accumulate_ (semantics in ../gram_hadamard.h).
 //
-// The output is cut into tiles of samples. Each tile is one task of
-// at::parallel_for; inside it, every layer contributes two small GEMMs on
-// views of the inputs (S = A1 A2ᵀ, U = G1 G2ᵀ restricted to the tile) whose
-// Hadamard product is reduced over positions into a tile accumulator. So the
-// largest temporary is one tile's S and U per thread, never an N1 x N2 matrix
-// per layer, and the GEMMs run at BLAS speed. When the tiles are fewer than the
-// threads, parallel_for runs them inline and BLAS itself uses the threads.
+// The output is cut into tiles of samples. For each tile, every layer
+// contributes two GEMMs on views of the inputs (S = A1 A2ᵀ, U = G1 G2ᵀ
+// restricted to the tile) whose Hadamard product is reduced over positions into
+// a tile accumulator. So the largest temporary is one tile's S and U per
+// thread, never an N1 x N2 matrix per layer, and the GEMMs run at BLAS speed.
+// With many tiles, at::parallel_for gives each thread whole tiles; with few,
+// the tiles run in turn and BLAS and the reductions use all threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -65,6 +65,17 @@ TilePlan plan_tiles(const GramProblem& p, bool symmetric) {
   return plan;
 }
 
+// Runs fn(il) for every sample row of a tile. Inside the parallel loop over
+// tiles this is a plain loop (at::parallel_for does not nest); when the tiles
+// run one after another it spreads the rows over the threads. Each row writes
+// only its own row of the tile accumulator, so rows never race.
+template <typename Fn>
+void for_each_sample(int64_t rows, const Fn& fn) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t il = begin; il < end; ++il) fn(il);
+  });
+}
+
 // Adds one layer's contribution for samples [i0, i0+bi) x [j0, j0+bj) into the
 // tile accumulator `acc`, laid out [bi, bj] (trace), [bi, bj, O] (diagonal) or
 // [bi, bj, O, O] (full).
@@ -86,58 +97,62 @@ void accumulate_layer_tile(const GramProblem& p, const GramLayer& layer, const a
     at::Tensor G2 = g2.view({p.n2 * T, O * layer.g_dim}).narrow(0, j0 * T, rows2);
     at::Tensor U = at::mm(G1, G2.t());
     const scalar_t* u = U.const_data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows1; ++r) {
-      scalar_t* acc_row = acc + (r / T) * bj;
-      const scalar_t* s_row = s + r * rows2;
-      const scalar_t* u_row = u + r * rows2;
-      if (T == 1) {
-        for (int64_t c = 0; c < rows2; ++c) acc_row[c] += s_row[c] * u_row[c];
-      } else {
-        for (int64_t jl = 0; jl < bj; ++jl) {
-          scalar_t sum = 0;
-          for (int64_t q = jl * T; q < (jl + 1) * T; ++q) sum += s_row[q] * u_row[q];
-          acc_row[jl] += sum;
+    for_each_sample(bi, [&](int64_t il) {
+      scalar_t* acc_row = acc + il * bj;
+      for (int64_t r = il * T; r < (il + 1) * T; ++r) {
+        const scalar_t* s_row = s + r * rows2;
+        const scalar_t* u_row = u + r * rows2;
+        if (T == 1) {
+          for (int64_t c = 0; c < rows2; ++c) acc_row[c] += s_row[c] * u_row[c];
+        } else {
+          for (int64_t jl = 0; jl < bj; ++jl) {
+            scalar_t sum = 0;
+            for (int64_t q = jl * T; q < (jl + 1) * T; ++q) sum += s_row[q] * u_row[q];
+            acc_row[jl] += sum;
+          }
         }
       }
-    }
+    });
   } else if (p.output == GramOutput::Diagonal) {
     // [rows, O, D] -> [O, rows, D]: one batched GEMM gives every output's Gram.
     at::Tensor G1 = g1.view({p.n1 * T, O, layer.g_dim}).narrow(0, i0 * T, rows1).transpose(0, 1);
     at::Tensor G2 = g2.view({p.n2 * T, O, layer.g_dim}).narrow(0, j0 * T, rows2).transpose(0, 1);
     at::Tensor U = at::bmm(G1, G2.transpose(1, 2)).contiguous();
     const scalar_t* u = U.const_data_ptr<scalar_t>();
-    for (int64_t o = 0; o < O; ++o) {
-      const scalar_t* u_o = u + o * rows1 * rows2;
-      for (int64_t r = 0; r < rows1; ++r) {
-        scalar_t* acc_row = acc + (r / T) * bj * O + o;
-        const scalar_t* s_row = s + r * rows2;
-        const scalar_t* u_row = u_o + r * rows2;
-        for (int64_t jl = 0; jl < bj; ++jl) {
-          scalar_t sum = 0;
-          for (int64_t q = jl * T; q < (jl + 1) * T; ++q) sum += s_row[q] * u_row[q];
-          acc_row[jl * O] += sum;
+    for_each_sample(bi, [&](int64_t il) {
+      for (int64_t o = 0; o < O; ++o) {
+        scalar_t* acc_row = acc + il * bj * O + o;
+        for (int64_t r = il * T; r < (il + 1) * T; ++r) {
+          const scalar_t* s_row = s + r * rows2;
+          const scalar_t* u_row = u + (o * rows1 + r) * rows2;
+          for (int64_t jl = 0; jl < bj; ++jl) {
+            scalar_t sum = 0;
+            for (int64_t q = jl * T; q < (jl + 1) * T; ++q) sum += s_row[q] * u_row[q];
+            acc_row[jl * O] += sum;
+          }
         }
       }
-    }
+    });
   } else {
     at::Tensor G1 = g1.view({p.n1 * T * O, layer.g_dim}).narrow(0, i0 * T * O, rows1 * O);
     at::Tensor G2 = g2.view({p.n2 * T * O, layer.g_dim}).narrow(0, j0 * T * O, rows2 * O);
     at::Tensor U = at::mm(G1, G2.t());
     const scalar_t* u = U.const_data_ptr<scalar_t>();
     const int64_t ld_u = rows2 * O;
-    for (int64_t r = 0; r < rows1; ++r) {
-      const int64_t il = r / T;
-      const scalar_t* s_row = s + r * rows2;
-      for (int64_t o = 0; o < O; ++o) {
-        const scalar_t* u_row = u + (r * O + o) * ld_u;
-        for (int64_t q = 0; q < rows2; ++q) {
-          const scalar_t sv = s_row[q];
-          const scalar_t* u_block = u_row + q * O;
-          scalar_t* acc_block = acc + ((il * bj + q / T) * O + o) * O;
-          for (int64_t pp = 0; pp < O; ++pp) acc_block[pp] += sv * u_block[pp];
+    for_each_sample(bi, [&](int64_t il) {
+      for (int64_t r = il * T; r < (il + 1) * T; ++r) {
+        const scalar_t* s_row = s + r * rows2;
+        for (int64_t o = 0; o < O; ++o) {
+          const scalar_t* u_row = u + (r * O + o) * ld_u;
+          for (int64_t q = 0; q < rows2; ++q) {
+            const scalar_t sv = s_row[q];
+            const scalar_t* u_block = u_row + q * O;
+            scalar_t* acc_block = acc + ((il * bj + q / T) * O + o) * O;
+            for (int64_t pp = 0; pp < O; ++pp) acc_block[pp] += sv * u_block[pp];
+          }
         }
       }
-    }
+    });
   }
 }
 
@@ -154,7 +169,7 @@ void gram_hadamard_cpu_impl(const GramProblem& p, at::Tensor& out, const std::ve
   scalar_t* out_data = out.data_ptr<scalar_t>();
   const int64_t count = static_cast<int64_t>(plan.pairs.size());
 
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+  auto run_tiles = [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> acc;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i0 = plan.pairs[task].first * plan.tile;
@@ -191,7 +206,14 @@ void gram_hadamard_cpu_impl(const GramProblem& p, at::Tensor& out, const std::ve
         }
       }
     }
-  });
+  };
+  // Many tiles: one thread per tile, each GEMM single-threaded. Few tiles: one
+  // tile at a time, so that BLAS and the row loops use every thread.
+  if (count >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, count, 1, run_tiles);
+  } else {
+    run_tiles(0, count);
+  }
 }
 
 void gram_hadamard_accumulate_cpu(at::Tensor out, at::TensorList a1, at::TensorList a2,
