@@ -204,7 +204,8 @@ class _Engine:
     def features(self, x: torch.Tensor):
         raise NotImplementedError
 
-    def block(self, f1, f2, same: bool, shape) -> torch.Tensor:
+    def block(self, f1, f2, same: bool, out: torch.Tensor) -> None:
+        """Write Θ of the two chunks into ``out`` (a zero-filled view of the result)."""
         raise NotImplementedError
 
     def bytes_per_example(self, other_chunk: int) -> float:
@@ -225,10 +226,8 @@ class _StructuredEngine(_Engine):
         k = len(a_list)
         return cast[:k], cast[k:]
 
-    def block(self, f1, f2, same, shape):
-        out = torch.zeros(shape, dtype=self.dtype, device=f1[1][0].device if f1[1] else None)
+    def block(self, f1, f2, same, out):
         gram_hadamard_accumulate(out, f1[0], f2[0], f1[1], f2[1], self.mode, symmetric=same)
-        return out
 
     def bytes_per_example(self, other_chunk):
         o = self.plan.outputs or 1
@@ -248,15 +247,16 @@ class _JacobianEngine(_Engine):
     def features(self, x):
         return per_example_jacobian(self.adapter, self.names, x).to(self.dtype)
 
-    def block(self, f1, f2, same, shape):
+    def block(self, f1, f2, same, out):
         n1, o, p = f1.shape
         n2 = f2.shape[0]
         if self.mode == "trace":
-            return f1.reshape(n1, o * p) @ f2.reshape(n2, o * p).T
-        if self.mode == "diagonal":
-            return torch.einsum("iop,jop->ijo", f1, f2)
-        full = f1.reshape(n1 * o, p) @ f2.reshape(n2 * o, p).T
-        return full.reshape(n1, o, n2, o).permute(0, 2, 1, 3).contiguous()
+            out.copy_(f1.reshape(n1, o * p) @ f2.reshape(n2, o * p).T)
+        elif self.mode == "diagonal":
+            out.copy_(torch.einsum("iop,jop->ijo", f1, f2))
+        else:
+            full = f1.reshape(n1 * o, p) @ f2.reshape(n2 * o, p).T
+            out.copy_(full.reshape(n1, o, n2, o).permute(0, 2, 1, 3))
 
     def bytes_per_example(self, other_chunk):
         p = self.adapter.num_params
@@ -274,13 +274,14 @@ class _NtvpEngine(_Engine):
     def features(self, x):
         return x
 
-    def block(self, f1, f2, same, shape):
+    def block(self, f1, f2, same, out):
         rows = ntk_block_by_ntvp(self.adapter, f1, f2).to(self.dtype)  # [n1, O, n2, O]
         if self.mode == "trace":
-            return rows.diagonal(dim1=1, dim2=3).sum(-1)
-        if self.mode == "diagonal":
-            return rows.diagonal(dim1=1, dim2=3).contiguous()
-        return rows.permute(0, 2, 1, 3).contiguous()
+            out.copy_(rows.diagonal(dim1=1, dim2=3).sum(-1))
+        elif self.mode == "diagonal":
+            out.copy_(rows.diagonal(dim1=1, dim2=3))
+        else:
+            out.copy_(rows.permute(0, 2, 1, 3))
 
     def bytes_per_example(self, other_chunk):
         # each of the O rows of an x1 example holds a parameter-sized tangent and a
@@ -353,8 +354,8 @@ def _run_tiles(engine: _Engine, x1, x2, symmetric: bool, result: torch.Tensor, m
             f2 = engine.features(x2[j:j + b2])
         rows = min(b1, n1 - i)
         cols = min(b2, n2 - j)
-        block = engine.block(f1, f2, same, (rows, cols) + tuple(result.shape[2:]))
-        result[i:i + rows, j:j + cols] = block
+        block = result[i:i + rows, j:j + cols]
+        engine.block(f1, f2, same, block)
         if symmetric and not same:
             mirrored = block.transpose(0, 1)
             if mode == "full":
