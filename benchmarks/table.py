@@ -22,9 +22,9 @@ def render(data: dict) -> str:
         rows.setdefault(key, {})[record["method"]] = record
     lines = [
         f"Machine: {machine['threads']} threads, torch {machine['torch']}, backend "
-        f"`{machine['backend']}`, measured float32 GEMM rate "
+        f"`{machine['backend']}`, float32 GEMM rate at the start "
         f"{machine['gemm_float32_flops'] / 1e9:.0f} GFLOP/s. Command: `{data['command']}`. "
-        "Median seconds; `% GEMM` is the structured method's FLOPs per second over the GEMM rate; "
+        "Median seconds; `% GEMM` is the structured method's FLOPs per second over the GEMM rate measured just before and after it; "
         "`skip` marks a method whose Jacobians would need more memory than the run allowed.",
         "",
         "| width | N | O | mode | " + " | ".join(methods) + " | structured GFLOP | % GEMM |",

@@ -201,6 +201,11 @@ class _Engine:
 
     name = ""
 
+    def __init__(self, adapter: ModelAdapter, mode: str, dtype: torch.dtype, outputs: int,
+                 activations: int, elt: int):
+        self.adapter, self.mode, self.dtype = adapter, mode, dtype
+        self.outputs, self.activations, self.elt = outputs, activations, elt
+
     def features(self, x: torch.Tensor):
         raise NotImplementedError
 
@@ -215,10 +220,9 @@ class _Engine:
 class _StructuredEngine(_Engine):
     name = "structured"
 
-    def __init__(self, plan: StructuredPlan, mode: str, dtype: torch.dtype, activations: int,
-                 elt: int):
-        self.plan, self.mode, self.dtype = plan, mode, dtype
-        self.activations, self.elt = activations, elt
+    def __init__(self, plan: StructuredPlan, *args):
+        super().__init__(plan.adapter, *args)
+        self.plan = plan
 
     def features(self, x):
         a_list, g_list = self.plan.operands(x)
@@ -238,14 +242,8 @@ class _StructuredEngine(_Engine):
 class _JacobianEngine(_Engine):
     name = "jacobian"
 
-    def __init__(self, adapter: ModelAdapter, mode: str, dtype, outputs: int, activations: int,
-                 elt: int):
-        self.adapter, self.mode, self.dtype = adapter, mode, dtype
-        self.outputs, self.activations, self.elt = outputs, activations, elt
-        self.names = list(adapter.params)
-
     def features(self, x):
-        return per_example_jacobian(self.adapter, self.names, x).to(self.dtype)
+        return per_example_jacobian(self.adapter, list(self.adapter.params), x).to(self.dtype)
 
     def block(self, f1, f2, same, out):
         n1, o, p = f1.shape
@@ -265,11 +263,6 @@ class _JacobianEngine(_Engine):
 
 class _NtvpEngine(_Engine):
     name = "ntvp"
-
-    def __init__(self, adapter: ModelAdapter, mode: str, dtype, outputs: int, activations: int,
-                 elt: int):
-        self.adapter, self.mode, self.dtype = adapter, mode, dtype
-        self.outputs, self.activations, self.elt = outputs, activations, elt
 
     def features(self, x):
         return x
@@ -292,14 +285,15 @@ class _NtvpEngine(_Engine):
 
 def _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget, elt) -> _Engine:
     dtype = torch.float64 if elt == 8 else torch.float32
+    common = (mode, dtype, outputs, activations, elt)
     if method in ("auto", "structured"):
         plan = StructuredPlan.build(adapter)
         plan.verify(x1[:_PROBE_EXAMPLES])
         plan.choose_forms(n1, n2, mode, budget / elt)
-        return _StructuredEngine(plan, mode, dtype, activations, elt)
+        return _StructuredEngine(plan, *common)
     if method == "jacobian":
-        return _JacobianEngine(adapter, mode, dtype, outputs, activations, elt)
-    return _NtvpEngine(adapter, mode, dtype, outputs, activations, elt)
+        return _JacobianEngine(adapter, *common)
+    return _NtvpEngine(adapter, *common)
 
 
 # -- tiling ----------------------------------------------------------------------

@@ -8,25 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import lazykernel
+from conftest import reference_ntk
 from lazykernel._model import make_adapter
 from lazykernel._structured import StructuredPlan
 from lazykernel.rules import LinearRule, StructuredRule, register_rule, rule_for
 
 
 def _kernel_by_explicit_jacobians(model, x, output="full"):
-    """Float64 Θ(x, x) from one autograd backward per (example, output)."""
-    model = copy.deepcopy(model).double()
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(x.shape[0]):
-        y = model(x[i:i + 1].double()).reshape(-1)
-        rows.append(torch.stack([
-            torch.cat([g.reshape(-1) for g in torch.autograd.grad(y[o], params, retain_graph=True)])
-            for o in range(y.numel())
-        ]))
-    jac = torch.stack(rows)
-    full = torch.einsum("iop,jqp->ijoq", jac, jac)
-    return full if output == "full" else full.diagonal(dim1=2, dim2=3).sum(-1)
+    """Float64 Θ(x, x) of the model's trainable parameters, from explicit Jacobians."""
+    return reference_ntk(model, x, None, output)
 
 
 def _plan(model, x):
