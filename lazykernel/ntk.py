@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from typing import Callable, List, Optional, Tuple
 
@@ -82,12 +83,14 @@ def ntk(
     if adapter.module is not None:
         check_eval_mode(adapter.module)
     dtype, device = _check_inputs(adapter, x1, x2)
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                   or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if memory_budget is None:
         budget = float(_memory.default_memory_budget(device))
     else:
-        if not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Real) \
+                or not memory_budget > 0:
             raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
         budget = float(memory_budget)
 
@@ -101,10 +104,10 @@ def ntk(
     compute_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     elt = torch.empty((), dtype=compute_dtype).element_size()
 
-    engine = _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget, elt)
     shape = _result_shape(n1, n2, outputs, mode)
     result = torch.zeros(shape, dtype=compute_dtype, device=device)
     if n1 and n2:
+        engine = _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget, elt)
         _run_tiles(engine, x1, x2_, symmetric, result, mode, budget, elt, batch_size, progress)
     return result.to(dtype)
 

@@ -243,3 +243,24 @@ def test_nonfinite_first_weight_raises_naming_0_weight():
         model[0].weight[0, 0] = math.nan
     with pytest.raises(ValueError, match=r"(?is)NaN or Inf.*0\.weight|0\.weight.*NaN or Inf"):
         lazykernel.ntk(model, _x(5, 3))
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian", "ntvp"])
+def test_empty_inputs_give_an_empty_kernel(method):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(4, 3)
+    assert lazykernel.ntk(model, x[:0], method=method).shape == (0, 0)
+    assert lazykernel.ntk(model, x[:0], x, output="full", method=method).shape == (0, 4, 2, 2)
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": True}, "batch_size"),
+    ({"batch_size": 2.5}, "batch_size"),
+    ({"memory_budget": -1}, "memory_budget"),
+    ({"memory_budget": "8GB"}, "memory_budget"),
+])
+def test_bad_batch_size_or_memory_budget_values_raise(kwargs, phrase):
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=phrase):
+        lazykernel.ntk(model, torch.randn(2, 3), **kwargs)
