@@ -16,10 +16,6 @@ from torch.func import jacrev, jvp, vjp, vmap
 from lazykernel._model import ModelAdapter
 
 
-def _flatten_outputs(y: torch.Tensor, n: int) -> torch.Tensor:
-    return y.reshape(n, -1)
-
-
 def per_example_jacobian(adapter: ModelAdapter, names: List[str], x: torch.Tensor
                          ) -> torch.Tensor:
     """Jacobian of each example's outputs with respect to the parameters ``names``.

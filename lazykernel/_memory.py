@@ -1,4 +1,4 @@
-"""Memory budgets: the default, and how many examples a chunk may hold."""
+"""Memory budgets: the default on each device, and how they are reported."""
 
 from __future__ import annotations
 
@@ -35,22 +35,3 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
-
-
-def chunk_size(n_total: int, per_example_bytes: float, budget: float, what: str,
-               batch_size=None) -> int:
-    """Largest number of examples whose working memory fits ``budget`` bytes.
-
-    Raises:
-        ValueError: when not even one example fits, naming the bytes one needs.
-    """
-    if per_example_bytes > budget:
-        raise ValueError(
-            f"memory_budget of {format_bytes(budget)} is too small for even one example: "
-            f"{what} needs about {format_bytes(per_example_bytes)} per example. "
-            f"Raise memory_budget to at least {int(per_example_bytes) + 1} bytes."
-        )
-    size = max(1, int(budget // max(per_example_bytes, 1)))
-    if batch_size is not None:
-        size = min(size, batch_size)
-    return max(1, min(size, n_total))

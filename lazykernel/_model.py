@@ -10,7 +10,6 @@ the model with the selected parameters replaced by ``values``.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
@@ -154,7 +153,3 @@ def model_tensors(adapter: ModelAdapter) -> Dict[str, torch.Tensor]:
     tensors = dict(adapter.module.named_parameters())
     tensors.update(dict(adapter.module.named_buffers()))
     return tensors
-
-
-def numel_per_example(x: torch.Tensor) -> int:
-    return math.prod(x.shape[1:])

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
-from torch import nn
 
 from lazykernel import _memory
 from lazykernel._jacobian import ntk_block_by_ntvp, per_example_jacobian

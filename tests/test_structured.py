@@ -152,3 +152,21 @@ def test_bias_only_and_weight_only_selection(output):
         expected = _kernel_by_explicit_jacobians(frozen, x, output)
         got = lazykernel.ntk(model, x, output=output, params=chosen)
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chosen", [None, ["0.weight"], ["0.bias"]])
+def test_linear_directional_matches_its_per_example_gradients(chosen):
+    # LinearRule contracts g with V a instead of forming gradients; the base
+    # class contracts per_example_gradients. Both must give the same numbers.
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    plan = StructuredPlan.build(make_adapter(model, chosen))
+    rule = plan.rules[0]
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    _, per_rule = plan._capture(x)
+    a, g = rule.operands(per_rule[0], 5, materialise=False)
+    direction = {name: torch.randn_like(dict(model.named_parameters())[name])
+                 for name in rule.names.values()}
+    fast = rule.directional(a, g, direction)
+    slow = StructuredRule.directional(rule, a, g, direction)
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)

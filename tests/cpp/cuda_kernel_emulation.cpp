@@ -57,6 +57,22 @@ static int64_t staged(int mode, const Plan& plan, const TileSide& side, const Ti
 }
 
 // tile_gemm as the kernel stages it: acc[lr][lc] over lanes, staged lanes lane0+16q.
+// Stages one kChunk-wide slab of both operands as the kernel's threads do:
+// thread tid loads k = tid % kChunk of lanes tid / kChunk + kChunk * q.
+static void stage_slabs(const std::vector<double>& X, const std::vector<double>& Y,
+                        const int64_t (&xoff)[kLanes], const int64_t (&yoff)[kLanes], int64_t depth,
+                        int64_t k0, double (&xs)[kChunk][kLanes + 4], double (&ys)[kChunk][kLanes + 4]) {
+  for (int tid = 0; tid < kThreads; ++tid) {
+    const int kl = tid % kChunk;
+    for (int q = 0; q < 4; ++q) {
+      const int lane = tid / kChunk + kChunk * q;
+      const int64_t k = k0 + kl;
+      xs[kl][lane] = (k < depth && xoff[lane] >= 0) ? X[xoff[lane] + k] : 0.0;
+      ys[kl][lane] = (k < depth && yoff[lane] >= 0) ? Y[yoff[lane] + k] : 0.0;
+    }
+  }
+}
+
 static void tile_gemm(const std::vector<double>& X, const std::vector<double>& Y,
                       const int64_t (&xoff)[kLanes], const int64_t (&yoff)[kLanes], int64_t depth,
                       double (&acc)[kLanes][kLanes]) {
@@ -64,15 +80,7 @@ static void tile_gemm(const std::vector<double>& X, const std::vector<double>& Y
     for (auto& v : row) v = 0;
   double xs[kChunk][kLanes + 4], ys[kChunk][kLanes + 4];
   for (int64_t k0 = 0; k0 < depth; k0 += kChunk) {
-    for (int tid = 0; tid < kThreads; ++tid) {
-      const int kl = tid % kChunk;
-      for (int q = 0; q < 4; ++q) {
-        const int lane = tid / kChunk + kChunk * q;
-        const int64_t k = k0 + kl;
-        xs[kl][lane] = (k < depth && xoff[lane] >= 0) ? X[xoff[lane] + k] : 0.0;
-        ys[kl][lane] = (k < depth && yoff[lane] >= 0) ? Y[yoff[lane] + k] : 0.0;
-      }
-    }
+    stage_slabs(X, Y, xoff, yoff, depth, k0, xs, ys);
     for (int tid = 0; tid < kThreads; ++tid) {
       const int tx = tid % 16, ty = tid / 16;
       for (int k = 0; k < kChunk; ++k)
@@ -89,15 +97,7 @@ static void small_s(const std::vector<double>& X, const std::vector<double>& Y,
   double xs[kChunk][kLanes + 4], ys[kChunk][kLanes + 4];
   double acc[kThreads][4] = {};
   for (int64_t k0 = 0; k0 < depth; k0 += kChunk) {
-    for (int tid = 0; tid < kThreads; ++tid) {
-      const int kl = tid % kChunk;
-      for (int q = 0; q < 4; ++q) {
-        const int lane = tid / kChunk + kChunk * q;
-        const int64_t k = k0 + kl;
-        xs[kl][lane] = (k < depth && xoff[lane] >= 0) ? X[xoff[lane] + k] : 0.0;
-        ys[kl][lane] = (k < depth && yoff[lane] >= 0) ? Y[yoff[lane] + k] : 0.0;
-      }
-    }
+    stage_slabs(X, Y, xoff, yoff, depth, k0, xs, ys);
     for (int tid = 0; tid < kThreads; ++tid) {
       const int sc = tid % 32, sr = tid / 32;
       for (int k = 0; k < kChunk; ++k)
