@@ -126,6 +126,11 @@ def check_eval_mode(module: nn.Module) -> None:
                     "statistics, which couples examples and makes the per-example NTK "
                     "undefined. Call model.eval() first (and use track_running_stats=True)."
                 )
+        if isinstance(sub, nn.MultiheadAttention) and sub.training and sub.dropout > 0:
+            raise ValueError(
+                f"module {label!r} (MultiheadAttention, dropout={sub.dropout}) drops attention "
+                "weights at random in training mode, which makes its NTK undefined. Call model.eval() first."
+            )
         if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
             raise ValueError(
                 f"module {label!r} ({type(sub).__name__}, p={sub.p}) is active in training "

@@ -16,9 +16,11 @@ import torch
 
 from lazykernel._jacobian import per_example_jacobian
 from lazykernel._model import ModelAdapter
-from lazykernel.rules import RuleDoesNotApply, StructuredRule, rule_for
+from lazykernel.rules import (GRADIENT, PAIRWISE, TOKENS, Pairwise, RuleDoesNotApply,
+                              StructuredRule, TermShape, TokenRows, rule_for)
 
-Operands = Tuple[List[torch.Tensor], List[torch.Tensor]]
+# (a_list, g_list) for gram_hadamard_accumulate, and the sparse embedding terms
+Operands = Tuple[List[torch.Tensor], List[torch.Tensor], List[TokenRows]]
 
 
 class StructuredPlan:
@@ -27,26 +29,26 @@ class StructuredPlan:
     Attributes:
         rules: structured rules, each owning some selected parameters.
         generic: names of the selected parameters left to the generic rule.
-        materialise: per rule, whether it builds per-example gradients instead
-            of the pairwise positions form (decided by :meth:`choose_forms`).
+        forms: per rule, one form per term (pairwise positions, per-example
+            gradient, sparse tokens), decided by :meth:`choose_forms`.
     """
 
     def __init__(self, adapter: ModelAdapter, rules: List[StructuredRule], generic: List[str]):
         self.adapter = adapter
         self.rules = rules
         self.generic = generic
-        self.materialise = [False] * len(rules)
+        self.forms: List[Optional[List[str]]] = [None] * len(rules)
         self.outputs: Optional[int] = None
 
     def describe(self) -> List[dict]:
         rows = [
             {"rule": type(rule).__name__, "params": sorted(rule.names.values()),
-             "form": "per-example gradient" if mat else "pairwise"}
-            for rule, mat in zip(self.rules, self.materialise)
+             "form": "+".join(sorted(set(forms))) if forms else PAIRWISE}
+            for rule, forms in zip(self.rules, self.forms)
         ]
         if self.generic:
             rows.append({"rule": "PerExampleJacobian", "params": list(self.generic),
-                         "form": "per-example gradient"})
+                         "form": GRADIENT})
         return rows
 
     # -- building ----------------------------------------------------------------
@@ -65,10 +67,10 @@ class StructuredPlan:
             if rule_cls is None:
                 continue
             names = {}
-            for local, p in module.named_parameters(recurse=False):
+            for local, p in rule_cls.handled(module).items():
                 # A parameter owned by two modules (tied weights) needs the sum of
                 # both uses before the Gram; the generic rule does that.
-                if id(p) in by_identity and owners[id(p)] == 1:
+                if id(p) in by_identity and owners[id(p)] == 1 and by_identity[id(p)] not in claimed:
                     names[local] = by_identity[id(p)]
             if names:
                 rules.append(rule_cls(module, names))
@@ -79,7 +81,7 @@ class StructuredPlan:
     def demote(self, rule: StructuredRule) -> None:
         index = self.rules.index(rule)
         self.rules.pop(index)
-        self.materialise.pop(index)
+        self.forms.pop(index)
         order = list(self.adapter.params)
         self.generic = sorted(set(self.generic) | set(rule.names.values()), key=order.index)
 
@@ -135,14 +137,14 @@ class StructuredPlan:
             return f
         rules = list(self.rules)
         tol = 1e-4 if f.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-        operands: Dict[StructuredRule, Optional[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        operands: Dict[StructuredRule, Optional[list]] = {}
         for rule, cotangents in zip(rules, per_rule):
-            rule.measured_sizes = rule.sizes()
             try:
-                operands[rule] = rule.operands(cotangents, n, materialise=False) if cotangents else ()
+                rule.shapes = rule.term_shapes() if cotangents else []
+                operands[rule] = rule.operands(cotangents, n, None) if cotangents else []
             except RuleDoesNotApply:
                 operands[rule] = None
-            rule.inputs, rule.outputs = [], []
+            rule.clear()
         checked = [rule for rule in rules if operands[rule] is not None]
         # One random direction for all rules decides the common case; only a
         # disagreement needs one direction per rule to find which rules are wrong.
@@ -155,50 +157,92 @@ class StructuredPlan:
         return f
 
     def choose_forms(self, n1: int, n2: int, output: str, budget_elements: float) -> None:
-        """Per rule, pairwise positions form or per-example gradients, by FLOPs.
+        """Per term, the form with the fewest FLOPs (`term_cost`) among those that fit.
 
-        Pairwise costs ``N1·N2·T²·(K + m·D)``; materialising costs
-        ``(N1+N2)·T·O·D·K`` to build plus ``N1·N2·m·D·K`` for its Gram, where
-        ``m = O²`` for full output and ``O`` otherwise. Materialising is only
-        chosen when one example's gradient fits comfortably in memory.
+        A form whose operands for a single example would not fit comfortably in
+        the memory budget (an eighth of it) is not considered unless it is the
+        only one, so a huge per-example gradient is never formed to save FLOPs.
         """
         o = self.outputs or 1
-        m = o * o if output == "full" else o
-        for k, rule in enumerate(self.rules):
-            t, kdim, d = rule.measured_sizes
-            pairwise = n1 * n2 * t * t * (kdim + m * d)
-            materialised = (n1 + n2) * t * o * d * kdim + n1 * n2 * m * d * kdim
-            fits = o * d * kdim * 8 < budget_elements
-            self.materialise[k] = t > 1 and fits and materialised < pairwise
+        for index, rule in enumerate(self.rules):
+            forms = []
+            for shape in rule.shapes:
+                costs = {form: term_cost(shape, form, n1, n2, o, output) for form in shape.forms}
+                fitting = [f for f in shape.forms if costs[f][1] * 8 < budget_elements] or list(shape.forms)
+                forms.append(min(fitting, key=lambda f: costs[f][0]))
+            self.forms[index] = forms
+
+    def term_costs(self, n1: int, n2: int, output: str) -> List[Tuple[float, float]]:
+        """Per rule, (FLOPs, operand elements per example) of its terms in the chosen forms."""
+        o = self.outputs or 1
+        totals = []
+        for rule, forms in zip(self.rules, self.forms):
+            flops = elements = 0.0
+            for shape, form in zip(rule.shapes, forms or [s.forms[0] for s in rule.shapes]):
+                f, e = term_cost(shape, form, n1, n2, o, output)
+                flops, elements = flops + f, elements + e
+            totals.append((flops, elements))
+        return totals
+
+    def generic_size(self) -> int:
+        """Parameters in the generic (per-example Jacobian) group."""
+        return sum(self.adapter.params[name].numel() for name in self.generic)
 
     def elements_per_example(self) -> int:
         """Elements of the operands one example produces (all groups)."""
         o = self.outputs or 1
-        total = 0
-        for rule, mat in zip(self.rules, self.materialise):
-            t, kdim, d = rule.measured_sizes
-            total += 1 + o * d * kdim if mat else t * (kdim + o * d)
-        generic = sum(self.adapter.params[name].numel() for name in self.generic)
-        return total + (1 + o * generic if self.generic else 0)
+        total = sum(e for _, e in self.term_costs(1, 1, "trace"))
+        return int(total) + (1 + o * self.generic_size() if self.generic else 0)
 
     def operands(self, x: torch.Tensor) -> Operands:
-        """Operands ``(a_list, g_list)`` of every group for the examples ``x``."""
+        """Terms of every group for the examples ``x``: op operands and sparse token rows."""
         n = x.shape[0]
-        a_list, g_list = [], []
+        a_list, g_list, tokens = [], [], []
         if self.rules:
             _, per_rule = self._capture(x)
-            for rule, mat, cotangents in zip(self.rules, self.materialise, per_rule):
+            for rule, forms, cotangents in zip(self.rules, self.forms, per_rule):
                 if not cotangents:
                     continue
-                a, g = rule.operands(cotangents, n, materialise=mat)
-                a_list.append(a)
-                g_list.append(g)
-                rule.inputs, rule.outputs = [], []
+                for term in rule.operands(cotangents, n, forms):
+                    if isinstance(term, TokenRows):
+                        tokens.append(term)
+                    else:
+                        a_list.append(term.a)
+                        g_list.append(term.g)
+                rule.clear()
         if self.generic:
             jac = per_example_jacobian(self.adapter, self.generic, x)
             a_list.append(jac.new_ones(n, 1, 1))
             g_list.append(jac.unsqueeze(1))
-        return a_list, g_list
+        return a_list, g_list, tokens
+
+
+def term_cost(shape: TermShape, form: str, n1: int, n2: int, outputs: int, output: str
+              ) -> Tuple[float, float]:
+    """(FLOPs for an ``n1 × n2`` block, operand elements per example) of one term in one form.
+
+    With ``m = O²`` for full output and ``O`` otherwise (one multiply-add = 2 FLOPs):
+
+    * pairwise, T positions: ``2·N1·N2·T²·(K + m·D)``: the Grams of ``a`` and
+      of ``g`` over all position pairs;
+    * gradient: ``2·(N1+N2)·T·O·D·K`` to form each example's ``[O, D·K]``
+      gradient, plus ``2·N1·N2·m·D·K`` for their Gram;
+    * tokens (embedding, sparse): ``2·N1·N2·matches·m·D``, one dot product per
+      shared token row of each example pair.
+    """
+    m = outputs * outputs if output == "full" else outputs
+    t, k, d = shape.positions, shape.k, shape.d
+    pairs = float(n1) * float(n2)
+    if form == PAIRWISE:
+        return 2.0 * pairs * t * t * (k + m * d), float(t * (k + outputs * d))
+    if form == TOKENS:
+        return 2.0 * pairs * shape.matches * m * d, float(t * (outputs * d + 2))
+    if shape.kind == "tokens":
+        # dense [vocab, dim] gradient per example, from the token rows
+        return (2.0 * (n1 + n2) * t * outputs * d + 2.0 * pairs * m * k * d,
+                float(1 + outputs * k * d))
+    return (2.0 * (n1 + n2) * t * outputs * d * k + 2.0 * pairs * m * d * k,
+            float(1 + outputs * d * k))
 
 
 def _output_cotangents(f: torch.Tensor, targets: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -244,7 +288,7 @@ def _agrees_along_random_direction(adapter: ModelAdapter, rules: List[Structured
     predicted = torch.zeros(n, dtype=torch.float64, device=x.device)
     for rule in rules:
         if operands[rule]:
-            predicted += rule.directional(*operands[rule], direction).double()
+            predicted += rule.directional(operands[rule], n, direction).double()
 
     def f(diff):
         merged = dict(values)

@@ -14,7 +14,7 @@ from lazykernel._jacobian import ntk_block_by_ntvp, per_example_jacobian
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite,
                                make_adapter, model_tensors)
 from lazykernel._structured import StructuredPlan
-from lazykernel.ops import OUTPUTS, gram_hadamard_accumulate
+from lazykernel.ops import OUTPUTS, gram_hadamard_accumulate, token_gram_accumulate
 
 METHODS = ("auto", "structured", "jacobian", "ntvp")
 _PROBE_EXAMPLES = 3
@@ -227,13 +227,17 @@ class _StructuredEngine(_Engine):
         self.plan = plan
 
     def features(self, x):
-        a_list, g_list = self.plan.operands(x)
+        a_list, g_list, tokens = self.plan.operands(x)
         cast = [t if t.dtype == self.dtype else t.to(self.dtype) for t in a_list + g_list]
         k = len(a_list)
-        return cast[:k], cast[k:]
+        tokens = [(ex, ids, g.to(self.dtype)) for ex, ids, g in tokens]
+        return cast[:k], cast[k:], tokens
 
     def block(self, f1, f2, same, out):
-        gram_hadamard_accumulate(out, f1[0], f2[0], f1[1], f2[1], self.mode, symmetric=same)
+        if f1[0]:
+            gram_hadamard_accumulate(out, f1[0], f2[0], f1[1], f2[1], self.mode, symmetric=same)
+        for rows1, rows2 in zip(f1[2], f2[2]):
+            token_gram_accumulate(out, rows1, rows2, self.mode)
 
     def bytes_per_example(self, other_chunk):
         o = self.plan.outputs or 1

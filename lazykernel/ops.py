@@ -7,7 +7,7 @@ when no compiled kernel exists for a tensor's device.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 
@@ -85,6 +85,70 @@ def gram_hadamard_accumulate(
         torch.ops.lazykernel.gram_hadamard_accumulate_(out, a1, a2, g1, g2, output, symmetric)
     else:
         gram_hadamard_accumulate_reference(out, a1, a2, g1, g2, output, symmetric)
+    return out
+
+
+def token_gram_accumulate(
+    out: torch.Tensor,
+    rows1: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    rows2: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    output: str = "trace",
+    max_pairs_elements: int = 1 << 22,
+) -> torch.Tensor:
+    """Gram of per-example gradients that are sparse in token ids, added to ``out``.
+
+    ``rows = (example: [M], ids: [M], g: [M, O, D])`` lists, for each distinct
+    (example, id), the gradient of every output with respect to that row of an
+    embedding table (no (example, id) twice). Two examples' gradients meet
+    only where they share an id, so::
+
+        trace    out[i, j]       += Σ_{m: ex1=i} Σ_{q: ex2=j, id2=id1[m]} Σ_o g1[m,o]·g2[q,o]
+        diagonal out[i, j, o]    += ... g1[m,o]·g2[q,o]
+        full     out[i, j, o, p] += ... g1[m,o]·g2[q,p]
+
+    The matching row pairs are found by sorting the ids, and processed in
+    batches of at most ``max_pairs_elements`` gathered elements, so the cost is
+    proportional to the number of shared tokens, not to ``N1·N2·T²``.
+
+    Returns:
+        ``out``, updated in place.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    ex1, ids1, g1 = rows1
+    ex2, ids2, g2 = rows2
+    if ids1.numel() == 0 or ids2.numel() == 0:
+        return out
+    sorted2, order2 = torch.sort(ids2)
+    lo = torch.searchsorted(sorted2, ids1, right=False)
+    counts = torch.searchsorted(sorted2, ids1, right=True) - lo
+    per_pair = g1[0].numel()
+    batch_rows = max(1, max_pairs_elements // max(per_pair, 1))
+    ends = torch.cumsum(counts, 0)
+    start_row = 0
+    m1 = ids1.numel()
+    while start_row < m1:
+        # the largest run of rows whose pairs fit in one batch (at least one row)
+        base = int(ends[start_row - 1]) if start_row else 0
+        stop = int(torch.searchsorted(ends, torch.tensor(base + batch_rows, device=ends.device),
+                                      right=True))
+        stop = min(max(stop, start_row + 1), m1)
+        c = counts[start_row:stop]
+        total = int(c.sum())
+        if total:
+            local = torch.repeat_interleave(torch.arange(start_row, stop, device=c.device), c)
+            first = torch.cumsum(c, 0) - c
+            offset = torch.arange(total, device=c.device) - torch.repeat_interleave(first, c)
+            partner = order2[lo[local] + offset]
+            left, right = g1[local], g2[partner]
+            if output == "trace":
+                values = (left * right).sum(dim=(1, 2))
+            elif output == "diagonal":
+                values = (left * right).sum(dim=2)
+            else:
+                values = torch.bmm(left, right.transpose(1, 2))
+            out.index_put_((ex1[local], ex2[partner]), values.to(out.dtype), accumulate=True)
+        start_row = stop
     return out
 
 

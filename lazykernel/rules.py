@@ -3,31 +3,92 @@
 A rule owns the parameters of one module. During a forward pass its hook
 records what the rule needs (the layer's inputs ``a`` and its outputs ``y``);
 after the batched backward pass gives the cotangents ``g = ∂f_o/∂y`` of every
-output ``o``, the rule turns them into the operands ``(a, g)`` of
-:func:`lazykernel.gram_hadamard_accumulate`, whose NTK term is
-``Σ_{t,s} (a_it·a_js)(g_it·g_js)`` (DESIGN.md, "structured rule for a linear map").
+output ``o``, the rule turns them into *terms*, each one parameter block's
+share of the NTK:
 
-Adding a layer type means writing one subclass and decorating it with
-``@register_rule(ModuleType)``; nothing else changes. Parameters of modules
-without a rule go through the generic per-sample-gradient rule.
+* `Pairwise` ``(a: [N, T, K], g: [N, T, O, D])``: a linear map applied at T
+  positions, whose term ``Σ_{t,s} (a_it·a_js)(g_it·g_js)`` (DESIGN.md,
+  "structured rule for a linear map") is what
+  :func:`lazykernel.gram_hadamard_accumulate` computes. A per-example gradient
+  is the special case T = 1, ``a = 1``, ``g = ∂f/∂θ``.
+* `TokenRows` ``(example, ids, g)``: an embedding's per-example gradient,
+  sparse in token ids; its term is ``Σ_v G_i[v]·G_j[v]`` over shared ids
+  (:func:`lazykernel.ops.token_gram_accumulate`).
+
+Each term can be produced in one or more *forms* (the pairwise positions form,
+or the materialised per-example gradient); the plan chooses per term by cost
+(`TermShape`). Adding a layer type means writing one subclass and decorating
+it with ``@register_rule(ModuleType)``; nothing else changes. Parameters of
+modules without a rule go through the generic per-example-Jacobian rule.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Type
+from dataclasses import dataclass
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _RULES: Dict[Type[nn.Module], Type["StructuredRule"]] = {}
+
+PAIRWISE = "pairwise"
+GRADIENT = "gradient"
+TOKENS = "tokens"
 
 
 class RuleDoesNotApply(RuntimeError):
     """A rule's hooked call does not look the way the rule describes (e.g. no batch axis first)."""
 
 
+class Pairwise(NamedTuple):
+    """Operands of a linear map's NTK term: ``a: [N, T, K]``, ``g: [N, T, O, D]``."""
+
+    a: torch.Tensor
+    g: torch.Tensor
+
+
+class TokenRows(NamedTuple):
+    """Rows of per-example embedding gradients, one per distinct (example, token id).
+
+    ``example: [M]`` and ``ids: [M]`` (int64), ``g: [M, O, D]``: the gradient of
+    output o with respect to row ``ids[m]`` of the table, for example ``example[m]``.
+    """
+
+    example: torch.Tensor
+    ids: torch.Tensor
+    g: torch.Tensor
+
+
+@dataclass
+class TermShape:
+    """Per-example size of one term, measured on the probe examples.
+
+    Attributes:
+        kind: ``"linear"`` (a map at ``positions`` positions, inputs of ``k``
+            features, outputs of ``d``; a per-example gradient has positions 1,
+            k 1) or ``"tokens"`` (an embedding: ``positions`` token rows per
+            example, ``d`` features, ``k`` the vocabulary size).
+        forms: the forms the rule can produce for this term.
+        matches: tokens only: average number of shared (token, token) row pairs
+            between two examples, which is what the sparse form costs.
+    """
+
+    kind: str
+    positions: int
+    k: int
+    d: int
+    forms: Tuple[str, ...]
+    matches: float = 0.0
+
+
 def register_rule(module_type: Type[nn.Module]):
-    """Class decorator: use the decorated rule for modules of ``module_type``."""
+    """Class decorator: use the decorated rule for modules of ``module_type``.
+
+    Subclasses of ``module_type`` get the rule too when they keep its
+    ``forward`` and add no parameters of their own.
+    """
 
     def decorate(rule_cls: Type["StructuredRule"]) -> Type["StructuredRule"]:
         _RULES[module_type] = rule_cls
@@ -37,16 +98,26 @@ def register_rule(module_type: Type[nn.Module]):
 
 
 def rule_for(module: nn.Module) -> Optional[Type["StructuredRule"]]:
-    """The rule class registered for the module's exact type, or None."""
-    return _RULES.get(type(module))
+    """The rule class registered for the module's type (or a compatible base), or None."""
+    cls = type(module)
+    rule_cls = _RULES.get(cls)
+    if rule_cls is None:
+        for base in cls.__mro__[1:]:
+            if base in _RULES and cls.forward is base.forward:
+                rule_cls = _RULES[base]
+                break
+    if rule_cls is None or not rule_cls.supports(module):
+        return None
+    return rule_cls
 
 
 class StructuredRule:
-    """NTK term of the selected parameters of one module.
+    """NTK terms of the selected parameters of one module.
 
     Args:
         module: the module.
-        names: the module's selected parameters, local name -> full model name.
+        names: the module's selected parameters, local name -> full model name
+            (only names in :meth:`handled` are passed).
     """
 
     def __init__(self, module: nn.Module, names: Dict[str, str]):
@@ -55,8 +126,18 @@ class StructuredRule:
         self.inputs: List[torch.Tensor] = []
         self.outputs: List[torch.Tensor] = []
         self._handle = None
-        # (T, K, D) per example, as measured when the plan was verified
-        self.measured_sizes: Tuple[int, int, int] = (1, 1, 1)
+        # per-term sizes, measured when the plan was verified
+        self.shapes: List[TermShape] = []
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        """Whether the rule describes this module's configuration at all."""
+        return True
+
+    @classmethod
+    def handled(cls, module: nn.Module) -> Dict[str, nn.Parameter]:
+        """Local name -> parameter of everything this rule can take over."""
+        return dict(module.named_parameters(recurse=False))
 
     # -- capture ---------------------------------------------------------------
     def attach(self) -> None:
@@ -68,6 +149,9 @@ class StructuredRule:
             self._handle.remove()
             self._handle = None
 
+    def clear(self) -> None:
+        self.inputs, self.outputs = [], []
+
     def _hook(self, module, args, output):
         # No copy of the input is needed: a selected weight requires grad, so
         # autograd itself refuses any in-place change of it after the layer.
@@ -78,21 +162,26 @@ class StructuredRule:
         return output.clone()
 
     # -- the rule ----------------------------------------------------------------
-    def operands(self, cotangents: List[torch.Tensor], n: int, materialise: bool
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Operands ``a: [N, T, K]``, ``g: [N, T, O, D]`` of this module's NTK term.
+    def term_shapes(self) -> List[TermShape]:
+        """Sizes of the terms for the calls recorded now, per example."""
+        raise NotImplementedError
+
+    def operands(self, cotangents: List[torch.Tensor], n: int, forms: Optional[Sequence[str]]
+                 ) -> List[tuple]:
+        """This module's NTK terms (`Pairwise` or `TokenRows`) for the recorded calls.
 
         Args:
             cotangents: for each recorded call, ``∂f_o/∂y`` stacked over outputs,
                 ``[O, *y.shape]``.
             n: number of examples in the batch.
-            materialise: build the per-example gradient (T = 1) instead of the
-                pairwise positions form.
+            forms: one form per term (from its `TermShape.forms`); None means
+                each term's first form, the one :meth:`per_example_gradients`
+                reads.
         """
         raise NotImplementedError
 
-    def per_example_gradients(self, a: torch.Tensor, g: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``Σ_o ∂f_o(x_i)/∂θ`` for each example i and parameter, from the pairwise operands.
+    def per_example_gradients(self, terms: List[tuple]) -> Dict[str, torch.Tensor]:
+        """``Σ_o ∂f_o(x_i)/∂θ`` for each example i and parameter, from terms in the first form.
 
         Compared with autograd on a few examples, this catches a module whose
         rows are not laid out batch-first or whose parameters are used outside
@@ -101,81 +190,109 @@ class StructuredRule:
         """
         raise NotImplementedError
 
-    def directional(self, a: torch.Tensor, g: torch.Tensor, direction: Dict[str, torch.Tensor]
+    def directional(self, terms: List[tuple], n: int, direction: Dict[str, torch.Tensor]
                     ) -> torch.Tensor:
         """``[n]``: ``⟨Σ_o ∂f_o(x_i)/∂θ, V⟩`` for each example, V given per full parameter name.
 
         The default contracts :meth:`per_example_gradients`; rules override it
         when the contraction is cheaper without building those gradients.
         """
-        n = a.shape[0]
-        total = a.new_zeros(n)
-        for name, grad in self.per_example_gradients(a, g).items():
-            total = total + grad.reshape(n, -1) @ direction[name].reshape(-1)
+        total = None
+        for name, grad in self.per_example_gradients(terms).items():
+            part = grad.reshape(n, -1) @ direction[name].reshape(-1).to(grad.dtype)
+            total = part if total is None else total + part
         return total
 
-    def sizes(self) -> Tuple[int, int, int]:
-        """(T, K, D) of the pairwise form for the calls recorded now, per example."""
-        raise NotImplementedError
+
+# -- linear maps -------------------------------------------------------------------
+
+def _positions(a: torch.Tensor, g: torch.Tensor, n: int, k: int, d: int, module: nn.Module
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``a: [n, *, k]`` and cotangent ``g: [O, n, *, d]`` as ``[n, T, k]`` and ``[n, T, O, d]``."""
+    if a.dim() < 2 or a.shape[0] != n or g.shape[1] != n:
+        raise RuleDoesNotApply(
+            f"lazykernel: a {type(module).__name__} saw a batch of {a.shape[0]} "
+            f"rows for {n} examples; its rule needs the batch axis first"
+        )
+    o = g.shape[0]
+    return a.reshape(n, -1, k), g.reshape(o, n, -1, d).permute(1, 2, 0, 3)
+
+
+def _linear_term(a: torch.Tensor, g: torch.Tensor, use_weight: bool, use_bias: bool, form: str
+                 ) -> Pairwise:
+    """One linear map's term from ``a: [n, T, K]`` and ``g: [n, T, O, D]``.
+
+    The bias is folded in by appending a constant 1 to ``a``; a bias alone
+    needs only ``Σ_t g_t``. The gradient form builds ``Σ_t g_t a_tᵀ``, the
+    per-example gradient, once per example.
+    """
+    n = a.shape[0]
+    if not use_weight:
+        return Pairwise(a.new_ones(n, 1, 1), g.sum(dim=1, keepdim=True).contiguous())
+    if use_bias:
+        a = torch.cat([a, a.new_ones(n, a.shape[1], 1)], dim=2)
+    if form == GRADIENT:
+        per_example = torch.einsum("ntod,ntk->nodk", g, a)
+        return Pairwise(a.new_ones(n, 1, 1), per_example.reshape(n, 1, g.shape[2], -1))
+    return Pairwise(a.contiguous(), g.contiguous())
+
+
+def _linear_gradients(term: Pairwise, use_weight: bool, use_bias: bool, k: int
+                      ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(weight ``[n, D, k]``, bias ``[n, D]``) gradients summed over outputs, from a pairwise term."""
+    total = torch.einsum("ntod,ntk->ndk", term.g, term.a)
+    if not use_weight:
+        return None, total[:, :, 0]
+    return total[:, :, :k], (total[:, :, k] if use_bias else None)
+
+
+def _linear_shape(positions: int, k: int, d: int, use_weight: bool, use_bias: bool) -> TermShape:
+    if not use_weight:
+        return TermShape("linear", 1, 1, d, (PAIRWISE,))
+    forms = (PAIRWISE, GRADIENT) if positions > 1 else (PAIRWISE,)
+    return TermShape("linear", positions, k + int(use_bias), d, forms)
 
 
 @register_rule(nn.Linear)
 class LinearRule(StructuredRule):
     """``y_t = W a_t + b`` at every position t of inputs ``[N, *, d_in]``.
 
-    Per-example weight gradient ``Σ_t g_t a_tᵀ`` and bias gradient ``Σ_t g_t``;
-    the bias is folded in by appending a constant 1 to ``a``. A module called
-    several times contributes every call's positions.
+    Per-example weight gradient ``Σ_t g_t a_tᵀ`` and bias gradient ``Σ_t g_t``.
+    A module called several times contributes every call's positions.
     """
 
     def _use(self) -> Tuple[bool, bool]:
         return "weight" in self.names, "bias" in self.names
 
-    def _pairwise(self, cotangents: List[torch.Tensor], n: int
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-        d_in = self.module.in_features
-        d_out = self.module.out_features
-        a_parts, g_parts = [], []
-        for a, g in zip(self.inputs, cotangents):
-            if a.dim() < 2 or a.shape[0] != n or g.shape[1] != n:
-                raise RuleDoesNotApply(
-                    f"lazykernel: a {type(self.module).__name__} saw a batch of {a.shape[0]} "
-                    f"rows for {n} examples; its rule needs the batch axis first"
-                )
-            a_parts.append(a.reshape(n, -1, d_in))
-            o = g.shape[0]
-            g_parts.append(g.reshape(o, n, -1, d_out).permute(1, 2, 0, 3))
-        a = torch.cat(a_parts, dim=1) if len(a_parts) > 1 else a_parts[0]
-        g = torch.cat(g_parts, dim=1) if len(g_parts) > 1 else g_parts[0]
-        return a, g
+    def _stacked(self, cotangents, n):
+        d_in, d_out = self.module.in_features, self.module.out_features
+        parts = [_positions(a, g, n, d_in, d_out, self.module) for a, g in zip(self.inputs, cotangents)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
-    def operands(self, cotangents, n, materialise):
-        use_weight, use_bias = self._use()
-        a, g = self._pairwise(cotangents, n)
-        if not use_weight:
-            # Only the bias: its gradient Σ_t g_t needs no positions.
-            ones = a.new_ones(n, 1, 1)
-            return ones, g.sum(dim=1, keepdim=True).contiguous()
-        if use_bias:
-            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
-        if materialise and a.shape[1] > 1:
-            per_example = torch.einsum("ntod,ntk->nodk", g, a)
-            return a.new_ones(n, 1, 1), per_example.reshape(n, 1, g.shape[2], -1)
-        return a.contiguous(), g.contiguous()
+    def term_shapes(self):
+        positions = sum(a[0].numel() // self.module.in_features for a in self.inputs)
+        return [_linear_shape(positions, self.module.in_features, self.module.out_features, *self._use())]
 
-    def per_example_gradients(self, a, g):
+    def operands(self, cotangents, n, forms):
+        a, g = self._stacked(cotangents, n)
+        form = forms[0] if forms else PAIRWISE
+        return [_linear_term(a, g, *self._use(), form)]
+
+    def per_example_gradients(self, terms):
         use_weight, use_bias = self._use()
-        d_in = self.module.in_features
-        total = torch.einsum("ntod,ntk->ndk", g, a)
-        if not use_weight:
-            return {self.names["bias"]: total[:, :, 0]}
-        grads = {self.names["weight"]: total[:, :, :d_in]}
+        weight, bias = _linear_gradients(terms[0], use_weight, use_bias, self.module.in_features)
+        grads = {}
+        if use_weight:
+            grads[self.names["weight"]] = weight
         if use_bias:
-            grads[self.names["bias"]] = total[:, :, d_in]
+            grads[self.names["bias"]] = bias
         return grads
 
-    def directional(self, a, g, direction):
+    def directional(self, terms, n, direction):
         use_weight, use_bias = self._use()
+        a, g = terms[0]
         # ⟨Σ_t g_t a_tᵀ, V⟩ = Σ_t g_t · (V a_t): no per-example [D, K] gradient is formed
         d_in = self.module.in_features
         if use_weight:
@@ -186,9 +303,475 @@ class LinearRule(StructuredRule):
             va = a * direction[self.names["bias"]]
         return torch.einsum("ntod,ntd->n", g, va)
 
-    def sizes(self):
+
+class _ConvRule(StructuredRule):
+    """A convolution as a linear map on unfolded patches, one term per group.
+
+    With ``G`` groups, group ``c`` maps the patches of its ``C_in/G`` input
+    channels (``K = C_in/G · ∏kernel`` features) at every output position
+    (``T = ∏output size``) to its ``C_out/G`` output channels. The weight
+    gradient of one example is ``Σ_t g_t a_tᵀ`` per group, the bias gradient
+    ``Σ_t g_t``. Padding modes other than zeros are applied before unfolding,
+    as the convolution itself does.
+    """
+
+    spatial = 0
+
+    @classmethod
+    def supports(cls, module):
+        return module.transposed is False
+
+    def _use(self) -> Tuple[bool, bool]:
+        return "weight" in self.names, "bias" in self.names
+
+    def _patch_features(self) -> int:
+        m = self.module
+        k = 1
+        for size in m.kernel_size:
+            k *= size
+        return (m.in_channels // m.groups) * k
+
+    def _unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C_in, *spatial]`` -> patches ``[N, C_in·∏kernel, T]``."""
+        m = self.module
+        if x.dim() != self.spatial + 2:
+            raise RuleDoesNotApply(f"lazykernel: {type(m).__name__} input of shape {tuple(x.shape)} "
+                                   "is not batched; its rule needs [N, C, *spatial]")
+        pad = m._reversed_padding_repeated_twice
+        if any(pad):
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        if self.spatial == 1:
+            return F.unfold(x.unsqueeze(2), (1, m.kernel_size[0]), dilation=(1, m.dilation[0]),
+                            stride=(1, m.stride[0]))
+        return F.unfold(x, m.kernel_size, dilation=m.dilation, stride=m.stride)
+
+    def _groups(self, cotangents, n):
+        """Per group: ``a: [n, T, K]`` and ``g: [n, T, O, D]``, all calls stacked along T."""
+        m = self.module
+        groups, k = m.groups, self._patch_features()
+        d = m.out_channels // groups
+        per_group = [([], []) for _ in range(groups)]
+        for x, g in zip(self.inputs, cotangents):
+            if x.shape[0] != n or g.shape[1] != n:
+                raise RuleDoesNotApply(f"lazykernel: a {type(m).__name__} saw a batch of {x.shape[0]} "
+                                       f"rows for {n} examples; its rule needs the batch axis first")
+            patches = self._unfold(x)                       # [n, G·K, T]
+            t = patches.shape[2]
+            o = g.shape[0]
+            patches = patches.reshape(n, groups, k, t).permute(1, 0, 3, 2)   # [G, n, T, K]
+            cot = g.reshape(o, n, groups, d, t).permute(2, 1, 4, 0, 3)      # [G, n, T, O, D]
+            for c in range(groups):
+                per_group[c][0].append(patches[c])
+                per_group[c][1].append(cot[c])
+        return [(torch.cat(a, 1) if len(a) > 1 else a[0], torch.cat(g, 1) if len(g) > 1 else g[0])
+                for a, g in per_group]
+
+    def term_shapes(self):
+        m = self.module
+        positions = sum(y[0].numel() // m.out_channels for y in self.outputs)
+        shape = _linear_shape(positions, self._patch_features(), m.out_channels // m.groups, *self._use())
+        return [shape] * m.groups
+
+    def operands(self, cotangents, n, forms):
+        use = self._use()
+        terms = []
+        for c, (a, g) in enumerate(self._groups(cotangents, n)):
+            terms.append(_linear_term(a, g, *use, forms[c] if forms else PAIRWISE))
+        return terms
+
+    def per_example_gradients(self, terms):
         use_weight, use_bias = self._use()
-        positions = sum(a[0].numel() // self.module.in_features for a in self.inputs)
-        if not use_weight:
-            return 1, 1, self.module.out_features
-        return positions, self.module.in_features + int(use_bias), self.module.out_features
+        m = self.module
+        n = terms[0].a.shape[0]
+        weights, biases = [], []
+        for term in terms:
+            weight, bias = _linear_gradients(term, use_weight, use_bias, self._patch_features())
+            weights.append(weight)
+            biases.append(bias)
+        grads = {}
+        if use_weight:
+            grads[self.names["weight"]] = torch.cat(weights, 1).reshape(n, *m.weight.shape)
+        if use_bias:
+            grads[self.names["bias"]] = torch.cat(biases, 1)
+        return grads
+
+
+@register_rule(nn.Conv1d)
+class Conv1dRule(_ConvRule):
+    spatial = 1
+
+
+@register_rule(nn.Conv2d)
+class Conv2dRule(_ConvRule):
+    spatial = 2
+
+
+# -- embeddings ----------------------------------------------------------------------
+
+@register_rule(nn.Embedding)
+class EmbeddingRule(StructuredRule):
+    """``y_t = E[id_t]``: the per-example gradient of ``E`` is ``Σ_t onehot(id_t) g_tᵀ``.
+
+    Only the rows of the ids an example uses are nonzero, so the term is kept
+    sparse: one row per distinct (example, id), and two examples meet only on
+    the ids they share. The dense gradient form (``[vocab, dim]`` per example)
+    is chosen only when it is cheaper (tiny vocabularies, long sequences).
+    Rows of ``padding_idx`` get no gradient.
+    """
+
+    @classmethod
+    def supports(cls, module):
+        # max_norm rewrites the table during the forward; scale_grad_by_freq and
+        # sparse change what the backward reports: the generic rule handles them.
+        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+
+    def _rows(self, cotangents, n) -> TokenRows:
+        m = self.module
+        ids_parts, g_parts, ex_parts = [], [], []
+        for ids, g in zip(self.inputs, cotangents):
+            if ids.dim() < 1 or ids.shape[0] != n or g.shape[1] != n:
+                raise RuleDoesNotApply(f"lazykernel: an Embedding saw a batch of {ids.shape[0]} "
+                                       f"rows for {n} examples; its rule needs the batch axis first")
+            o = g.shape[0]
+            flat = ids.reshape(n, -1)
+            t = flat.shape[1]
+            ids_parts.append(flat.reshape(-1))
+            ex_parts.append(torch.arange(n, device=ids.device).repeat_interleave(t))
+            g_parts.append(g.reshape(o, n * t, m.embedding_dim).transpose(0, 1))
+        ids = torch.cat(ids_parts).long()
+        example = torch.cat(ex_parts)
+        g = torch.cat(g_parts)
+        if m.padding_idx is not None:
+            keep = ids != m.padding_idx
+            ids, example, g = ids[keep], example[keep], g[keep]
+        # one row per distinct (example, id): repeated tokens are summed first
+        key = example * m.num_embeddings + ids
+        unique, inverse = torch.unique(key, return_inverse=True)
+        summed = g.new_zeros((unique.numel(),) + tuple(g.shape[1:])).index_add_(0, inverse, g)
+        return TokenRows(unique // m.num_embeddings, unique % m.num_embeddings, summed.contiguous())
+
+    def term_shapes(self):
+        m = self.module
+        per_example = [ids.reshape(ids.shape[0], -1) for ids in self.inputs]
+        flat = torch.cat(per_example, dim=1) if per_example else torch.zeros(1, 0, dtype=torch.long)
+        n = flat.shape[0]
+        rows = [torch.unique(flat[i][flat[i] != m.padding_idx] if m.padding_idx is not None else flat[i])
+                for i in range(n)]
+        positions = max((r.numel() for r in rows), default=0)
+        # shared ids between distinct probe examples estimate what a pair costs
+        pairs = [(i, j) for i in range(n) for j in range(n) if i != j] or [(i, i) for i in range(n)]
+        matches = sum(int(torch.isin(rows[i], rows[j]).sum()) for i, j in pairs) / max(len(pairs), 1)
+        return [TermShape("tokens", positions, m.num_embeddings, m.embedding_dim,
+                          (TOKENS, GRADIENT), matches)]
+
+    def operands(self, cotangents, n, forms):
+        rows = self._rows(cotangents, n)
+        if forms and forms[0] == GRADIENT:
+            m = self.module
+            o = rows.g.shape[1]
+            dense = rows.g.new_zeros(n, m.num_embeddings, o, m.embedding_dim)
+            dense.index_put_((rows.example, rows.ids), rows.g, accumulate=True)
+            per_example = dense.permute(0, 2, 1, 3).reshape(n, 1, o, -1)
+            return [Pairwise(rows.g.new_ones(n, 1, 1), per_example.contiguous())]
+        return [rows]
+
+    def per_example_gradients(self, terms):
+        rows = terms[0]
+        m = self.module
+        n = int(rows.example.max()) + 1 if rows.example.numel() else 0
+        dense = rows.g.new_zeros(n, m.num_embeddings, m.embedding_dim)
+        dense.index_put_((rows.example, rows.ids), rows.g.sum(1), accumulate=True)
+        return {self.names["weight"]: dense}
+
+    def directional(self, terms, n, direction):
+        rows = terms[0]
+        picked = direction[self.names["weight"]][rows.ids].to(rows.g.dtype)      # [M, D]
+        per_row = torch.einsum("mod,md->m", rows.g, picked)
+        return per_row.new_zeros(n).index_add_(0, rows.example, per_row)
+
+
+# -- normalisation layers' affine parameters -------------------------------------------
+
+class _AffineNormRule(StructuredRule):
+    """``y = x̂ ⊙ w + b`` with ``x̂`` the normalised input: per-example gradients, materialised.
+
+    ``∂f/∂w = Σ g ⊙ x̂`` and ``∂f/∂b = Σ g``, summed over the axes the
+    parameters are broadcast along. These groups are small (a few per-channel
+    vectors), so their per-example gradients are formed directly.
+    """
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _param_axes(self, y: torch.Tensor) -> Tuple[int, ...]:
+        """Axes of one example's output that the parameters span (the rest are summed)."""
+        raise NotImplementedError
+
+    def _order(self) -> List[str]:
+        return [local for local in ("weight", "bias") if local in self.names]
+
+    def term_shapes(self):
+        size = sum(getattr(self.module, local).numel() for local in self._order())
+        return [TermShape("linear", 1, 1, size, (GRADIENT,))]
+
+    def operands(self, cotangents, n, forms):
+        parts = {local: [] for local in self._order()}
+        for x, y, g in zip(self.inputs, self.outputs, cotangents):
+            if x.shape[0] != n or g.shape[1] != n:
+                raise RuleDoesNotApply(f"lazykernel: a {type(self.module).__name__} saw a batch of "
+                                       f"{x.shape[0]} rows for {n} examples; its rule needs the batch axis first")
+            keep = self._param_axes(y)
+            summed = tuple(2 + ax for ax in range(y.dim() - 1) if ax + 1 not in keep)
+            if "weight" in parts:
+                parts["weight"].append(_sum_over(g * self._normalised(x).to(g.dtype), summed))
+            if "bias" in parts:
+                parts["bias"].append(_sum_over(g, summed))
+        o = cotangents[0].shape[0]
+        flat = [torch.stack(p).sum(0).reshape(o, n, -1) for p in parts.values()]
+        per_example = torch.cat(flat, dim=2).permute(1, 0, 2).unsqueeze(1)     # [n, 1, O, P]
+        return [Pairwise(per_example.new_ones(n, 1, 1), per_example.contiguous())]
+
+    def per_example_gradients(self, terms):
+        g = terms[0].g.sum(dim=(1, 2))      # [n, P]
+        grads, start = {}, 0
+        for local in self._order():
+            shape = getattr(self.module, local).shape
+            size = getattr(self.module, local).numel()
+            grads[self.names[local]] = g[:, start:start + size].reshape(g.shape[0], *shape)
+            start += size
+        return grads
+
+
+def _sum_over(t: torch.Tensor, dims: Tuple[int, ...]) -> torch.Tensor:
+    # an empty tuple means no reduction here (torch.sum would reduce everything)
+    return t.sum(dim=dims) if dims else t
+
+
+@register_rule(nn.LayerNorm)
+class LayerNormRule(_AffineNormRule):
+    """LayerNorm's ``weight``/``bias`` over its ``normalized_shape`` (the last axes)."""
+
+    def _normalised(self, x):
+        m = self.module
+        return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+
+    def _param_axes(self, y):
+        k = len(self.module.normalized_shape)
+        return tuple(range(y.dim() - k, y.dim()))
+
+
+@register_rule(nn.GroupNorm)
+class GroupNormRule(_AffineNormRule):
+    """GroupNorm's per-channel ``weight``/``bias`` (channels on axis 1)."""
+
+    def _normalised(self, x):
+        m = self.module
+        return F.group_norm(x, m.num_groups, None, None, m.eps)
+
+    def _param_axes(self, y):
+        return (1,)
+
+
+class _BatchNormRule(_AffineNormRule):
+    """BatchNorm in eval mode: ``x̂ = (x − running_mean)/√(running_var + eps)`` per channel.
+
+    Training-mode BatchNorm couples examples and is refused before any rule runs.
+    """
+
+    @classmethod
+    def supports(cls, module):
+        return module.track_running_stats and module.running_mean is not None
+
+    def _normalised(self, x):
+        m = self.module
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = m.running_mean.reshape(shape)
+        std = torch.sqrt(m.running_var.reshape(shape) + m.eps)
+        return (x - mean) / std
+
+    def _param_axes(self, y):
+        return (1,)
+
+
+@register_rule(nn.BatchNorm1d)
+class BatchNorm1dRule(_BatchNormRule):
+    pass
+
+
+@register_rule(nn.BatchNorm2d)
+class BatchNorm2dRule(_BatchNormRule):
+    pass
+
+
+@register_rule(nn.BatchNorm3d)
+class BatchNorm3dRule(_BatchNormRule):
+    pass
+
+
+# -- attention -------------------------------------------------------------------------
+
+@register_rule(nn.MultiheadAttention)
+class MultiheadAttentionRule(StructuredRule):
+    """``nn.MultiheadAttention``: its input and output projections as linear maps.
+
+    The module's own forward hides the projections' outputs, so while the rule
+    captures it runs an equivalent forward (the attention of Vaswani et al.,
+    2017, with the module's masks) that exposes them. The input projection
+    ``[W_q; W_k; W_v]`` is one linear map with ``D = 3E``: in self-attention
+    every position feeds all three blocks; when query, key and value differ,
+    each position feeds only its own block (the others' cotangents are zero),
+    so that every call of the module adds to one per-example gradient. The
+    output projection is a second map on the attention's context vectors.
+    Configurations the equivalent forward does not describe (separate q/k/v
+    weights of other sizes, ``bias_k``, ``add_zero_attn``) use the generic rule.
+    """
+
+    @classmethod
+    def supports(cls, module):
+        return (module._qkv_same_embed_dim and module.in_proj_weight is not None
+                and module.bias_k is None and not module.add_zero_attn)
+
+    @classmethod
+    def handled(cls, module):
+        found = {"in_proj_weight": module.in_proj_weight, "in_proj_bias": module.in_proj_bias,
+                 "out_proj.weight": module.out_proj.weight, "out_proj.bias": module.out_proj.bias}
+        return {name: p for name, p in found.items() if p is not None}
+
+    def attach(self):
+        self.clear()
+        # an instance attribute shadows the class's forward for the capture only
+        self.module.forward = self._forward
+
+    def detach(self):
+        self.module.__dict__.pop("forward", None)
+
+    def clear(self):
+        super().clear()
+        self.tags: List[str] = []
+
+    def _record(self, tag: str, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.tags.append(tag)
+        self.inputs.append(a.detach())
+        self.outputs.append(y)
+        return y
+
+    def _forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                 average_attn_weights=True, is_causal=False):
+        m = self.module
+        if query.dim() != 3:
+            raise RuleDoesNotApply("lazykernel: unbatched MultiheadAttention input")
+        if m.training and m.dropout > 0:
+            raise RuleDoesNotApply("lazykernel: MultiheadAttention with active dropout")
+        if is_causal and attn_mask is None:
+            raise RuntimeError("MultiheadAttention: is_causal needs attn_mask as well")
+        self_attention = query is key and key is value
+        if not m.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        e, heads = m.embed_dim, m.num_heads
+        w, b = m.in_proj_weight, m.in_proj_bias
+        if self_attention:
+            q, k, v = self._record("qkv", query, F.linear(query, w, b)).chunk(3, dim=-1)
+        else:
+            wq, wk, wv = w.chunk(3)
+            bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
+            q = self._record("q", query, F.linear(query, wq, bq))
+            k = self._record("k", key, F.linear(key, wk, bk))
+            v = self._record("v", value, F.linear(value, wv, bv))
+        n, length, _ = q.shape
+        source = k.shape[1]
+        hd = e // heads
+        q = q.reshape(n, length, heads, hd).transpose(1, 2)
+        k = k.reshape(n, source, heads, hd).transpose(1, 2)
+        v = v.reshape(n, source, heads, hd).transpose(1, 2)
+        scores = q @ k.transpose(-2, -1) * (1.0 / hd ** 0.5)
+        mask = _attention_mask(attn_mask, key_padding_mask, n, heads, length, source, scores.dtype)
+        if mask is not None:
+            scores = scores + mask
+        weights = torch.softmax(scores, dim=-1)
+        context = (weights @ v).transpose(1, 2).reshape(n, length, e)
+        out = self._record("out", context, F.linear(context, m.out_proj.weight, m.out_proj.bias))
+        out = out.clone()
+        if not m.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, (weights.mean(dim=1) if average_attn_weights else weights)
+
+    def _use(self, prefix: str) -> Tuple[bool, bool]:
+        if prefix == "in":
+            return "in_proj_weight" in self.names, "in_proj_bias" in self.names
+        return "out_proj.weight" in self.names, "out_proj.bias" in self.names
+
+    def _maps(self) -> List[str]:
+        return [p for p in ("in", "out") if any(self._use(p))]
+
+    def term_shapes(self):
+        e = self.module.embed_dim
+        shapes = []
+        for prefix in self._maps():
+            rows = [a[0].numel() // e for a, tag in zip(self.inputs, self.tags)
+                    if (tag == "out") == (prefix == "out")]
+            d = 3 * e if prefix == "in" else e
+            shapes.append(_linear_shape(sum(rows), e, d, *self._use(prefix)))
+        return shapes
+
+    def _stacked(self, prefix: str, cotangents, n):
+        e = self.module.embed_dim
+        blocks = {"q": 0, "k": 1, "v": 2}
+        a_parts, g_parts = [], []
+        for a, g, tag in zip(self.inputs, cotangents, self.tags):
+            if (tag == "out") != (prefix == "out"):
+                continue
+            d = 3 * e if tag == "qkv" else e
+            a_t, g_t = _positions(a, g, n, e, d, self.module)
+            if tag in blocks:
+                # this call feeds one block of W_in: the other blocks' cotangents are zero
+                padded = g_t.new_zeros(g_t.shape[:3] + (3 * e,))
+                padded[..., blocks[tag] * e:(blocks[tag] + 1) * e] = g_t
+                g_t = padded
+            a_parts.append(a_t)
+            g_parts.append(g_t)
+        if len(a_parts) == 1:
+            return a_parts[0], g_parts[0]
+        return torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1)
+
+    def operands(self, cotangents, n, forms):
+        terms = []
+        for index, prefix in enumerate(self._maps()):
+            a, g = self._stacked(prefix, cotangents, n)
+            terms.append(_linear_term(a, g, *self._use(prefix), forms[index] if forms else PAIRWISE))
+        return terms
+
+    def per_example_gradients(self, terms):
+        e = self.module.embed_dim
+        names = {"in": ("in_proj_weight", "in_proj_bias"), "out": ("out_proj.weight", "out_proj.bias")}
+        grads = {}
+        for term, prefix in zip(terms, self._maps()):
+            use_weight, use_bias = self._use(prefix)
+            weight, bias = _linear_gradients(term, use_weight, use_bias, e)
+            if use_weight:
+                grads[self.names[names[prefix][0]]] = weight
+            if use_bias:
+                grads[self.names[names[prefix][1]]] = bias
+        return grads
+
+
+def _attention_mask(attn_mask, key_padding_mask, n, heads, length, source, dtype
+                    ) -> Optional[torch.Tensor]:
+    """Additive ``[n or 1, heads or 1, L, S]`` mask; boolean masks mark positions to ignore."""
+
+    def additive(mask):
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+        return mask.to(dtype)
+
+    total = None
+    if attn_mask is not None:
+        mask = additive(attn_mask)
+        mask = mask.reshape(1, 1, length, source) if mask.dim() == 2 else mask.reshape(n, heads, length, source)
+        total = mask
+    if key_padding_mask is not None:
+        mask = additive(key_padding_mask).reshape(n, 1, 1, source)
+        total = mask if total is None else total + mask
+    return total

@@ -11,7 +11,7 @@ import lazykernel
 from conftest import reference_ntk
 from lazykernel._model import make_adapter
 from lazykernel._structured import StructuredPlan
-from lazykernel.rules import LinearRule, StructuredRule, register_rule, rule_for
+from lazykernel.rules import LinearRule, Pairwise, StructuredRule, TermShape, register_rule, rule_for
 
 
 def _kernel_by_explicit_jacobians(model, x, output="full"):
@@ -94,8 +94,8 @@ def test_positions_choose_materialised_gradients_when_cheaper_and_stay_exact():
     x = torch.randn(6, 40, 2, dtype=torch.float64)
     plan = _plan(model, x)
     plan.choose_forms(6, 6, "full", budget_elements=1e9)
-    assert plan.materialise[0] is True   # T = 40 positions, K = 3, D = 3
-    assert plan.materialise[1] is False  # T = 1
+    assert plan.forms[0] == ["gradient"]   # T = 40 positions, K = 3, D = 3
+    assert plan.forms[1] == ["pairwise"]   # T = 1
     expected = _kernel_by_explicit_jacobians(model, x)
     torch.testing.assert_close(lazykernel.ntk(model, x, output="full"), expected,
                                rtol=1e-10, atol=1e-12)
@@ -114,16 +114,16 @@ def test_register_rule_is_used_for_its_module_type():
     class ScaleRule(StructuredRule):
         """y = w ∘ a: a diagonal linear map, gradient g ∘ a per position."""
 
-        def operands(self, cotangents, n, materialise):
+        def operands(self, cotangents, n, forms):
             a = self.inputs[0].reshape(n, 1, -1)
             g = cotangents[0].permute(1, 0, 2).unsqueeze(1)  # [n, 1, O, 3]
-            return a.new_ones(n, 1, 1), (g * a.unsqueeze(2))
+            return [Pairwise(a.new_ones(n, 1, 1), g * a.unsqueeze(2))]
 
-        def per_example_gradients(self, a, g):
-            return {self.names["weight"]: g.sum(dim=(1, 2))}
+        def per_example_gradients(self, terms):
+            return {self.names["weight"]: terms[0].g.sum(dim=(1, 2))}
 
-        def sizes(self):
-            return 1, 1, 3
+        def term_shapes(self):
+            return [TermShape("linear", 1, 1, 3, ("gradient",))]
 
     try:
         torch.manual_seed(4)
@@ -164,9 +164,9 @@ def test_linear_directional_matches_its_per_example_gradients(chosen):
     rule = plan.rules[0]
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     _, per_rule = plan._capture(x)
-    a, g = rule.operands(per_rule[0], 5, materialise=False)
+    terms = rule.operands(per_rule[0], 5, None)
     direction = {name: torch.randn_like(dict(model.named_parameters())[name])
                  for name in rule.names.values()}
-    fast = rule.directional(a, g, direction)
-    slow = StructuredRule.directional(rule, a, g, direction)
+    fast = rule.directional(terms, 5, direction)
+    slow = StructuredRule.directional(rule, terms, 5, direction)
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
