@@ -2,6 +2,7 @@
 
 Public API:
     ntk                       empirical NTK Gram matrix of a model
+    plan, NTKPlan             what ntk will do for a call: rules, forms, FLOPs, memory
     gram_hadamard_accumulate  the fused structured-NTK kernel
     backend                   which compiled backend is in use
 """
@@ -9,7 +10,9 @@ Public API:
 from lazykernel._extension import BackendInfo, backend
 from lazykernel.ntk import ntk
 from lazykernel.ops import gram_hadamard_accumulate
+from lazykernel.planning import NTKPlan, PlanGroup, plan
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendInfo", "backend", "gram_hadamard_accumulate", "ntk", "__version__"]
+__all__ = ["BackendInfo", "NTKPlan", "PlanGroup", "backend", "gram_hadamard_accumulate", "ntk", "plan",
+           "__version__"]

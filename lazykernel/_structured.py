@@ -16,11 +16,12 @@ import torch
 
 from lazykernel._jacobian import per_example_jacobian
 from lazykernel._model import ModelAdapter
-from lazykernel.rules import (GRADIENT, PAIRWISE, TOKENS, Pairwise, RuleDoesNotApply,
-                              StructuredRule, TermShape, TokenRows, rule_for)
+from lazykernel.rules import (GRADIENT, PAIRWISE, TOKENS, GradientOf, Pairwise, RuleDoesNotApply,
+                              StructuredRule, TermShape, TokenRows, explicit_attention, rule_for)
 
-# (a_list, g_list) for gram_hadamard_accumulate, and the sparse embedding terms
-Operands = Tuple[List[torch.Tensor], List[torch.Tensor], List[TokenRows]]
+# (a_list, g_list) for gram_hadamard_accumulate, the sparse embedding terms, and
+# the per-example gradients formed block by block
+Operands = Tuple[List[torch.Tensor], List[torch.Tensor], List[TokenRows], List[GradientOf]]
 
 
 class StructuredPlan:
@@ -167,21 +168,20 @@ class StructuredPlan:
         for index, rule in enumerate(self.rules):
             forms = []
             for shape in rule.shapes:
-                costs = {form: term_cost(shape, form, n1, n2, o, output) for form in shape.forms}
-                fitting = [f for f in shape.forms if costs[f][1] * 8 < budget_elements] or list(shape.forms)
-                forms.append(min(fitting, key=lambda f: costs[f][0]))
+                costs = {form: term_cost(shape, form, o, output) for form in shape.forms}
+                fitting = [f for f in shape.forms if costs[f][2] * 8 < budget_elements] or list(shape.forms)
+                forms.append(min(fitting, key=lambda f: _block_flops(costs[f], n1, n2)))
             self.forms[index] = forms
 
-    def term_costs(self, n1: int, n2: int, output: str) -> List[Tuple[float, float]]:
-        """Per rule, (FLOPs, operand elements per example) of its terms in the chosen forms."""
+    def rule_costs(self, output: str) -> List[Tuple[float, float, float]]:
+        """Per rule, `term_cost` summed over its terms in their chosen forms."""
         o = self.outputs or 1
         totals = []
         for rule, forms in zip(self.rules, self.forms):
-            flops = elements = 0.0
+            total = (0.0, 0.0, 0.0)
             for shape, form in zip(rule.shapes, forms or [s.forms[0] for s in rule.shapes]):
-                f, e = term_cost(shape, form, n1, n2, o, output)
-                flops, elements = flops + f, elements + e
-            totals.append((flops, elements))
+                total = tuple(a + b for a, b in zip(total, term_cost(shape, form, o, output)))
+            totals.append(total)
         return totals
 
     def generic_size(self) -> int:
@@ -191,13 +191,13 @@ class StructuredPlan:
     def elements_per_example(self) -> int:
         """Elements of the operands one example produces (all groups)."""
         o = self.outputs or 1
-        total = sum(e for _, e in self.term_costs(1, 1, "trace"))
+        total = sum(cost[2] for cost in self.rule_costs("trace"))
         return int(total) + (1 + o * self.generic_size() if self.generic else 0)
 
     def operands(self, x: torch.Tensor) -> Operands:
         """Terms of every group for the examples ``x``: op operands and sparse token rows."""
         n = x.shape[0]
-        a_list, g_list, tokens = [], [], []
+        a_list, g_list, tokens, deferred = [], [], [], []
         if self.rules:
             _, per_rule = self._capture(x)
             for rule, forms, cotangents in zip(self.rules, self.forms, per_rule):
@@ -206,43 +206,49 @@ class StructuredPlan:
                 for term in rule.operands(cotangents, n, forms):
                     if isinstance(term, TokenRows):
                         tokens.append(term)
+                    elif isinstance(term, GradientOf):
+                        deferred.append(term)
                     else:
                         a_list.append(term.a)
                         g_list.append(term.g)
                 rule.clear()
         if self.generic:
-            jac = per_example_jacobian(self.adapter, self.generic, x)
+            with explicit_attention(self.adapter.module):
+                jac = per_example_jacobian(self.adapter, self.generic, x)
             a_list.append(jac.new_ones(n, 1, 1))
             g_list.append(jac.unsqueeze(1))
-        return a_list, g_list, tokens
+        return a_list, g_list, tokens, deferred
 
 
-def term_cost(shape: TermShape, form: str, n1: int, n2: int, outputs: int, output: str
-              ) -> Tuple[float, float]:
-    """(FLOPs for an ``n1 × n2`` block, operand elements per example) of one term in one form.
+def term_cost(shape: TermShape, form: str, outputs: int, output: str) -> Tuple[float, float, float]:
+    """Cost of one term in one form: (FLOPs per example pair, FLOPs per example, elements per example).
 
+    The FLOPs of an ``N1 × N2`` block are ``N1·N2·pair + (N1+N2)·example``.
     With ``m = O²`` for full output and ``O`` otherwise (one multiply-add = 2 FLOPs):
 
-    * pairwise, T positions: ``2·N1·N2·T²·(K + m·D)``: the Grams of ``a`` and
-      of ``g`` over all position pairs;
-    * gradient: ``2·(N1+N2)·T·O·D·K`` to form each example's ``[O, D·K]``
-      gradient, plus ``2·N1·N2·m·D·K`` for their Gram;
-    * tokens (embedding, sparse): ``2·N1·N2·matches·m·D``, one dot product per
-      shared token row of each example pair.
+    * pairwise, T positions: ``2·T²·(K + m·D)`` per pair: the Grams of ``a``
+      and of ``g`` over all position pairs;
+    * gradient: ``2·T·O·D·K`` per example to form its ``[O, D·K]`` gradient,
+      plus ``2·m·D·K`` per pair for their Gram;
+    * tokens (embedding, sparse): ``2·matches·m·D`` per pair, one dot product per
+      token row the two examples share.
     """
     m = outputs * outputs if output == "full" else outputs
     t, k, d = shape.positions, shape.k, shape.d
-    pairs = float(n1) * float(n2)
     if form == PAIRWISE:
-        return 2.0 * pairs * t * t * (k + m * d), float(t * (k + outputs * d))
+        return 2.0 * t * t * (k + m * d), 0.0, float(t * (k + outputs * d))
     if form == TOKENS:
-        return 2.0 * pairs * shape.matches * m * d, float(t * (outputs * d + 2))
+        return 2.0 * shape.matches * m * d, 0.0, float(t * (outputs * d + 2))
     if shape.kind == "tokens":
-        # dense [vocab, dim] gradient per example, from the token rows
-        return (2.0 * (n1 + n2) * t * outputs * d + 2.0 * pairs * m * k * d,
-                float(1 + outputs * k * d))
-    return (2.0 * (n1 + n2) * t * outputs * d * k + 2.0 * pairs * m * d * k,
-            float(1 + outputs * d * k))
+        # a dense [vocab, dim] gradient per example, filled from its token rows
+        return 2.0 * m * k * d, 2.0 * t * outputs * d, float(1 + outputs * k * d)
+    # formed block by block from its operands when those are the smaller (`GradientOf`)
+    return 2.0 * m * d * k, 2.0 * t * outputs * d * k, float(min(1 + outputs * d * k,
+                                                                 t * (k + outputs * d)))
+
+
+def _block_flops(cost: Tuple[float, float, float], n1: int, n2: int) -> float:
+    return float(n1) * float(n2) * cost[0] + float(n1 + n2) * cost[1]
 
 
 def _output_cotangents(f: torch.Tensor, targets: List[torch.Tensor]) -> List[torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -14,6 +15,7 @@ from lazykernel._jacobian import ntk_block_by_ntvp, per_example_jacobian
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite,
                                make_adapter, model_tensors)
 from lazykernel._structured import StructuredPlan
+from lazykernel.rules import explicit_attention
 from lazykernel.ops import OUTPUTS, gram_hadamard_accumulate, token_gram_accumulate
 
 METHODS = ("auto", "structured", "jacobian", "ntvp")
@@ -55,7 +57,10 @@ def ntk(
             ``(A Aᵀ) ∘ (G Gᵀ)`` for linear maps, per-example gradients for the
             rest; ``"jacobian"``: explicit per-example Jacobian contraction;
             ``"ntvp"``: NTK-vector products (one VJP and one JVP per row);
-            ``"auto"``: structured.
+            ``"auto"``: structured, each term in the form (pairwise
+            positions, per-example gradients, sparse token rows) that the cost
+            model of :func:`lazykernel.plan` finds cheapest, or the Jacobian
+            contraction if that costs fewer FLOPs overall.
         params: for an ``nn.Module``: ``None`` (all parameters with
             ``requires_grad=True``), a list of names from
             ``model.named_parameters()``, or a predicate ``(name, param) -> bool``.
@@ -74,6 +79,41 @@ def ntk(
             parameters, training-mode BatchNorm/Dropout, NaN or Inf, or a
             ``memory_budget`` too small for one example.
     """
+    call = _prepare(model, x1, x2, output, method, params, batch_size, memory_budget)
+    result = torch.zeros(call.shape, dtype=call.compute_dtype, device=call.device)
+    if call.n1 and call.n2:
+        engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
+                              call.n1, call.n2, call.budget, call.elt)
+        _run_tiles(engine, x1, call.x2, call.symmetric, result, call.mode, call.budget, call.elt,
+                   batch_size, progress)
+    return result.to(call.dtype)
+
+
+@dataclass
+class _Call:
+    """A validated `ntk` call: the model, the inputs and what the result will be."""
+
+    adapter: ModelAdapter
+    x2: torch.Tensor
+    symmetric: bool
+    n1: int
+    n2: int
+    mode: str
+    outputs: int
+    activations: int
+    dtype: torch.dtype
+    compute_dtype: torch.dtype
+    elt: int
+    device: torch.device
+    budget: float
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return _result_shape(self.n1, self.n2, self.outputs, self.mode)
+
+
+def _prepare(model, x1, x2, output, method, params, batch_size, memory_budget) -> _Call:
+    """Check every argument of `ntk` and run the model once on a few examples of each input."""
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}; expected one of {OUTPUTS}")
     if method not in METHODS:
@@ -95,20 +135,14 @@ def ntk(
 
     symmetric = x2 is None
     x2_ = x1 if symmetric else x2
-    n1, n2 = x1.shape[0], x2_.shape[0]
     outputs, activations = _probe(adapter, x1, "x1")
     if not symmetric:
         _probe(adapter, x2_, "x2")
     mode = "trace" if outputs == 1 else output
     compute_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     elt = torch.empty((), dtype=compute_dtype).element_size()
-
-    shape = _result_shape(n1, n2, outputs, mode)
-    result = torch.zeros(shape, dtype=compute_dtype, device=device)
-    if n1 and n2:
-        engine = _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget, elt)
-        _run_tiles(engine, x1, x2_, symmetric, result, mode, budget, elt, batch_size, progress)
-    return result.to(dtype)
+    return _Call(adapter, x2_, symmetric, x1.shape[0], x2_.shape[0], mode, outputs, activations,
+                 dtype, compute_dtype, elt, device, budget)
 
 
 # -- validation ------------------------------------------------------------------
@@ -203,10 +237,14 @@ class _Engine:
 
     name = ""
 
+    # share of the memory budget kept for temporaries of `block` (not chunk features)
+    reserve = 0.0
+
     def __init__(self, adapter: ModelAdapter, mode: str, dtype: torch.dtype, outputs: int,
-                 activations: int, elt: int):
+                 activations: int, elt: int, budget: float):
         self.adapter, self.mode, self.dtype = adapter, mode, dtype
         self.outputs, self.activations, self.elt = outputs, activations, elt
+        self.budget = budget
 
     def features(self, x: torch.Tensor):
         raise NotImplementedError
@@ -225,19 +263,42 @@ class _StructuredEngine(_Engine):
     def __init__(self, plan: StructuredPlan, *args):
         super().__init__(plan.adapter, *args)
         self.plan = plan
+        if any(form == "gradient" for forms in plan.forms for form in (forms or [])):
+            self.reserve = 0.25
 
     def features(self, x):
-        a_list, g_list, tokens = self.plan.operands(x)
+        a_list, g_list, tokens, deferred = self.plan.operands(x)
         cast = [t if t.dtype == self.dtype else t.to(self.dtype) for t in a_list + g_list]
         k = len(a_list)
         tokens = [(ex, ids, g.to(self.dtype)) for ex, ids, g in tokens]
-        return cast[:k], cast[k:], tokens
+        deferred = [(a.to(self.dtype), g.to(self.dtype)) for a, g in deferred]
+        return cast[:k], cast[k:], tokens, deferred
 
     def block(self, f1, f2, same, out):
         if f1[0]:
             gram_hadamard_accumulate(out, f1[0], f2[0], f1[1], f2[1], self.mode, symmetric=same)
         for rows1, rows2 in zip(f1[2], f2[2]):
             token_gram_accumulate(out, rows1, rows2, self.mode)
+        for term1, term2 in zip(f1[3], f2[3]):
+            self._gradient_block(term1, term2, same, out)
+
+    def _gradient_block(self, term1, term2, same, out):
+        """Gram of per-example gradients ``Σ_t g_t a_tᵀ``, formed in slabs of output features.
+
+        A slab of D' features costs ``(n1+n2)·O·D'·K`` elements; D' is chosen so
+        that this stays within the share of the budget the chunks leave (`reserve`).
+        """
+        (a1, g1), (a2, g2) = term1, term2
+        n1, n2 = a1.shape[0], a2.shape[0]
+        o, d, k = g1.shape[2], g1.shape[3], a1.shape[2]
+        per_feature = (n1 + (0 if same else n2)) * o * k * self.elt
+        slab = int(max(1, min(d, (self.budget * self.reserve) // max(per_feature, 1))))
+        ones1, ones2 = a1.new_ones(n1, 1, 1), a2.new_ones(n2, 1, 1)
+        for start in range(0, d, slab):
+            part = slice(start, min(d, start + slab))
+            grad1 = torch.einsum("ntod,ntk->nodk", g1[..., part], a1).reshape(n1, 1, o, -1)
+            grad2 = grad1 if same else torch.einsum("ntod,ntk->nodk", g2[..., part], a2).reshape(n2, 1, o, -1)
+            gram_hadamard_accumulate(out, [ones1], [ones2], [grad1], [grad2], self.mode, symmetric=same)
 
     def bytes_per_example(self, other_chunk):
         o = self.plan.outputs or 1
@@ -249,7 +310,9 @@ class _JacobianEngine(_Engine):
     name = "jacobian"
 
     def features(self, x):
-        return per_example_jacobian(self.adapter, list(self.adapter.params), x).to(self.dtype)
+        with explicit_attention(self.adapter.module):
+            jac = per_example_jacobian(self.adapter, list(self.adapter.params), x)
+        return jac.to(self.dtype)
 
     def block(self, f1, f2, same, out):
         n1, o, p = f1.shape
@@ -291,15 +354,31 @@ class _NtvpEngine(_Engine):
 
 def _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget, elt) -> _Engine:
     dtype = torch.float64 if elt == 8 else torch.float32
-    common = (mode, dtype, outputs, activations, elt)
+    common = (mode, dtype, outputs, activations, elt, budget)
     if method in ("auto", "structured"):
         plan = StructuredPlan.build(adapter)
         plan.verify(x1[:_PROBE_EXAMPLES])
         plan.choose_forms(n1, n2, mode, budget / elt)
+        if method == "auto" and _jacobian_is_cheaper(plan, adapter, n1, n2, mode, outputs):
+            return _JacobianEngine(adapter, *common)
         return _StructuredEngine(plan, *common)
     if method == "jacobian":
         return _JacobianEngine(adapter, *common)
     return _NtvpEngine(adapter, *common)
+
+
+def _jacobian_is_cheaper(plan: StructuredPlan, adapter: ModelAdapter, n1: int, n2: int, mode: str,
+                         outputs: int) -> bool:
+    """Would one Jacobian contraction over all parameters cost fewer FLOPs than the plan's terms?
+
+    Both need the same forward and backward passes; they differ in the Grams:
+    ``2·N1·N2·m·P`` for the contraction against each term's `term_cost`.
+    """
+    m = outputs * outputs if mode == "full" else outputs
+    pairs = float(n1) * float(n2)
+    structured = sum(pairs * c[0] + (n1 + n2) * c[1] for c in plan.rule_costs(mode))
+    structured += 2.0 * pairs * m * plan.generic_size()
+    return 2.0 * pairs * m * adapter.num_params < structured
 
 
 # -- tiling ----------------------------------------------------------------------
@@ -312,6 +391,7 @@ def _plan_chunks(engine: _Engine, n1: int, n2: int, cell_bytes: float, budget: f
         return (b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1)
                 + b1 * b2 * cell_bytes)
 
+    budget = budget * (1.0 - engine.reserve)
     one = cost(1, 1)
     if one > budget:
         raise ValueError(

@@ -24,6 +24,8 @@ modules without a rule go through the generic per-example-Jacobian rule.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
 
@@ -44,6 +46,19 @@ class RuleDoesNotApply(RuntimeError):
 
 class Pairwise(NamedTuple):
     """Operands of a linear map's NTK term: ``a: [N, T, K]``, ``g: [N, T, O, D]``."""
+
+    a: torch.Tensor
+    g: torch.Tensor
+
+
+class GradientOf(NamedTuple):
+    """A linear map's per-example gradient ``Σ_t g_t a_tᵀ``, to be formed block by block.
+
+    Same operands as `Pairwise` (``a: [N, T, K]``, ``g: [N, T, O, D]``); the
+    engine forms the ``[N, O, D', K]`` gradients for slabs of D' output
+    features at a time, when their Gram is taken, so one example's full
+    gradient never has to exist for all examples at once.
+    """
 
     a: torch.Tensor
     g: torch.Tensor
@@ -232,8 +247,12 @@ def _linear_term(a: torch.Tensor, g: torch.Tensor, use_weight: bool, use_bias: b
     if use_bias:
         a = torch.cat([a, a.new_ones(n, a.shape[1], 1)], dim=2)
     if form == GRADIENT:
-        per_example = torch.einsum("ntod,ntk->nodk", g, a)
-        return Pairwise(a.new_ones(n, 1, 1), per_example.reshape(n, 1, g.shape[2], -1))
+        o, d, k = g.shape[2], g.shape[3], a.shape[2]
+        if o * d * k <= a.shape[1] * (k + o * d):
+            # the gradient is smaller than its operands: form it now
+            per_example = torch.einsum("ntod,ntk->nodk", g, a)
+            return Pairwise(a.new_ones(n, 1, 1), per_example.reshape(n, 1, o, -1))
+        return GradientOf(a.contiguous(), g.contiguous())
     return Pairwise(a.contiguous(), g.contiguous())
 
 
@@ -656,47 +675,8 @@ class MultiheadAttentionRule(StructuredRule):
         self.outputs.append(y)
         return y
 
-    def _forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                 average_attn_weights=True, is_causal=False):
-        m = self.module
-        if query.dim() != 3:
-            raise RuleDoesNotApply("lazykernel: unbatched MultiheadAttention input")
-        if m.training and m.dropout > 0:
-            raise RuleDoesNotApply("lazykernel: MultiheadAttention with active dropout")
-        if is_causal and attn_mask is None:
-            raise RuntimeError("MultiheadAttention: is_causal needs attn_mask as well")
-        self_attention = query is key and key is value
-        if not m.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        e, heads = m.embed_dim, m.num_heads
-        w, b = m.in_proj_weight, m.in_proj_bias
-        if self_attention:
-            q, k, v = self._record("qkv", query, F.linear(query, w, b)).chunk(3, dim=-1)
-        else:
-            wq, wk, wv = w.chunk(3)
-            bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
-            q = self._record("q", query, F.linear(query, wq, bq))
-            k = self._record("k", key, F.linear(key, wk, bk))
-            v = self._record("v", value, F.linear(value, wv, bv))
-        n, length, _ = q.shape
-        source = k.shape[1]
-        hd = e // heads
-        q = q.reshape(n, length, heads, hd).transpose(1, 2)
-        k = k.reshape(n, source, heads, hd).transpose(1, 2)
-        v = v.reshape(n, source, heads, hd).transpose(1, 2)
-        scores = q @ k.transpose(-2, -1) * (1.0 / hd ** 0.5)
-        mask = _attention_mask(attn_mask, key_padding_mask, n, heads, length, source, scores.dtype)
-        if mask is not None:
-            scores = scores + mask
-        weights = torch.softmax(scores, dim=-1)
-        context = (weights @ v).transpose(1, 2).reshape(n, length, e)
-        out = self._record("out", context, F.linear(context, m.out_proj.weight, m.out_proj.bias))
-        out = out.clone()
-        if not m.batch_first:
-            out = out.transpose(0, 1)
-        if not need_weights:
-            return out, None
-        return out, (weights.mean(dim=1) if average_attn_weights else weights)
+    def _forward(self, *args, **kwargs):
+        return attention_forward(self.module, self._record, *args, **kwargs)
 
     def _use(self, prefix: str) -> Tuple[bool, bool]:
         if prefix == "in":
@@ -755,6 +735,80 @@ class MultiheadAttentionRule(StructuredRule):
             if use_bias:
                 grads[self.names[names[prefix][1]]] = bias
         return grads
+
+
+def attention_forward(m: nn.MultiheadAttention, record, query, key, value, key_padding_mask=None,
+                      need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
+    """``m(query, key, value, …)`` computed with explicit matrix products.
+
+    Same inputs, outputs and masks as ``nn.MultiheadAttention.forward`` for the
+    configurations `MultiheadAttentionRule` supports. ``record(tag, a, y)``, if
+    given, sees each projection's input and output (tags ``"qkv"``, or ``"q"``,
+    ``"k"``, ``"v"``, then ``"out"``) and returns the output to use.
+    """
+    if record is None:
+        def record(tag, a, y):
+            return y
+    if query.dim() != 3:
+        raise RuleDoesNotApply("lazykernel: unbatched MultiheadAttention input")
+    if m.training and m.dropout > 0:
+        raise RuleDoesNotApply("lazykernel: MultiheadAttention with active dropout")
+    if is_causal and attn_mask is None:
+        raise RuntimeError("MultiheadAttention: is_causal needs attn_mask as well")
+    self_attention = query is key and key is value
+    if not m.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    e, heads = m.embed_dim, m.num_heads
+    w, b = m.in_proj_weight, m.in_proj_bias
+    if self_attention:
+        q, k, v = record("qkv", query, F.linear(query, w, b)).chunk(3, dim=-1)
+    else:
+        wq, wk, wv = w.chunk(3)
+        bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
+        q = record("q", query, F.linear(query, wq, bq))
+        k = record("k", key, F.linear(key, wk, bk))
+        v = record("v", value, F.linear(value, wv, bv))
+    n, length, _ = q.shape
+    source = k.shape[1]
+    hd = e // heads
+    q = q.reshape(n, length, heads, hd).transpose(1, 2)
+    k = k.reshape(n, source, heads, hd).transpose(1, 2)
+    v = v.reshape(n, source, heads, hd).transpose(1, 2)
+    scores = q @ k.transpose(-2, -1) * (1.0 / hd ** 0.5)
+    mask = _attention_mask(attn_mask, key_padding_mask, n, heads, length, source, scores.dtype)
+    if mask is not None:
+        scores = scores + mask
+    weights = torch.softmax(scores, dim=-1)
+    context = (weights @ v).transpose(1, 2).reshape(n, length, e)
+    out = record("out", context, F.linear(context, m.out_proj.weight, m.out_proj.bias))
+    out = out.clone()
+    if not m.batch_first:
+        out = out.transpose(0, 1)
+    if not need_weights:
+        return out, None
+    return out, (weights.mean(dim=1) if average_attn_weights else weights)
+
+
+@contextlib.contextmanager
+def explicit_attention(root: Optional[nn.Module]):
+    """Within the block, supported attention modules of ``root`` use `attention_forward`.
+
+    torch.func transforms (vmap of per-example Jacobians) have no batching rule
+    for the fused attention kernels and fall back to slow loops; the explicit
+    products batch well and compute the same function.
+    """
+    patched = []
+    if root is not None:
+        for module in root.modules():
+            if (isinstance(module, nn.MultiheadAttention) and "forward" not in module.__dict__
+                    and MultiheadAttentionRule.supports(module)):
+                module.forward = functools.partial(attention_forward, module, None)
+                patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
 
 
 def _attention_mask(attn_mask, key_padding_mask, n, heads, length, source, dtype

@@ -1,0 +1,213 @@
+"""`lazykernel.plan`: what `lazykernel.ntk` will do for a call, and what it will cost.
+
+The plan is the same object `ntk` builds and runs (the structured rules after
+their check, the form chosen for each term, the chunk sizes under the memory
+budget), described with its cost model: FLOPs per parameter group and the
+predicted peak of working memory. Counting convention: one multiply-add is 2
+FLOPs; elementwise work is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+from lazykernel import _memory
+from lazykernel._model import ParamSelection
+from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _prepare, _StructuredEngine,
+                            _make_engine, _plan_chunks)
+
+
+@dataclass
+class PlanGroup:
+    """One parameter group of a plan.
+
+    Attributes:
+        rule: the rule's class name (``"LinearRule"``, ``"Conv2dRule"``, …),
+            ``"PerExampleJacobian"`` for the generic group, or the method name
+            for the ``jacobian``/``ntvp`` methods.
+        params: full names of the group's parameters.
+        form: how the group's term is computed: ``"pairwise"`` (Gram of inputs
+            and of cotangents over position pairs), ``"gradient"`` (per-example
+            gradients, then their Gram), ``"tokens"`` (sparse embedding rows), or
+            the method name.
+        flops: FLOPs of the group for the whole kernel (forming its operands and
+            its share of every block).
+        peak_bytes: bytes of its operands for one pair of chunks.
+    """
+
+    rule: str
+    params: List[str]
+    form: str
+    flops: float
+    peak_bytes: float
+
+
+@dataclass
+class NTKPlan:
+    """What `lazykernel.ntk` does for one call, and its predicted cost.
+
+    Attributes:
+        method: the method that runs (``"structured"``, ``"jacobian"``, ``"ntvp"``).
+        output: the output mode (``"trace"`` when the model has one output).
+        shape: the shape of the kernel.
+        chunks: examples per chunk of x1 and of x2.
+        groups: the parameter groups, in the model's order.
+        forward_flops: FLOPs of one example's forward pass (matrix products and
+            convolutions, as counted by ``torch.utils.flop_counter``).
+        capture_flops: FLOPs of the forward and backward passes that produce the
+            operands: about ``(1 + 2·O)`` forward passes per example processed.
+        flops: total predicted FLOPs (groups plus capture).
+        peak_bytes: predicted peak working memory plus the result, in bytes.
+        result_bytes: bytes of the returned kernel.
+    """
+
+    method: str
+    output: str
+    shape: Tuple[int, ...]
+    chunks: Tuple[int, int]
+    groups: List[PlanGroup] = field(default_factory=list)
+    forward_flops: float = 0.0
+    capture_flops: float = 0.0
+    flops: float = 0.0
+    peak_bytes: float = 0.0
+    result_bytes: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"lazykernel.ntk plan: method {self.method}, output {self.output}, kernel "
+            f"{list(self.shape)}, chunks {self.chunks[0]} x {self.chunks[1]}",
+            f"{'rule':<24} {'form':<10} {'GFLOP':>10} {'operands':>10}  parameters",
+        ]
+        for g in self.groups:
+            names = ", ".join(g.params[:4]) + (f", … ({len(g.params)})" if len(g.params) > 4 else "")
+            lines.append(f"{g.rule:<24} {g.form:<10} {g.flops / 1e9:>10.3f} "
+                         f"{_memory.format_bytes(g.peak_bytes):>10}  {names}")
+        lines.append(f"{'forward/backward passes':<35} {self.capture_flops / 1e9:>10.3f}")
+        lines.append(f"total {self.flops / 1e9:.3f} GFLOP; predicted peak memory "
+                     f"{_memory.format_bytes(self.peak_bytes)} (result "
+                     f"{_memory.format_bytes(self.result_bytes)})")
+        return "\n".join(lines)
+
+
+def plan(
+    model,
+    x1: torch.Tensor,
+    x2: Optional[torch.Tensor] = None,
+    *,
+    output: str = "trace",
+    method: str = "auto",
+    params: ParamSelection = None,
+    batch_size: Optional[int] = None,
+    memory_budget: Optional[float] = None,
+) -> NTKPlan:
+    """Describe what ``lazykernel.ntk`` would compute for these arguments, and its cost.
+
+    Takes the arguments of :func:`lazykernel.ntk` (same meaning, same checks and
+    errors) and returns an :class:`NTKPlan`: which rule each parameter group
+    got and in which form, the FLOPs of each group, and the predicted peak
+    memory. Nothing of the kernel is computed; the model runs on a few examples
+    to check its rules. ``print(lazykernel.plan(model, x))`` shows a table.
+
+    The cost model (for chunks of N1 and N2 examples, O outputs, ``m = O²`` for
+    full output and O otherwise) is the one ``method="auto"`` uses to choose
+    between forms: pairwise ``2·N1·N2·T²·(K + m·D)``, per-example gradients
+    ``2·(N1+N2)·T·O·D·K + 2·N1·N2·m·D·K``, sparse embedding rows
+    ``2·N1·N2·matches·m·D``; see ``lazykernel._structured.term_cost``.
+    """
+    call = _prepare(model, x1, x2, output, method, params, batch_size, memory_budget)
+    result_bytes = float(math.prod(call.shape) * call.elt)
+    report = NTKPlan(method="structured" if method == "auto" else method, output=call.mode,
+                     shape=call.shape, chunks=(0, 0), result_bytes=result_bytes)
+    if not (call.n1 and call.n2):
+        report.peak_bytes = result_bytes
+        return report
+    engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
+                          call.n1, call.n2, call.budget, call.elt)
+    report.method = engine.name
+    cell = math.prod(call.shape[2:]) if len(call.shape) > 2 else 1
+    b1, b2 = _plan_chunks(engine, call.n1, call.n2, cell * call.elt, call.budget, batch_size)
+    if call.symmetric:
+        b1 = b2 = min(b1, b2)
+    report.chunks = (b1, b2)
+    pairs, featurised = _schedule(call.n1, call.n2, b1, b2, call.symmetric)
+    report.forward_flops = _forward_flops(call.adapter, x1[:_PROBE_EXAMPLES])
+    o = call.outputs
+    # one forward, then per output a backward to the layers' outputs (input
+    # gradients only: about one forward's products each)
+    report.capture_flops = featurised * (1 + o) * report.forward_flops
+    report.groups = _groups(engine, call.mode, o, pairs, featurised, b1 + b2, call.elt,
+                            report.forward_flops)
+    report.flops = report.capture_flops + sum(g.flops for g in report.groups)
+    working = (b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1)
+               + b1 * b2 * cell * call.elt) + engine.reserve * call.budget
+    report.peak_bytes = working + result_bytes
+    return report
+
+
+def _schedule(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> Tuple[float, float]:
+    """(example pairs computed, examples whose operands are formed), as `_run_tiles` does it."""
+    pairs = featurised = 0.0
+    cached = not symmetric and b2 >= n2
+    if cached:
+        featurised += n2
+    for i in range(0, n1, b1):
+        rows = min(b1, n1 - i)
+        featurised += rows
+        for j in range(0, n2, b2):
+            if symmetric and j < i:
+                continue
+            cols = min(b2, n2 - j)
+            if symmetric and i == j:
+                pairs += rows * (rows + 1) / 2
+                continue
+            pairs += rows * cols
+            if not cached:
+                featurised += cols
+    return pairs, featurised
+
+
+def _groups(engine: _Engine, mode: str, o: int, pairs: float, featurised: float,
+            chunk_examples: int, elt: int, forward: float) -> List[PlanGroup]:
+    m = o * o if mode == "full" else o
+    params = engine.adapter.params
+    if isinstance(engine, _StructuredEngine):
+        plan = engine.plan
+        groups = []
+        for rule, forms, cost in zip(plan.rules, plan.forms, plan.rule_costs(mode)):
+            flops = cost[0] * pairs + cost[1] * featurised
+            groups.append(PlanGroup(type(rule).__name__, sorted(rule.names.values()),
+                                    "+".join(sorted(set(forms))), flops, cost[2] * chunk_examples * elt))
+        if plan.generic:
+            size = plan.generic_size()
+            groups.append(PlanGroup("PerExampleJacobian", list(plan.generic), "gradient",
+                                    2.0 * pairs * m * size + (1 + o) * forward * featurised,
+                                    (1 + o * size) * chunk_examples * elt))
+        return groups
+    size = engine.adapter.num_params
+    if isinstance(engine, _JacobianEngine):
+        return [PlanGroup("Jacobian", list(params), "jacobian",
+                          2.0 * pairs * m * size + (1 + o) * forward * featurised,
+                          o * size * chunk_examples * elt)]
+    # each of the N1·O rows is one VJP through its x1 chunk (about 2 forward
+    # passes per example) and one JVP through the x2 chunk (about 3)
+    flops = o * forward * (3.0 * pairs + 2.0 * featurised * chunk_examples)
+    return [PlanGroup("NTK-vector products", list(params), "ntvp", flops,
+                      2 * o * size * chunk_examples * elt)]
+
+
+def _forward_flops(adapter, x: torch.Tensor) -> float:
+    """FLOPs of one example's forward pass, counted on a few examples.
+
+    Counted with autograd enabled, as the capture runs it: without it, inference
+    fast paths (fused transformer layers) hide their matrix products from the counter.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.enable_grad(), counter:
+        adapter.forward(x)
+    return counter.get_total_flops() / max(x.shape[0], 1)
