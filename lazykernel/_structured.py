@@ -291,6 +291,8 @@ def _agrees_along_random_direction(adapter: ModelAdapter, rules: List[Structured
     gen = torch.Generator(device="cpu").manual_seed(0)
     values = adapter.detached_params()
     direction = {name: _rank_one_direction(values[name], gen) for name in full}
+    for rule in rules:
+        rule.restrict_direction(direction)
     predicted = torch.zeros(n, dtype=torch.float64, device=x.device)
     for rule in rules:
         if operands[rule]:

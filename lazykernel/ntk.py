@@ -57,10 +57,13 @@ def ntk(
             ``(A Aᵀ) ∘ (G Gᵀ)`` for linear maps, per-example gradients for the
             rest; ``"jacobian"``: explicit per-example Jacobian contraction;
             ``"ntvp"``: NTK-vector products (one VJP and one JVP per row);
-            ``"auto"``: structured, each term in the form (pairwise
-            positions, per-example gradients, sparse token rows) that the cost
-            model of :func:`lazykernel.plan` finds cheapest, or the Jacobian
-            contraction if that costs fewer FLOPs overall.
+            ``"auto"``: the structured method with each layer's term in the
+            form (pairwise positions, per-example gradients, sparse token rows)
+            that the cost model of :func:`lazykernel.plan` finds cheapest, and
+            the Jacobian contraction for parameters without a rule. (For a
+            layer with a rule, the contraction is never cheaper than the
+            per-example-gradient form, which is the same Gram built from the
+            captured operands without the extra backward passes.)
         params: for an ``nn.Module``: ``None`` (all parameters with
             ``requires_grad=True``), a list of names from
             ``model.named_parameters()``, or a predicate ``(name, param) -> bool``.
@@ -359,26 +362,10 @@ def _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget
         plan = StructuredPlan.build(adapter)
         plan.verify(x1[:_PROBE_EXAMPLES])
         plan.choose_forms(n1, n2, mode, budget / elt)
-        if method == "auto" and _jacobian_is_cheaper(plan, adapter, n1, n2, mode, outputs):
-            return _JacobianEngine(adapter, *common)
         return _StructuredEngine(plan, *common)
     if method == "jacobian":
         return _JacobianEngine(adapter, *common)
     return _NtvpEngine(adapter, *common)
-
-
-def _jacobian_is_cheaper(plan: StructuredPlan, adapter: ModelAdapter, n1: int, n2: int, mode: str,
-                         outputs: int) -> bool:
-    """Would one Jacobian contraction over all parameters cost fewer FLOPs than the plan's terms?
-
-    Both need the same forward and backward passes; they differ in the Grams:
-    ``2·N1·N2·m·P`` for the contraction against each term's `term_cost`.
-    """
-    m = outputs * outputs if mode == "full" else outputs
-    pairs = float(n1) * float(n2)
-    structured = sum(pairs * c[0] + (n1 + n2) * c[1] for c in plan.rule_costs(mode))
-    structured += 2.0 * pairs * m * plan.generic_size()
-    return 2.0 * pairs * m * adapter.num_params < structured
 
 
 # -- tiling ----------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""lazykernel.plan: the rules and forms ntk uses, and the cost model's numbers."""
+
+import pytest
+import torch
+from torch import nn
+
+import lazykernel
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_plan_of_an_mlp_counts_the_structured_flops():
+    model = _mlp()
+    x1, x2 = torch.randn(10, 6), torch.randn(7, 6)
+    plan = lazykernel.plan(model, x1, x2, output="trace", method="structured")
+    assert plan.method == "structured" and plan.output == "trace"
+    assert plan.shape == (10, 7) and plan.chunks == (10, 7)
+    assert [g.rule for g in plan.groups] == ["LinearRule", "LinearRule"]
+    assert plan.groups[0].params == ["0.bias", "0.weight"]
+    assert [g.form for g in plan.groups] == ["pairwise", "pairwise"]
+    # T = 1: 2·(K + m·D) per pair with the bias folded into K, m = O = 3
+    pairs = 10 * 7
+    assert plan.groups[0].flops == pytest.approx(2 * pairs * (7 + 3 * 8))
+    assert plan.groups[1].flops == pytest.approx(2 * pairs * (9 + 3 * 3))
+    # forward: 2·(6·8 + 8·3) FLOPs per example; capture = (1 + O) forwards per example
+    assert plan.forward_flops == pytest.approx(2 * (6 * 8 + 8 * 3))
+    assert plan.capture_flops == pytest.approx((10 + 7) * 4 * plan.forward_flops)
+    assert plan.flops == pytest.approx(plan.capture_flops + sum(g.flops for g in plan.groups))
+    assert plan.result_bytes == 10 * 7 * 4
+    assert plan.peak_bytes > plan.result_bytes
+    text = str(plan)
+    assert "LinearRule" in text and "pairwise" in text and "GFLOP" in text
+
+
+def test_full_output_costs_o_squared_and_symmetric_calls_count_half_the_pairs():
+    model = _mlp()
+    x = torch.randn(8, 6)
+    plan = lazykernel.plan(model, x, output="full", method="structured")
+    assert plan.shape == (8, 8, 3, 3)
+    pairs = 8 * 9 / 2
+    assert plan.groups[1].flops == pytest.approx(2 * pairs * (9 + 9 * 3))
+
+
+def test_positions_choose_the_cheaper_form_and_plan_says_so():
+    torch.manual_seed(1)
+    # T = 40 positions of a 2 -> 3 map: T²(K + O·D) per pair is far more than O·D·K
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(120, 2))
+    plan = lazykernel.plan(model, torch.randn(6, 40, 2), output="full", method="structured")
+    assert [g.form for g in plan.groups] == ["gradient", "pairwise"]
+
+
+def test_chunks_shrink_under_a_small_budget_and_operands_are_recomputed():
+    model = _mlp()
+    x = torch.randn(64, 6)
+    roomy = lazykernel.plan(model, x, method="structured")
+    tight = lazykernel.plan(model, x, method="structured", memory_budget=60_000)
+    assert roomy.chunks == (64, 64)
+    assert tight.chunks[0] < 64
+    assert tight.capture_flops > roomy.capture_flops
+    assert tight.peak_bytes - tight.result_bytes <= 60_000
+
+
+@pytest.mark.parametrize("method", ["jacobian", "ntvp"])
+def test_plan_of_the_generic_methods(method):
+    model = _mlp()
+    plan = lazykernel.plan(model, torch.randn(5, 6), output="diagonal", method=method)
+    assert plan.method == method
+    assert plan.shape == (5, 5, 3)
+    assert len(plan.groups) == 1 and plan.groups[0].params == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert plan.groups[0].flops > 0
+
+
+def test_auto_keeps_rules_and_sends_parameters_without_one_to_the_jacobian_contraction():
+    torch.manual_seed(2)
+
+    class Shift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.offset = nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            return x + self.offset
+
+    model = nn.Sequential(nn.Linear(6, 8), Shift(), nn.Tanh(), nn.Linear(8, 2))
+    plan = lazykernel.plan(model, torch.randn(5, 6), method="auto")
+    assert plan.method == "structured"
+    assert [(g.rule, g.params) for g in plan.groups] == [
+        ("LinearRule", ["0.bias", "0.weight"]), ("LinearRule", ["3.bias", "3.weight"]),
+        ("PerExampleJacobian", ["1.offset"])]
+
+
+def test_plan_checks_arguments_like_ntk():
+    with pytest.raises(ValueError, match="unknown output"):
+        lazykernel.plan(_mlp(), torch.randn(3, 6), output="mean")
+    with pytest.raises(ValueError, match="memory_budget of"):
+        lazykernel.plan(_mlp(), torch.randn(3, 6), memory_budget=10)
+
+
+def test_plan_of_empty_inputs():
+    plan = lazykernel.plan(_mlp(), torch.randn(0, 6))
+    assert plan.shape == (0, 0) and plan.groups == [] and plan.flops == 0
