@@ -397,10 +397,42 @@ class _ConvRule(StructuredRule):
 
     def operands(self, cotangents, n, forms):
         use = self._use()
+        if forms and use[0] and all(form == GRADIENT for form in forms):
+            return self._gradients(cotangents, n)
         terms = []
         for c, (a, g) in enumerate(self._groups(cotangents, n)):
             terms.append(_linear_term(a, g, *use, forms[c] if forms else PAIRWISE))
         return terms
+
+    def _gradients(self, cotangents, n) -> List[Pairwise]:
+        """Per-example gradients of every group, one batched GEMM per group and call.
+
+        ``[O·D, T] × [T, K]`` per example reads the cotangent in its own layout
+        (outputs, channels, positions) and the patches as unfolded, so neither
+        is copied into the pairwise layout first.
+        """
+        m = self.module
+        groups, k = m.groups, self._patch_features()
+        d = m.out_channels // groups
+        use_bias = self._use()[1]
+        total = [None] * groups
+        for x, g in zip(self.inputs, cotangents):
+            if x.shape[0] != n or g.shape[1] != n:
+                raise RuleDoesNotApply(f"lazykernel: a {type(m).__name__} saw a batch of {x.shape[0]} "
+                                       f"rows for {n} examples; its rule needs the batch axis first")
+            o = g.shape[0]
+            patches = self._unfold(x)                                   # [n, G·K, T]
+            t = patches.shape[2]
+            cot = g.reshape(o, n, groups, d, t).permute(2, 1, 0, 3, 4)   # [G, n, O, D, T]
+            for c in range(groups):
+                gc = cot[c].reshape(n, o * d, t)
+                part = torch.bmm(gc, patches[:, c * k:(c + 1) * k].transpose(1, 2))   # [n, O·D, K]
+                if use_bias:
+                    part = torch.cat([part, gc.sum(dim=2, keepdim=True)], dim=2)
+                total[c] = part if total[c] is None else total[c] + part
+        o = cotangents[0].shape[0]
+        ones = total[0].new_ones(n, 1, 1)
+        return [Pairwise(ones, grad.reshape(n, 1, o, -1)) for grad in total]
 
     def per_example_gradients(self, terms):
         use_weight, use_bias = self._use()
