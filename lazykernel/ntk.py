@@ -299,14 +299,28 @@ class _StructuredEngine(_Engine):
         ones1, ones2 = a1.new_ones(n1, 1, 1), a2.new_ones(n2, 1, 1)
         for start in range(0, d, slab):
             part = slice(start, min(d, start + slab))
-            grad1 = torch.einsum("ntod,ntk->nodk", g1[..., part], a1).reshape(n1, 1, o, -1)
-            grad2 = grad1 if same else torch.einsum("ntod,ntk->nodk", g2[..., part], a2).reshape(n2, 1, o, -1)
+            grad1 = _slab_gradient(a1, g1, part)
+            grad2 = grad1 if same else _slab_gradient(a2, g2, part)
             gram_hadamard_accumulate(out, [ones1], [ones2], [grad1], [grad2], self.mode, symmetric=same)
 
     def bytes_per_example(self, other_chunk):
         o = self.plan.outputs or 1
         # operands, plus the batched backward's cotangent buffers and the forward graph
         return self.elt * (2 * self.plan.elements_per_example() + (o + 2) * self.activations)
+
+
+def _slab_gradient(a: torch.Tensor, g: torch.Tensor, part: slice) -> torch.Tensor:
+    """``[n, 1, O, D'·K]``: per-example gradients ``Σ_t g_t a_tᵀ`` of the output features ``part``.
+
+    One batched GEMM ``[O·D', T] × [T, K]`` per example; only the slab of the
+    cotangent is copied (to make its outputs and features one axis).
+    """
+    n, t, o, _ = g.shape
+    slab = g[..., part]
+    if part.start != 0 or part.stop != g.shape[3]:
+        slab = slab.contiguous()
+    grad = torch.bmm(slab.reshape(n, t, -1).transpose(1, 2), a)      # [n, O·D', K]
+    return grad.reshape(n, 1, o, -1)
 
 
 class _JacobianEngine(_Engine):
@@ -371,7 +385,7 @@ def _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget
 # -- tiling ----------------------------------------------------------------------
 
 def _plan_chunks(engine: _Engine, n1: int, n2: int, cell_bytes: float, budget: float,
-                 batch_size: Optional[int]) -> Tuple[int, int]:
+                 batch_size: Optional[int], symmetric: bool = False) -> Tuple[int, int]:
     """Chunk sizes (b1, b2) whose features and kernel block fit in ``budget``."""
 
     def cost(b1: int, b2: int) -> float:
@@ -379,6 +393,10 @@ def _plan_chunks(engine: _Engine, n1: int, n2: int, cell_bytes: float, budget: f
                 + b1 * b2 * cell_bytes)
 
     budget = budget * (1.0 - engine.reserve)
+    if symmetric and (batch_size is None or batch_size >= n1) and n1 * engine.bytes_per_example(0) \
+            + n1 * n1 * cell_bytes <= budget:
+        # one chunk: its operands serve as both sides of the only block
+        return n1, n1
     one = cost(1, 1)
     if one > budget:
         raise ValueError(
@@ -400,7 +418,7 @@ def _run_tiles(engine: _Engine, x1, x2, symmetric: bool, result: torch.Tensor, m
                budget: float, elt: int, batch_size: Optional[int], progress: bool) -> None:
     n1, n2 = x1.shape[0], x2.shape[0]
     cell = math.prod(result.shape[2:]) if result.dim() > 2 else 1
-    b1, b2 = _plan_chunks(engine, n1, n2, cell * elt, budget, batch_size)
+    b1, b2 = _plan_chunks(engine, n1, n2, cell * elt, budget, batch_size, symmetric)
     if symmetric:
         b1 = b2 = min(b1, b2)
     starts1 = list(range(0, n1, b1))
@@ -409,9 +427,13 @@ def _run_tiles(engine: _Engine, x1, x2, symmetric: bool, result: torch.Tensor, m
     bar = _Progress(len(pairs), progress)
     cached2 = engine.features(x2) if (not symmetric and b2 >= n2) else None
     current_i, f1 = None, None
+    last_j, last_f2 = None, None
     for i, j in pairs:
         if i != current_i:
-            current_i, f1 = i, engine.features(x1[i:i + b1])
+            # in a symmetric kernel the previous row's last chunk is this row's first
+            reuse = symmetric and last_j == i
+            current_i, f1 = i, (last_f2 if reuse else engine.features(x1[i:i + b1]))
+            last_j, last_f2 = None, None
         same = symmetric and i == j
         if same:
             f2 = f1
@@ -419,6 +441,7 @@ def _run_tiles(engine: _Engine, x1, x2, symmetric: bool, result: torch.Tensor, m
             f2 = cached2
         else:
             f2 = engine.features(x2[j:j + b2])
+            last_j, last_f2 = j, f2
         rows = min(b1, n1 - i)
         cols = min(b2, n2 - j)
         block = result[i:i + rows, j:j + cols]

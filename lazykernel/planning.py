@@ -129,7 +129,8 @@ def plan(
                           call.n1, call.n2, call.budget, call.elt)
     report.method = engine.name
     cell = math.prod(call.shape[2:]) if len(call.shape) > 2 else 1
-    b1, b2 = _plan_chunks(engine, call.n1, call.n2, cell * call.elt, call.budget, batch_size)
+    b1, b2 = _plan_chunks(engine, call.n1, call.n2, cell * call.elt, call.budget, batch_size,
+                          call.symmetric)
     if call.symmetric:
         b1 = b2 = min(b1, b2)
     report.chunks = (b1, b2)
@@ -142,8 +143,11 @@ def plan(
     report.groups = _groups(engine, call.mode, o, pairs, featurised, b1 + b2, call.elt,
                             report.forward_flops)
     report.flops = report.capture_flops + sum(g.flops for g in report.groups)
-    working = (b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1)
-               + b1 * b2 * cell * call.elt) + engine.reserve * call.budget
+    if call.symmetric and b1 >= call.n1:
+        operands = b1 * engine.bytes_per_example(0)       # one chunk serves both sides
+    else:
+        operands = b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1)
+    working = operands + b1 * b2 * cell * call.elt + engine.reserve * call.budget
     report.peak_bytes = working + result_bytes
     return report
 
@@ -154,9 +158,12 @@ def _schedule(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> Tuple[floa
     cached = not symmetric and b2 >= n2
     if cached:
         featurised += n2
+    last = None
     for i in range(0, n1, b1):
         rows = min(b1, n1 - i)
-        featurised += rows
+        if not (symmetric and last == i):
+            featurised += rows
+        last = None
         for j in range(0, n2, b2):
             if symmetric and j < i:
                 continue
@@ -167,6 +174,7 @@ def _schedule(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> Tuple[floa
             pairs += rows * cols
             if not cached:
                 featurised += cols
+                last = j
     return pairs, featurised
 
 
