@@ -16,7 +16,7 @@ import torch
 
 from lazykernel._jacobian import per_example_jacobian
 from lazykernel._model import ModelAdapter
-from lazykernel.rules import (GRADIENT, PAIRWISE, TOKENS, GradientOf, Pairwise, RuleDoesNotApply,
+from lazykernel.rules import (GRADIENT, PAIRWISE, TOKENS, GradientOf, RuleDoesNotApply,
                               StructuredRule, TermShape, TokenRows, explicit_attention, rule_for)
 
 # (a_list, g_list) for gram_hadamard_accumulate, the sparse embedding terms, and
@@ -183,6 +183,14 @@ class StructuredPlan:
                 total = tuple(a + b for a, b in zip(total, term_cost(shape, form, o, output)))
             totals.append(total)
         return totals
+
+    def largest_deferred_gradient(self) -> int:
+        """Elements of the largest per-example gradient formed block by block (`GradientOf`)."""
+        o = self.outputs or 1
+        sizes = [o * s.d * s.k for rule, forms in zip(self.rules, self.forms)
+                 for s, form in zip(rule.shapes, forms or []) if form == GRADIENT and s.kind == "linear"
+                 and o * s.d * s.k > s.positions * (s.k + o * s.d)]
+        return max(sizes, default=0)
 
     def generic_size(self) -> int:
         """Parameters in the generic (per-example Jacobian) group."""

@@ -147,7 +147,12 @@ def plan(
         operands = b1 * engine.bytes_per_example(0)       # one chunk serves both sides
     else:
         operands = b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1)
-    working = operands + b1 * b2 * cell * call.elt + engine.reserve * call.budget
+    slabs = 0.0
+    if isinstance(engine, _StructuredEngine):
+        # gradients formed a slab at a time: at most the reserved share of the budget
+        slabs = min(engine.reserve * call.budget,
+                    (b1 + b2) * engine.plan.largest_deferred_gradient() * call.elt)
+    working = operands + b1 * b2 * cell * call.elt + slabs
     report.peak_bytes = working + result_bytes
     return report
 
