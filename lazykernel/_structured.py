@@ -188,8 +188,7 @@ class StructuredPlan:
         """Elements of the largest per-example gradient formed block by block (`GradientOf`)."""
         o = self.outputs or 1
         sizes = [o * s.d * s.k for rule, forms in zip(self.rules, self.forms)
-                 for s, form in zip(rule.shapes, forms or []) if form == GRADIENT and s.kind == "linear"
-                 and o * s.d * s.k > s.positions * (s.k + o * s.d)]
+                 for s, form in zip(rule.shapes, forms or []) if is_deferred(s, form, o)]
         return max(sizes, default=0)
 
     def generic_size(self) -> int:
@@ -253,6 +252,16 @@ def term_cost(shape: TermShape, form: str, outputs: int, output: str) -> Tuple[f
     # formed block by block from its operands when those are the smaller (`GradientOf`)
     return 2.0 * m * d * k, 2.0 * t * outputs * d * k, float(min(1 + outputs * d * k,
                                                                  t * (k + outputs * d)))
+
+
+def is_deferred(shape: TermShape, form: str, outputs: int) -> bool:
+    """Is this term's per-example gradient formed block by block (`GradientOf`)?
+
+    It is when the gradient (``O·D·K`` elements) is larger than the operands it
+    comes from (``T·(K + O·D)``); `rules._linear_term` decides the same way.
+    """
+    o, t, k, d = outputs, shape.positions, shape.k, shape.d
+    return form == GRADIENT and shape.kind == "linear" and o * d * k > t * (k + o * d)
 
 
 def _block_flops(cost: Tuple[float, float, float], n1: int, n2: int) -> float:

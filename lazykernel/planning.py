@@ -17,6 +17,7 @@ import torch
 
 from lazykernel import _memory
 from lazykernel._model import ParamSelection
+from lazykernel._structured import is_deferred, term_cost
 from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _prepare, _StructuredEngine,
                             _make_engine, _plan_chunks)
 
@@ -55,14 +56,20 @@ class NTKPlan:
         output: the output mode (``"trace"`` when the model has one output).
         shape: the shape of the kernel.
         chunks: examples per chunk of x1 and of x2.
-        groups: the parameter groups, in the model's order.
-        forward_flops: FLOPs of one example's forward pass (matrix products and
-            convolutions, as counted by ``torch.utils.flop_counter``).
-        capture_flops: FLOPs of the forward and backward passes that produce the
-            operands: about ``(1 + 2·O)`` forward passes per example processed.
-        flops: total predicted FLOPs (groups plus capture).
+        groups: the parameter groups, in the model's order; their FLOPs are
+            those spent in blocks (Grams, gradients formed block by block).
+        forward_flops: FLOPs of one example's forward pass.
+        operand_flops: FLOPs of forming the operands of every chunk: the forward
+            pass, the backward pass batched over outputs, per-example gradients
+            formed up front and the generic group's Jacobians. Measured on the
+            probe examples and scaled to the examples processed.
+        flops: total FLOPs (groups plus operands).
         peak_bytes: predicted peak working memory plus the result, in bytes.
         result_bytes: bytes of the returned kernel.
+
+    FLOPs are those of matrix products and convolutions (counted by
+    ``torch.utils.flop_counter`` where measured; one multiply-add is 2 FLOPs);
+    elementwise work is not counted.
     """
 
     method: str
@@ -71,7 +78,7 @@ class NTKPlan:
     chunks: Tuple[int, int]
     groups: List[PlanGroup] = field(default_factory=list)
     forward_flops: float = 0.0
-    capture_flops: float = 0.0
+    operand_flops: float = 0.0
     flops: float = 0.0
     peak_bytes: float = 0.0
     result_bytes: float = 0.0
@@ -86,7 +93,7 @@ class NTKPlan:
             names = ", ".join(g.params[:4]) + (f", … ({len(g.params)})" if len(g.params) > 4 else "")
             lines.append(f"{g.rule:<24} {g.form:<10} {g.flops / 1e9:>10.3f} "
                          f"{_memory.format_bytes(g.peak_bytes):>10}  {names}")
-        lines.append(f"{'forward/backward passes':<35} {self.capture_flops / 1e9:>10.3f}")
+        lines.append(f"{'operands (forward/backward)':<35} {self.operand_flops / 1e9:>10.3f}")
         lines.append(f"total {self.flops / 1e9:.3f} GFLOP; predicted peak memory "
                      f"{_memory.format_bytes(self.peak_bytes)} (result "
                      f"{_memory.format_bytes(self.result_bytes)})")
@@ -134,15 +141,13 @@ def plan(
     if call.symmetric:
         b1 = b2 = min(b1, b2)
     report.chunks = (b1, b2)
-    pairs, featurised = _schedule(call.n1, call.n2, b1, b2, call.symmetric)
-    report.forward_flops = _forward_flops(call.adapter, x1[:_PROBE_EXAMPLES])
-    o = call.outputs
-    # one forward, then per output a backward to the layers' outputs (input
-    # gradients only: about one forward's products each)
-    report.capture_flops = featurised * (1 + o) * report.forward_flops
-    report.groups = _groups(engine, call.mode, o, pairs, featurised, b1 + b2, call.elt,
+    pairs, featurised, block_examples = _schedule(call.n1, call.n2, b1, b2, call.symmetric)
+    probe = x1[:_PROBE_EXAMPLES]
+    report.forward_flops = _counted_flops(lambda: call.adapter.forward(probe)) / probe.shape[0]
+    report.operand_flops = featurised * _counted_flops(lambda: engine.features(probe)) / probe.shape[0]
+    report.groups = _groups(engine, call.mode, call.outputs, pairs, block_examples, b1 + b2, call.elt,
                             report.forward_flops)
-    report.flops = report.capture_flops + sum(g.flops for g in report.groups)
+    report.flops = report.operand_flops + sum(g.flops for g in report.groups)
     if call.symmetric and b1 >= call.n1:
         operands = b1 * engine.bytes_per_example(0)       # one chunk serves both sides
     else:
@@ -157,9 +162,10 @@ def plan(
     return report
 
 
-def _schedule(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> Tuple[float, float]:
-    """(example pairs computed, examples whose operands are formed), as `_run_tiles` does it."""
-    pairs = featurised = 0.0
+def _schedule(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> Tuple[float, float, float]:
+    """As `_run_tiles` does it: (example pairs computed, examples whose operands are
+    formed, examples entering blocks summed over blocks)."""
+    pairs = featurised = block_examples = 0.0
     cached = not symmetric and b2 >= n2
     if cached:
         featurised += n2
@@ -175,52 +181,59 @@ def _schedule(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> Tuple[floa
             cols = min(b2, n2 - j)
             if symmetric and i == j:
                 pairs += rows * (rows + 1) / 2
+                block_examples += rows
                 continue
             pairs += rows * cols
+            block_examples += rows + cols
             if not cached:
                 featurised += cols
                 last = j
-    return pairs, featurised
+    return pairs, featurised, block_examples
 
 
-def _groups(engine: _Engine, mode: str, o: int, pairs: float, featurised: float,
+def _groups(engine: _Engine, mode: str, o: int, pairs: float, block_examples: float,
             chunk_examples: int, elt: int, forward: float) -> List[PlanGroup]:
+    """Per group, the FLOPs spent in blocks (operands are counted apart, measured)."""
     m = o * o if mode == "full" else o
     params = engine.adapter.params
     if isinstance(engine, _StructuredEngine):
         plan = engine.plan
         groups = []
-        for rule, forms, cost in zip(plan.rules, plan.forms, plan.rule_costs(mode)):
-            flops = cost[0] * pairs + cost[1] * featurised
+        for rule, forms in zip(plan.rules, plan.forms):
+            flops = elements = 0.0
+            for shape, form in zip(rule.shapes, forms):
+                pair, example, size = term_cost(shape, form, o, mode)
+                flops += pair * pairs
+                if is_deferred(shape, form, o):
+                    flops += example * block_examples    # gradients formed block by block
+                elements += size
             groups.append(PlanGroup(type(rule).__name__, sorted(rule.names.values()),
-                                    "+".join(sorted(set(forms))), flops, cost[2] * chunk_examples * elt))
+                                    "+".join(sorted(set(forms))), flops, elements * chunk_examples * elt))
         if plan.generic:
             size = plan.generic_size()
             groups.append(PlanGroup("PerExampleJacobian", list(plan.generic), "gradient",
-                                    2.0 * pairs * m * size + (1 + o) * forward * featurised,
-                                    (1 + o * size) * chunk_examples * elt))
+                                    2.0 * pairs * m * size, (1 + o * size) * chunk_examples * elt))
         return groups
     size = engine.adapter.num_params
     if isinstance(engine, _JacobianEngine):
-        return [PlanGroup("Jacobian", list(params), "jacobian",
-                          2.0 * pairs * m * size + (1 + o) * forward * featurised,
+        return [PlanGroup("Jacobian", list(params), "jacobian", 2.0 * pairs * m * size,
                           o * size * chunk_examples * elt)]
     # each of the N1·O rows is one VJP through its x1 chunk (about 2 forward
     # passes per example) and one JVP through the x2 chunk (about 3)
-    flops = o * forward * (3.0 * pairs + 2.0 * featurised * chunk_examples)
+    flops = o * forward * (3.0 * pairs + 2.0 * block_examples * chunk_examples / 2)
     return [PlanGroup("NTK-vector products", list(params), "ntvp", flops,
                       2 * o * size * chunk_examples * elt)]
 
 
-def _forward_flops(adapter, x: torch.Tensor) -> float:
-    """FLOPs of one example's forward pass, counted on a few examples.
+def _counted_flops(run) -> float:
+    """FLOPs of the matrix products and convolutions ``run()`` executes.
 
     Counted with autograd enabled, as the capture runs it: without it, inference
-    fast paths (fused transformer layers) hide their matrix products from the counter.
+    fast paths (fused transformer layers) hide their products from the counter.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with torch.enable_grad(), counter:
-        adapter.forward(x)
-    return counter.get_total_flops() / max(x.shape[0], 1)
+        run()
+    return float(counter.get_total_flops())

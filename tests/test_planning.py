@@ -25,10 +25,12 @@ def test_plan_of_an_mlp_counts_the_structured_flops():
     pairs = 10 * 7
     assert plan.groups[0].flops == pytest.approx(2 * pairs * (7 + 3 * 8))
     assert plan.groups[1].flops == pytest.approx(2 * pairs * (9 + 3 * 3))
-    # forward: 2·(6·8 + 8·3) FLOPs per example; capture = (1 + O) forwards per example
+    # forward: 2·(6·8 + 8·3) FLOPs per example; the operands need it and, per
+    # output, the backward product of the last layer (2·3·8; the first layer's
+    # input needs no gradient)
     assert plan.forward_flops == pytest.approx(2 * (6 * 8 + 8 * 3))
-    assert plan.capture_flops == pytest.approx((10 + 7) * 4 * plan.forward_flops)
-    assert plan.flops == pytest.approx(plan.capture_flops + sum(g.flops for g in plan.groups))
+    assert plan.operand_flops == pytest.approx((10 + 7) * (plan.forward_flops + 3 * 2 * 3 * 8))
+    assert plan.flops == pytest.approx(plan.operand_flops + sum(g.flops for g in plan.groups))
     assert plan.result_bytes == 10 * 7 * 4
     assert plan.peak_bytes > plan.result_bytes
     text = str(plan)
@@ -59,7 +61,7 @@ def test_chunks_shrink_under_a_small_budget_and_operands_are_recomputed():
     tight = lazykernel.plan(model, x, method="structured", memory_budget=60_000)
     assert roomy.chunks == (64, 64)
     assert tight.chunks[0] < 64
-    assert tight.capture_flops > roomy.capture_flops
+    assert tight.operand_flops > roomy.operand_flops
     assert tight.peak_bytes - tight.result_bytes <= 60_000
 
 
