@@ -43,6 +43,16 @@ class ModelAdapter:
         merged.update(values)
         return self._fn(merged, x)
 
+    def forward_with(self, replaced: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Apply the model with some selected parameters replaced by ``replaced`` (the rest as they are)."""
+        if not replaced:
+            return self.forward(x)
+        if self.module is not None:
+            return functional_call(self.module, dict(replaced), (x,), strict=False)
+        merged = dict(self.params)
+        merged.update(replaced)
+        return self.call(merged, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the model with its own parameters (autograd tracks them as usual)."""
         if self.module is not None:

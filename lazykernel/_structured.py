@@ -16,7 +16,7 @@ import torch
 
 from lazykernel._jacobian import per_example_jacobian
 from lazykernel._model import ModelAdapter
-from lazykernel.rules import (GRADIENT, PAIRWISE, TOKENS, GradientOf, RuleDoesNotApply,
+from lazykernel.rules import (GRADIENT, BroadcastParameterRule, PAIRWISE, TOKENS, GradientOf, RuleDoesNotApply,
                               StructuredRule, TermShape, TokenRows, explicit_attention, rule_for)
 
 # (a_list, g_list) for gram_hadamard_accumulate, the sparse embedding terms, and
@@ -56,7 +56,8 @@ class StructuredPlan:
     @classmethod
     def build(cls, adapter: ModelAdapter) -> "StructuredPlan":
         if adapter.module is None:
-            return cls(adapter, [], list(adapter.params))
+            taps = [BroadcastParameterRule(name, p) for name, p in adapter.params.items()]
+            return cls(adapter, taps, [])
         by_identity = {id(p): name for name, p in adapter.params.items()}
         owners: Dict[int, int] = {}
         for module in adapter.module.modules():
@@ -76,6 +77,10 @@ class StructuredPlan:
             if names:
                 rules.append(rule_cls(module, names))
                 claimed.update(names.values())
+        for name, p in adapter.params.items():
+            if name not in claimed and owners.get(id(p), 0) == 1:
+                rules.append(BroadcastParameterRule(name, p))
+                claimed.add(name)
         generic = [name for name in adapter.params if name not in claimed]
         return cls(adapter, rules, generic)
 
@@ -99,11 +104,16 @@ class StructuredPlan:
             rule.attach()
         try:
             with torch.enable_grad():
-                y = self.adapter.forward(x)
+                taps = {rule.names[""]: rule.tap(n) for rule in self.rules
+                        if isinstance(rule, BroadcastParameterRule)}
+                y = self.adapter.forward_with(taps, x)
         finally:
             for rule in self.rules:
                 rule.detach()
         f = y.reshape(n, -1)
+        if self.outputs is not None and f.shape[1] != self.outputs:
+            raise RuleDoesNotApply(f"lazykernel: with expanded parameters the model returned "
+                                   f"{tuple(y.shape)}, not {self.outputs} outputs per example")
         targets = [out for rule in self.rules for out in rule.outputs]
         if not targets:
             cotangents = []
@@ -130,9 +140,22 @@ class StructuredPlan:
 
         Returns the model's outputs on ``x`` as ``[n, O]``.
         """
+        if x.shape[0] == 1:
+            # with one example, a batch axis mixed up with another axis cannot show
+            x = torch.cat([x, x])
         n = x.shape[0]
+        self._drop_failing_taps(x)
         # the check needs only Σ_o of each example's gradient: one plain backward
-        f, per_rule = self._capture(x, summed=True)
+        try:
+            f, per_rule = self._capture(x, summed=True)
+        except Exception:
+            taps = [rule for rule in self.rules if isinstance(rule, BroadcastParameterRule)]
+            if not taps:
+                raise
+            # expanded parameters that work one by one but not together: none of them
+            for rule in taps:
+                self.demote(rule)
+            f, per_rule = self._capture(x, summed=True)
         self.outputs = f.shape[1]
         if not self.rules:
             return f
@@ -156,6 +179,35 @@ class StructuredPlan:
             if rule not in checked:
                 self.demote(rule)
         return f
+
+    def _drop_failing_taps(self, x: torch.Tensor) -> None:
+        """Demote broadcast-parameter rules whose expanded parameter the forward cannot take."""
+        taps = [rule for rule in self.rules if isinstance(rule, BroadcastParameterRule)]
+        if not taps:
+            return
+        with torch.no_grad():
+            self.outputs = self.adapter.forward(x).reshape(x.shape[0], -1).shape[1]
+        if self._forward_accepts(taps, x):
+            return
+        for rule in taps:
+            for lead in range(rule.max_lead + 1):
+                rule.lead = lead
+                if self._forward_accepts([rule], x):
+                    break
+            else:
+                self.demote(rule)
+
+    def _forward_accepts(self, taps: List[StructuredRule], x: torch.Tensor) -> bool:
+        n = x.shape[0]
+        try:
+            with torch.no_grad():
+                y = self.adapter.forward_with({rule.names[""]: rule.tap(n) for rule in taps}, x)
+            return y.reshape(n, -1).shape[1] == self.outputs
+        except Exception:
+            return False
+        finally:
+            for rule in taps:
+                rule.clear()
 
     def choose_forms(self, n1: int, n2: int, output: str, budget_elements: float) -> None:
         """Per term, the form with the fewest FLOPs (`term_cost`) among those that fit.

@@ -222,6 +222,59 @@ class StructuredRule:
         return total
 
 
+# -- parameters used directly in a forward -----------------------------------------
+
+class BroadcastParameterRule(StructuredRule):
+    """A parameter the forward combines with batched activations (``h + pos``, ``x @ W``).
+
+    While the rule captures, the model runs with the parameter replaced by
+    ``θ`` expanded along a new leading batch axis, ``[N, *θ.shape]``: every
+    example reads its own copy, with the same values. When the forward lines
+    that copy up with the example's own rows (elementwise with ``[N, …]``
+    activations, batched matrix products), the cotangent of copy i is example
+    i's gradient, for all outputs from the one batched backward pass, instead
+    of a per-example Jacobian through the whole model. Uses that mix examples
+    or slice the parameter fail the rule check (or the forward itself) and go
+    to the generic rule.
+    """
+
+    # how many singleton axes may follow the batch axis, so that a parameter that
+    # broadcasts against the last axes of an activation ([D] with [N, T, D]) lines up
+    max_lead = 3
+
+    def __init__(self, name: str, param: torch.Tensor):
+        super().__init__(None, {"": name})
+        self.param = param
+        self.lead = 0
+
+    def attach(self):
+        self.clear()
+
+    def detach(self):
+        pass
+
+    def tap(self, n: int) -> torch.Tensor:
+        """The expanded parameter ``[n, 1 × lead, *θ.shape]``, recorded as this rule's output."""
+        shape = (1,) * self.lead + tuple(self.param.shape)
+        leaf = self.param.detach().requires_grad_(True)
+        expanded = leaf.reshape((1,) + shape).expand((n,) + shape)
+        self.outputs.append(expanded)
+        return expanded
+
+    def term_shapes(self):
+        return [TermShape("linear", 1, 1, self.param.numel(), (GRADIENT,))]
+
+    def operands(self, cotangents, n, forms):
+        g = cotangents[0]
+        o = g.shape[0]
+        per_example = g.reshape(o, n, -1).permute(1, 0, 2).unsqueeze(1)     # [n, 1, O, P]
+        return [Pairwise(per_example.new_ones(n, 1, 1), per_example.contiguous())]
+
+    def per_example_gradients(self, terms):
+        g = terms[0].g
+        return {self.names[""]: g.sum(dim=(1, 2)).reshape((g.shape[0],) + tuple(self.param.shape))}
+
+
 # -- linear maps -------------------------------------------------------------------
 
 def _positions(a: torch.Tensor, g: torch.Tensor, n: int, k: int, d: int, module: nn.Module

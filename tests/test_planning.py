@@ -75,25 +75,6 @@ def test_plan_of_the_generic_methods(method):
     assert plan.groups[0].flops > 0
 
 
-def test_auto_keeps_rules_and_sends_parameters_without_one_to_the_jacobian_contraction():
-    torch.manual_seed(2)
-
-    class Shift(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.offset = nn.Parameter(torch.randn(8))
-
-        def forward(self, x):
-            return x + self.offset
-
-    model = nn.Sequential(nn.Linear(6, 8), Shift(), nn.Tanh(), nn.Linear(8, 2))
-    plan = lazykernel.plan(model, torch.randn(5, 6), method="auto")
-    assert plan.method == "structured"
-    assert [(g.rule, g.params) for g in plan.groups] == [
-        ("LinearRule", ["0.bias", "0.weight"]), ("LinearRule", ["3.bias", "3.weight"]),
-        ("PerExampleJacobian", ["1.offset"])]
-
-
 def test_plan_checks_arguments_like_ntk():
     with pytest.raises(ValueError, match="unknown output"):
         lazykernel.plan(_mlp(), torch.randn(3, 6), output="mean")

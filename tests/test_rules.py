@@ -222,3 +222,58 @@ def test_attention_dropout_in_training_mode_is_refused():
             m.p = 0.0
     with pytest.raises(ValueError, match="MultiheadAttention, dropout=0.1.*model.eval"):
         lazykernel.ntk(model, torch.randn(2, 5, 6))
+
+
+class Extras(nn.Module):
+    """Parameters used directly in forward: some line up with the batch, some cannot."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.proj = nn.Linear(3, 4)
+        self.pos = nn.Parameter(torch.randn(5, 4))        # [T, D]: h + pos lines up per example
+        self.mix = nn.Parameter(torch.randn(4, 4))        # h @ mix on [N, T, D]: batched product
+        self.cls = nn.Parameter(torch.randn(1, 4))        # expanded by hand: cannot take a batch axis
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):                                 # x: [N, 5, 3]
+        h = torch.tanh(self.proj(x) + self.pos) @ self.mix
+        if self.kind == "cls":
+            h = torch.cat([self.cls.expand(x.shape[0], -1).unsqueeze(1), h], dim=1)
+        elif self.kind == "pooled":
+            # a product with a 2-D input: an expanded parameter would change the output's shape
+            return self.head(h.mean(1) @ self.mix)
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize("kind, broadcast, generic", [
+    ("plain", {"pos", "mix", "cls"}, set()),       # an unused parameter has a zero gradient either way
+    ("cls", {"pos", "mix"}, {"cls"}),
+    ("pooled", {"pos", "cls"}, {"mix"}),
+])
+def test_parameters_used_in_forward_get_the_broadcast_rule_where_it_applies(kind, broadcast, generic):
+    torch.manual_seed(6)
+    model = Extras(kind).double()
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    plan = lazykernel.plan(model, x, method="structured")
+    got = {p for g in plan.groups if g.rule == "BroadcastParameterRule" for p in g.params}
+    left = {p for g in plan.groups if g.rule == "PerExampleJacobian" for p in g.params}
+    assert got == broadcast, str(plan)
+    assert left == generic, str(plan)
+    for output in OUTPUTS:
+        assert_close_to_reference(lazykernel.ntk(model, x, output=output), reference_ntk(model, x, output=output),
+                                  torch.float64)
+
+
+def test_functional_model_with_batched_products_uses_the_broadcast_rule():
+    torch.manual_seed(7)
+    params = {"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+
+    def fn(p, x):                                         # x: [N, T, 3]
+        return torch.tanh(x @ p["w"] + p["b"]).sum(1)
+
+    x = torch.randn(5, 6, 3, dtype=torch.float64)
+    plan = lazykernel.plan(fn, x, params=params, method="structured")
+    assert {g.rule for g in plan.groups} == {"BroadcastParameterRule"}
+    assert_close_to_reference(lazykernel.ntk(fn, x, params=params, output="full"),
+                              reference_ntk(fn, x, output="full", params_selection=params), torch.float64)
