@@ -4,12 +4,18 @@ Public API:
     ntk                       empirical NTK Gram matrix of a model
     gram_hadamard_accumulate  the fused structured-NTK kernel
     backend                   which compiled backend is in use
+    analysis                  regime metrics, RegimeMonitor, parameterizations, width_sweep
+    infinite                  analytic infinite-width NNGP and NTK
+    RegimeMonitor, width_sweep
 """
 
 from lazykernel._extension import BackendInfo, backend
 from lazykernel.ntk import ntk
 from lazykernel.ops import gram_hadamard_accumulate
+from lazykernel import analysis, infinite
+from lazykernel.analysis import RegimeMonitor, width_sweep
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendInfo", "backend", "gram_hadamard_accumulate", "ntk", "__version__"]
+__all__ = ["BackendInfo", "RegimeMonitor", "analysis", "backend", "gram_hadamard_accumulate", "infinite", "ntk",
+           "width_sweep", "__version__"]
