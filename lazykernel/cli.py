@@ -45,7 +45,8 @@ def _demo(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     results = run_demo(args.out, widths=args.widths, steps=args.steps, alphas=args.alphas,
-                       train_size=args.train_size, seed=args.seed, device=args.device,
+                       alpha_width=args.alpha_width, train_size=args.train_size, test_size=args.test_size,
+                       probe_size=args.probe_size, base_lr=args.lr, seed=args.seed, device=args.device,
                        progress=not args.no_progress)
     for key, entry in results["slopes"].items():
         print(f"  slope of {key}: {entry['slope']:.3f} ± {entry['stderr']:.3f}")
@@ -60,7 +61,11 @@ def _add_demo(commands) -> None:
     demo.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS), help="hidden widths")
     demo.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="α values")
     demo.add_argument("--steps", type=int, default=200, help="gradient-descent steps per run")
+    demo.add_argument("--alpha-width", type=int, default=256, help="width of the α sweep")
+    demo.add_argument("--lr", type=float, default=1.0, help="base learning rate (before μP and α scaling)")
     demo.add_argument("--train-size", type=int, default=256, help="training digits")
+    demo.add_argument("--test-size", type=int, default=256, help="test digits")
+    demo.add_argument("--probe-size", type=int, default=64, help="probe inputs of the metrics")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data split and initializations")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     demo.add_argument("--out", default="lazykernel-demo", help="report folder")
