@@ -270,15 +270,17 @@ full-batch gradient descent on the linearized network, exact for any step size:
     Returns:
         ``(f_train, f_test)``: ``[N, O]`` and ``[M, O]`` float64 predictions.
     """
-    y = y_train.detach().to(torch.float64)
+    device = k_train.device
+    y = y_train.detach().to(device=device, dtype=torch.float64)
     squeeze = y.dim() == 1
     if squeeze:
         y = y[:, None]
     n, o = y.shape
     m = k_test_train.shape[0]
-    f0_train = torch.zeros_like(y) if f0_train is None else f0_train.detach().to(torch.float64).reshape(n, o)
-    f0_test = (torch.zeros(m, o, dtype=torch.float64) if f0_test is None
-               else f0_test.detach().to(torch.float64).reshape(m, o))
+    f0_train = (torch.zeros_like(y) if f0_train is None
+                else f0_train.detach().to(device=device, dtype=torch.float64).reshape(n, o))
+    f0_test = (torch.zeros(m, o, dtype=torch.float64, device=device) if f0_test is None
+               else f0_test.detach().to(device=device, dtype=torch.float64).reshape(m, o))
     if k_train.dim() == 2:
         if tuple(k_train.shape) != (n, n) or tuple(k_test_train.shape) != (m, n):
             raise ValueError(f"kernels must be [N, N] and [M, N] with N = {n}, got {tuple(k_train.shape)} "

@@ -40,7 +40,6 @@ __all__ = ["PARAMETERIZATIONS", "Scale", "mlp", "cnn", "reparameterize", "learni
 
 PARAMETERIZATIONS = ("standard", "ntk", "mup")
 
-_ACTIVATIONS = {"relu": nn.ReLU, "erf": None, "identity": nn.Identity, "tanh": nn.Tanh}
 
 
 class Erf(nn.Module):
@@ -69,9 +68,10 @@ def _check_parameterization(parameterization: str) -> None:
         raise ValueError(f"unknown parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}")
 
 
+_ACTIVATIONS = {"relu": nn.ReLU, "erf": Erf, "identity": nn.Identity, "tanh": nn.Tanh}
+
+
 def _activation(name: str) -> nn.Module:
-    if name == "erf":
-        return Erf()
     if name not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {tuple(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]()

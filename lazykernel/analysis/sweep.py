@@ -151,11 +151,13 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
         with torch.no_grad():
             row["train_loss"] = 0.5 * ((model(train_x) - targets) ** 2).sum(1).mean().item()
             out_test = model(test_x)
-        row["test_accuracy"] = _accuracy(out_test, test_y)
+        out_test = out_test.cpu()
+        row["test_accuracy"] = _accuracy(out_test, test_y.cpu())
         if kernel_regression:
             _, kr_test = metrics.ntk_regression(k_train, k_test, targets, f0_train, f0_test, lr=lr, steps=steps)
+            kr_test = kr_test.cpu()
             row["kernel_test_accuracy"] = _accuracy(kr_test, test_y.cpu())
-            agreement = metrics.prediction_agreement(out_test.cpu(), kr_test)
+            agreement = metrics.prediction_agreement(out_test, kr_test)
             row["kernel_relative_difference"] = agreement["relative_difference"]
             row["kernel_class_agreement"] = agreement["class_agreement"]
         result.rows.append(row)
