@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 from torch import nn
