@@ -5,14 +5,19 @@ Public API:
     plan, NTKPlan             what ntk will do for a call: rules, forms, FLOPs, memory
     gram_hadamard_accumulate  the fused structured-NTK kernel
     backend                   which compiled backend is in use
+    analysis                  regime metrics, RegimeMonitor, parameterizations, width_sweep
+    infinite                  analytic infinite-width NNGP and NTK
+    RegimeMonitor, width_sweep
 """
 
 from lazykernel._extension import BackendInfo, backend
 from lazykernel.ntk import ntk
 from lazykernel.ops import gram_hadamard_accumulate
 from lazykernel.planning import NTKPlan, PlanGroup, plan
+from lazykernel import analysis, infinite
+from lazykernel.analysis import RegimeMonitor, width_sweep
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendInfo", "NTKPlan", "PlanGroup", "backend", "gram_hadamard_accumulate", "ntk", "plan",
-           "__version__"]
+__all__ = ["BackendInfo", "NTKPlan", "PlanGroup", "RegimeMonitor", "analysis", "backend",
+           "gram_hadamard_accumulate", "infinite", "ntk", "plan", "width_sweep", "__version__"]

@@ -1,0 +1,351 @@
+"""Regime metrics: how far a network has moved from its linearization at initialization.
+
+Each function is the reference definition of one metric (DESIGN.md, "Regime
+metrics"); the monitor and the sweep only call these.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "kernel_distance",
+    "relative_kernel_change",
+    "centered_kernel_alignment",
+    "linear_cka",
+    "debiased_linear_cka",
+    "parameter_movement",
+    "linearization_gap",
+    "ntk_regression",
+    "prediction_agreement",
+]
+
+
+def _as_kernel_matrix(k: torch.Tensor, name: str) -> torch.Tensor:
+    """A kernel of any output mode, as a float64 matrix (full ``[N, N, O, O]`` → ``[NO, NO]``)."""
+    if not torch.is_tensor(k):
+        raise ValueError(f"{name} must be a tensor, got {type(k).__name__}")
+    k = k.detach().to(torch.float64)
+    if k.dim() == 2:
+        return k
+    if k.dim() == 3:  # diagonal mode [N, N, O]: the outputs are independent kernels
+        return k.permute(2, 0, 1).reshape(-1, k.shape[1])
+    if k.dim() == 4:
+        n1, n2, o1, o2 = k.shape
+        return k.permute(0, 2, 1, 3).reshape(n1 * o1, n2 * o2)
+    raise ValueError(f"{name} must have 2, 3 or 4 dimensions (an ntk() result), got shape {tuple(k.shape)}")
+
+
+def _check_same_shape(k0: torch.Tensor, k1: torch.Tensor) -> None:
+    if k0.shape != k1.shape:
+        raise ValueError(f"the two kernels must have the same shape, got {tuple(k0.shape)} and {tuple(k1.shape)}")
+
+
+def _nonzero_norm(value: float, what: str) -> float:
+    if not value > 0.0 or not math.isfinite(value):
+        raise ValueError(f"{what} has norm {value}; the metric needs a finite, non-zero norm")
+    return value
+
+
+def kernel_distance(k0: torch.Tensor, k1: torch.Tensor) -> float:
+    """Kernel distance ``1 − ⟨K0, K1⟩_F / (‖K0‖_F ‖K1‖_F)`` (Fort et al., 2020, "Deep learning
+    versus kernel learning: an empirical study of loss landscape geometry and the time
+    evolution of the Neural Tangent Kernel").
+
+    Args:
+        k0, k1: kernels of the same shape, any ``ntk()`` output mode (``[N, N]``,
+            ``[N, N, O]`` or ``[N, N, O, O]``).
+
+    Returns:
+        A float in [0, 2]; 0 when the kernels are proportional. Scale-invariant.
+    """
+    _check_same_shape(k0, k1)
+    a, b = _as_kernel_matrix(k0, "k0"), _as_kernel_matrix(k1, "k1")
+    na = _nonzero_norm(torch.linalg.norm(a).item(), "k0")
+    nb = _nonzero_norm(torch.linalg.norm(b).item(), "k1")
+    return 1.0 - (a * b).sum().item() / (na * nb)
+
+
+def relative_kernel_change(k0: torch.Tensor, k1: torch.Tensor) -> float:
+    """Relative kernel change ``‖K1 − K0‖_F / ‖K0‖_F`` (Lee et al., 2019, "Wide Neural
+    Networks of Any Depth Evolve as Linear Models Under Gradient Descent", Fig. 1
+    uses this quantity; it falls like ``width^(-1/2)`` under NTK parameterization).
+
+    Args:
+        k0: kernel at initialization, k1: kernel later; same shape, any output mode.
+    """
+    _check_same_shape(k0, k1)
+    a, b = _as_kernel_matrix(k0, "k0"), _as_kernel_matrix(k1, "k1")
+    return torch.linalg.norm(b - a).item() / _nonzero_norm(torch.linalg.norm(a).item(), "k0")
+
+
+def _center(k: torch.Tensor) -> torch.Tensor:
+    """``H K H`` with ``H = I − 11ᵀ/N``, without forming H."""
+    k = k - k.mean(dim=0, keepdim=True)
+    return k - k.mean(dim=1, keepdim=True)
+
+
+def centered_kernel_alignment(k: torch.Tensor, y: torch.Tensor) -> float:
+    """Centered kernel–target alignment ``⟨Kc, Yc⟩_F / (‖Kc‖_F ‖Yc‖_F)`` with ``Kc = HKH``,
+    ``Y = y yᵀ`` (Cortes, Mohri & Rostamizadeh, 2012, "Algorithms for Learning Kernels
+    Based on Centered Alignment").
+
+    Args:
+        k: ``[N, N]`` kernel (use ``output="trace"``).
+        y: ``[N]`` targets or ``[N, C]`` (e.g. one-hot) targets.
+
+    Returns:
+        A float in [−1, 1]; higher means the kernel's geometry matches the labels.
+    """
+    if k.dim() != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError(f"k must be a square [N, N] kernel, got shape {tuple(k.shape)}")
+    y = y.detach().to(torch.float64)
+    if y.dim() == 1:
+        y = y[:, None]
+    if y.dim() != 2 or y.shape[0] != k.shape[0]:
+        raise ValueError(f"y must be [N] or [N, C] with N = {k.shape[0]}, got shape {tuple(y.shape)}")
+    kc = _center(k.detach().to(torch.float64))
+    yc = _center(y @ y.T)
+    nk = _nonzero_norm(torch.linalg.norm(kc).item(), "the centered kernel")
+    ny = _nonzero_norm(torch.linalg.norm(yc).item(), "the centered target kernel")
+    return (kc * yc).sum().item() / (nk * ny)
+
+
+def _representation(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not torch.is_tensor(x) or x.dim() < 2:
+        raise ValueError(f"{name} must be a [N, ...] tensor of representations")
+    return x.detach().to(torch.float64).reshape(x.shape[0], -1)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centered kernel alignment between two representations of the same N inputs
+    (Kornblith et al., 2019, "Similarity of Neural Network Representations Revisited"):
+    ``‖Ycᵀ Xc‖_F² / (‖Xcᵀ Xc‖_F ‖Ycᵀ Yc‖_F)`` with column-centered ``Xc, Yc``.
+
+    Args:
+        x: ``[N, *p]`` and y: ``[N, *q]`` (trailing axes are flattened).
+
+    Returns:
+        A float in [0, 1]; 1 when the representations agree up to rotation and scale.
+    """
+    a, b = _representation(x, "x"), _representation(y, "y")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"x and y must describe the same inputs, got {a.shape[0]} and {b.shape[0]} rows")
+    a = a - a.mean(dim=0, keepdim=True)
+    b = b - b.mean(dim=0, keepdim=True)
+    cross = torch.linalg.norm(b.T @ a).item() ** 2
+    na = _nonzero_norm(torch.linalg.norm(a.T @ a).item(), "x (centered)")
+    nb = _nonzero_norm(torch.linalg.norm(b.T @ b).item(), "y (centered)")
+    return cross / (na * nb)
+
+
+def _unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> float:
+    """Unbiased HSIC estimator (Song et al., 2012, "Feature Selection via Dependence
+    Maximization", eq. 5) of two ``[N, N]`` Gram matrices."""
+    n = k.shape[0]
+    k = k.clone()
+    l = l.clone()
+    k.fill_diagonal_(0.0)
+    l.fill_diagonal_(0.0)
+    ones_k = k.sum(dim=0)
+    ones_l = l.sum(dim=0)
+    value = ((k * l).sum() + ones_k.sum() * ones_l.sum() / ((n - 1) * (n - 2))
+             - 2.0 * (ones_k @ ones_l) / (n - 2))
+    return value.item() / (n * (n - 3))
+
+
+def debiased_linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Debiased linear CKA: linear CKA with the unbiased HSIC estimator in place of the
+    biased one, which removes the upward bias of CKA when N is small against the feature
+    dimension (Nguyen, Raghu & Kornblith, 2021, "Do Wide and Deep Networks Learn the
+    Same Things?", building on Kornblith et al., 2019).
+
+    Args:
+        x: ``[N, *p]`` and y: ``[N, *q]``, N ≥ 4.
+
+    Returns:
+        A float, about 1 for identical representations; may be slightly negative.
+    """
+    a, b = _representation(x, "x"), _representation(y, "y")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"x and y must describe the same inputs, got {a.shape[0]} and {b.shape[0]} rows")
+    if a.shape[0] < 4:
+        raise ValueError(f"debiased CKA needs at least 4 inputs, got {a.shape[0]}")
+    k, l = a @ a.T, b @ b.T
+    hkk = _unbiased_hsic(k, k)
+    hll = _unbiased_hsic(l, l)
+    if not (hkk > 0 and hll > 0):
+        raise ValueError("a representation has no variation across the inputs; CKA is undefined")
+    return _unbiased_hsic(k, l) / math.sqrt(hkk * hll)
+
+
+def parameter_movement(initial: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]
+                       ) -> Tuple[float, Dict[str, float]]:
+    """Relative parameter movement ``‖θ − θ0‖ / ‖θ0‖``, overall and per tensor (the
+    quantity lazy training keeps small: Chizat, Oyallon & Bach, 2019, "On Lazy Training
+    in Differentiable Programming").
+
+    Args:
+        initial: name → θ0 tensor; current: name → θ tensor, same names and shapes.
+
+    Returns:
+        ``(overall, per_tensor)``: the overall ratio over all tensors together, and a
+        dict name → ratio for each tensor (``inf`` for a tensor initialised at zero
+        that has moved, 0 if it has not).
+    """
+    if set(initial) != set(current):
+        raise ValueError(f"initial and current must name the same parameters, got {sorted(initial)} "
+                         f"and {sorted(current)}")
+    if not initial:
+        raise ValueError("no parameters given")
+    per_tensor: Dict[str, float] = {}
+    moved_sq = 0.0
+    init_sq = 0.0
+    for name, theta0 in initial.items():
+        theta = current[name]
+        if theta.shape != theta0.shape:
+            raise ValueError(f"parameter {name!r} has shape {tuple(theta.shape)}, was {tuple(theta0.shape)}")
+        d = torch.linalg.norm((theta.detach() - theta0.detach()).to(torch.float64)).item()
+        n0 = torch.linalg.norm(theta0.detach().to(torch.float64)).item()
+        moved_sq += d * d
+        init_sq += n0 * n0
+        per_tensor[name] = d / n0 if n0 > 0 else (0.0 if d == 0 else math.inf)
+    overall = math.sqrt(moved_sq) / _nonzero_norm(math.sqrt(init_sq), "θ0")
+    return overall, per_tensor
+
+
+def linearization_gap(f: torch.Tensor, f_lin: torch.Tensor, f0: torch.Tensor) -> float:
+    """Linearization gap ``‖f(θ) − f_lin(θ)‖ / ‖f(θ) − f(θ0)‖`` where
+    ``f_lin(θ) = f(θ0) + J(θ0)(θ − θ0)`` (Lee et al., 2019): the share of the change in
+    the outputs that the first-order Taylor model misses. 0 for a linear model.
+
+    Args:
+        f, f_lin, f0: outputs ``[N, *out]`` of the network, its linearization and the
+            network at initialization, on the same (held-out) inputs.
+
+    Returns:
+        A float ≥ 0; ``nan`` if the outputs have not moved at all.
+    """
+    if f.shape != f_lin.shape or f.shape != f0.shape:
+        raise ValueError(f"f, f_lin and f0 must have the same shape, got {tuple(f.shape)}, "
+                         f"{tuple(f_lin.shape)}, {tuple(f0.shape)}")
+    f, f_lin, f0 = (t.detach().to(torch.float64) for t in (f, f_lin, f0))
+    moved = torch.linalg.norm(f - f0).item()
+    if moved == 0.0:
+        return math.nan
+    return torch.linalg.norm(f - f_lin).item() / moved
+
+
+def ntk_regression(k_train: torch.Tensor, k_test_train: torch.Tensor, y_train: torch.Tensor,
+                   f0_train: Optional[torch.Tensor] = None, f0_test: Optional[torch.Tensor] = None,
+                   time: Optional[float] = None, *, lr: Optional[float] = None,
+                   steps: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of the linearized network after gradient flow on the MSE loss
+    ``L = (1/2N) Σ_i ‖f(x_i) − y_i‖²`` (Jacot et al., 2018; Lee et al., 2019, eqs. 9–10).
+
+    With ``Θ = k_train`` and ``t = learning rate × steps``, the training outputs follow
+    ``f_t = y + e^{−tΘ/N} (f_0 − y)`` and a test input
+    ``f_t(x*) = f_0(x*) + Θ(x*, X) Θ^{−1} (I − e^{−tΘ/N}) (y − f_0)``; computed in float64
+    from the eigendecomposition of Θ. ``time=None`` is the limit ``t → ∞``,
+    ``f_∞(x*) = f_0(x*) + Θ(x*, X) Θ^{−1} (y − f_0)``, computed with a solve.
+
+With ``lr`` and ``steps`` instead of ``time``, the same formulas for ``steps`` steps of
+full-batch gradient descent on the linearized network, exact for any step size:
+``e^{−tΘ/N}`` becomes ``(I − lr Θ/N)^steps``.
+
+    Args:
+        k_train: ``[N, N]`` (one kernel shared by all O outputs, e.g. the trace kernel
+            divided by O) or ``[N, N, O, O]`` (``output="full"``).
+        k_test_train: ``[M, N]`` or ``[M, N, O, O]``, in the same mode.
+        y_train: ``[N, O]`` targets (``[N]`` for O = 1).
+        f0_train, f0_test: ``[N, O]``, ``[M, O]`` outputs at initialization; default 0.
+        time: ``learning rate × steps`` (≥ 0) of gradient flow; ``None`` (and no ``lr``)
+            for infinite time.
+        lr, steps: learning rate and number of steps of discrete gradient descent
+            (both or neither; not with ``time``).
+
+    Returns:
+        ``(f_train, f_test)``: ``[N, O]`` and ``[M, O]`` float64 predictions.
+    """
+    device = k_train.device
+    y = y_train.detach().to(device=device, dtype=torch.float64)
+    squeeze = y.dim() == 1
+    if squeeze:
+        y = y[:, None]
+    n, o = y.shape
+    m = k_test_train.shape[0]
+    f0_train = (torch.zeros_like(y) if f0_train is None
+                else f0_train.detach().to(device=device, dtype=torch.float64).reshape(n, o))
+    f0_test = (torch.zeros(m, o, dtype=torch.float64, device=device) if f0_test is None
+               else f0_test.detach().to(device=device, dtype=torch.float64).reshape(m, o))
+    if k_train.dim() == 2:
+        if tuple(k_train.shape) != (n, n) or tuple(k_test_train.shape) != (m, n):
+            raise ValueError(f"kernels must be [N, N] and [M, N] with N = {n}, got {tuple(k_train.shape)} "
+                             f"and {tuple(k_test_train.shape)}")
+        kt = k_train.detach().to(torch.float64)
+        ks = k_test_train.detach().to(torch.float64)
+        residual = y - f0_train  # [N, O], each output column its own regression
+    elif k_train.dim() == 4:
+        if tuple(k_train.shape) != (n, n, o, o) or tuple(k_test_train.shape) != (m, n, o, o):
+            raise ValueError(f"full kernels must be [N, N, O, O] and [M, N, O, O] with N = {n}, O = {o}, got "
+                             f"{tuple(k_train.shape)} and {tuple(k_test_train.shape)}")
+        kt = _as_kernel_matrix(k_train, "k_train")
+        ks = _as_kernel_matrix(k_test_train, "k_test_train")
+        residual = (y - f0_train).reshape(n * o, 1)
+    else:
+        raise ValueError(f"k_train must be [N, N] or [N, N, O, O], got shape {tuple(k_train.shape)}")
+    if (lr is None) != (steps is None):
+        raise ValueError("give both lr and steps (gradient descent) or neither")
+    if lr is not None and time is not None:
+        raise ValueError("give either time (gradient flow) or lr and steps (gradient descent), not both")
+    if lr is not None and (not lr > 0 or steps < 0):
+        raise ValueError(f"need lr > 0 and steps ≥ 0, got {lr} and {steps}")
+    if time is None and lr is None:
+        # the least-squares solve tolerates a singular Θ (duplicate inputs)
+        coef = torch.linalg.lstsq(kt, residual, driver="gelsd").solution
+        fit_train = kt @ coef
+    else:
+        evals, evecs = torch.linalg.eigh(kt)
+        evals = evals.clamp_min(0.0)
+        if time is not None:
+            if time < 0:
+                raise ValueError(f"time must be ≥ 0, got {time}")
+            decay = -torch.expm1(-time * evals / n)  # 1 − e^{−tλ/N}, accurate for small tλ
+            limit = time / n
+        else:
+            decay = 1.0 - (1.0 - lr * evals / n) ** steps
+            limit = lr * steps / n
+        # Θ^{-1}(1 − e^{−tΘ/N}) stays finite as λ → 0: its limit is t/N
+        safe = torch.where(evals > 0, decay / evals.clamp_min(1e-300), torch.full_like(evals, limit))
+        projected = evecs.T @ residual
+        coef = evecs @ (safe[:, None] * projected)
+        fit_train = evecs @ (decay[:, None] * projected)
+    f_train = f0_train + fit_train.reshape(n, o)
+    f_test = f0_test + (ks @ coef).reshape(m, o)
+    if squeeze:
+        return f_train[:, 0], f_test[:, 0]
+    return f_train, f_test
+
+
+def prediction_agreement(a: torch.Tensor, b: torch.Tensor) -> Dict[str, float]:
+    """How closely two predictors agree on the same inputs (e.g. the trained network and
+    NTK kernel regression).
+
+    Args:
+        a, b: ``[M, O]`` outputs (O ≥ 2 for the class agreement).
+
+    Returns:
+        ``{"relative_difference": ‖a − b‖_F / ‖b‖_F, "class_agreement": share of rows whose
+        argmax agrees}`` (class agreement only when O ≥ 2).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    result = {"relative_difference": torch.linalg.norm(a - b).item()
+              / _nonzero_norm(torch.linalg.norm(b).item(), "b")}
+    if a.dim() == 2 and a.shape[1] >= 2:
+        result["class_agreement"] = (a.argmax(1) == b.argmax(1)).double().mean().item()
+    return result

@@ -1,0 +1,288 @@
+"""`RegimeMonitor`: record the regime metrics of a network while it trains, and give a verdict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+from lazykernel.analysis import metrics
+from lazykernel.ntk import ntk as empirical_ntk
+
+__all__ = ["RegimeMonitor", "Verdict"]
+
+
+@dataclass
+class Verdict:
+    """The regime a monitored run was in.
+
+    Attributes:
+        label: ``"lazy"``, ``"feature-learning"`` or ``"mixed"``.
+        scores: the last recorded relative kernel change, linearization gap and
+            parameter movement (keys as in the table).
+        thresholds: ``{"lazy_below": …, "feature_learning_above": …}``.
+        reason: one sentence saying which score decided.
+    """
+
+    label: str
+    scores: Dict[str, float]
+    thresholds: Dict[str, float]
+    reason: str = field(default="")
+
+
+def _last_linear(model: nn.Module) -> Optional[str]:
+    names = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    return names[-1] if names else None
+
+
+class RegimeMonitor:
+    """Snapshot a model at initialization and measure, during training, how far it moves.
+
+    At construction it stores θ0 (the trainable parameters), the empirical NTK of the probe
+    inputs ``K0 = ntk(model, probe_x)``, the outputs ``f(θ0)`` on held-out inputs and the
+    chosen hidden representations of the probe. Each record then computes, with the
+    definitions of :mod:`lazykernel.analysis.metrics`:
+
+    * ``kernel_distance`` and ``relative_kernel_change`` of the probe NTK to K0;
+    * ``kernel_alignment``: centered kernel–target alignment of the NTK (with ``probe_y``);
+    * ``parameter_movement`` ``‖θ − θ0‖/‖θ0‖`` and ``parameter_movement/<name>`` per tensor;
+    * ``linearization_gap`` on the held-out inputs, with ``f_lin`` from one
+      ``torch.func.jvp`` at θ0 along ``θ − θ0``;
+    * ``cka/<layer>``: linear CKA of each chosen representation to its value at θ0;
+    * any extra scalars passed to :meth:`step` (e.g. the loss).
+
+    Cost per record: one NTK of the probe (``[P, P]``, P = len(probe_x)), one JVP and
+    one forward on the held-out inputs; keep P small (64–256) and ``every`` large enough.
+
+    Args:
+        model: the ``nn.Module`` being trained (``model(x)``: ``[N, *in] → [N, *out]``).
+        probe_x: ``[P, *in]`` inputs for the NTK and the representations.
+        probe_y: ``[P]`` or ``[P, C]`` targets for the kernel alignment (optional).
+        every: record every this many calls of :meth:`step` (default 10).
+        heldout_x: ``[M, *in]`` inputs for the linearization gap (default ``probe_x``).
+        layers: names of modules (``model.named_modules()``) whose *inputs* are the
+            representations to compare by CKA; default the input of the last
+            ``nn.Linear``/``nn.Conv2d`` (the features the read-out sees); ``()`` for none.
+        params: which parameters count, as in :func:`lazykernel.ntk` (default all trainable).
+        ntk_output: output mode of the probe NTK (default ``"trace"``).
+
+    Use as ``monitor.step(step, loss=…)`` after each optimizer step, or as a context
+    manager (``with RegimeMonitor(...) as monitor:``), which records the final state on
+    exit. :meth:`table` returns the records, :meth:`save_csv`/:meth:`save_json` write them,
+    and :meth:`verdict` classifies the run.
+    """
+
+    def __init__(self, model: nn.Module, probe_x: torch.Tensor, probe_y: Optional[torch.Tensor] = None, *,
+                 every: int = 10, heldout_x: Optional[torch.Tensor] = None,
+                 layers: Optional[Sequence[str]] = None, params=None, ntk_output: str = "trace"):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every must be an integer ≥ 1, got {every!r}")
+        if not torch.is_tensor(probe_x) or probe_x.dim() < 1 or probe_x.shape[0] < 2:
+            raise ValueError("probe_x must be a [P, *in] tensor with P ≥ 2")
+        if probe_y is not None and (not torch.is_tensor(probe_y) or probe_y.shape[0] != probe_x.shape[0]):
+            raise ValueError("probe_y must be a tensor with one row per probe input")
+        self.model = model
+        self.probe_x = probe_x
+        self.probe_y = probe_y
+        self.heldout_x = probe_x if heldout_x is None else heldout_x
+        self.every = every
+        self._params = params
+        self._output = ntk_output
+        modules = dict(model.named_modules())
+        if layers is None:
+            last = _last_linear(model)
+            layers = () if last is None else (last,)
+        for name in layers:
+            if name not in modules:
+                raise ValueError(f"layer {name!r} is not a module of the model; names are "
+                                 f"{[n for n in modules if n][:20]}")
+        self.layers = tuple(layers)
+        self._modules = modules
+        self._names = self._selected_names()
+        self._calls = 0
+        self._records: List[dict] = []
+        self._last_step: Optional[int] = None
+        with self._evaluating():
+            self.theta0 = {n: p.detach().clone() for n, p in self._current().items()}
+            self.k0 = empirical_ntk(model, probe_x, output=ntk_output, params=params)
+            self.f0 = self._outputs(self.heldout_x)
+            self.representations0 = self._representations()
+
+    # -- snapshots -----------------------------------------------------------------
+    def _selected_names(self) -> List[str]:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self._params is None:
+            chosen = named
+        elif callable(self._params):
+            chosen = [(n, p) for n, p in named if self._params(n, p)]
+        else:
+            wanted = {self._params} if isinstance(self._params, str) else set(self._params)
+            chosen = [(n, p) for n, p in named if n in wanted]
+        if not chosen:
+            raise ValueError("no trainable parameters selected")
+        return [n for n, _ in chosen]
+
+    def _current(self) -> Dict[str, torch.Tensor]:
+        named = dict(self.model.named_parameters())
+        return {n: named[n] for n in self._names}
+
+    class _Evaluating:
+        def __init__(self, model):
+            self.model = model
+
+        def __enter__(self):
+            self.was_training = self.model.training
+            self.model.eval()
+
+        def __exit__(self, *exc):
+            self.model.train(self.was_training)
+
+    def _evaluating(self):
+        # ntk() refuses training-mode BatchNorm/Dropout, and measurements should not see them.
+        return RegimeMonitor._Evaluating(self.model)
+
+    def _outputs(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x).detach().clone()
+
+    def _representations(self) -> Dict[str, torch.Tensor]:
+        captured: Dict[str, torch.Tensor] = {}
+        handles = []
+        for name in self.layers:
+            def hook(module, args, name=name):
+                captured[name] = args[0].detach().clone()
+            handles.append(self._modules[name].register_forward_pre_hook(hook))
+        try:
+            with torch.no_grad():
+                self.model(self.probe_x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+    def _linearized(self, current: Dict[str, torch.Tensor]) -> torch.Tensor:
+        tangent = {n: (current[n].detach() - self.theta0[n]) for n in self._names}
+
+        def f(values):
+            return functional_call(self.model, values, (self.heldout_x,))
+
+        with torch.no_grad():
+            f0, df = jvp(f, (self.theta0,), (tangent,))
+        return f0 + df
+
+    # -- recording -----------------------------------------------------------------
+    def step(self, step: Optional[int] = None, **extra: float) -> Optional[dict]:
+        """Count one optimizer step; record when the step number is a multiple of ``every``.
+
+        Args:
+            step: the step number (default: the number of calls so far, starting at 1).
+            extra: scalars to store in the record (e.g. ``loss=…``).
+
+        Returns:
+            The new record, or None when this step is not recorded.
+        """
+        self._calls += 1
+        step = self._calls if step is None else int(step)
+        if step % self.every != 0:
+            return None
+        return self.record(step, **extra)
+
+    def record(self, step: int, **extra: float) -> dict:
+        """Measure now and append a record ``{"step": step, metric: value, …}``; returns it."""
+        with self._evaluating():
+            current = self._current()
+            k1 = empirical_ntk(self.model, self.probe_x, output=self._output, params=self._params)
+            row = {"step": int(step)}
+            row["kernel_distance"] = metrics.kernel_distance(self.k0, k1)
+            row["relative_kernel_change"] = metrics.relative_kernel_change(self.k0, k1)
+            if self.probe_y is not None and k1.dim() == 2:
+                row["kernel_alignment"] = metrics.centered_kernel_alignment(k1, self.probe_y)
+            overall, per_tensor = metrics.parameter_movement(self.theta0, current)
+            row["parameter_movement"] = overall
+            for name, value in per_tensor.items():
+                row[f"parameter_movement/{name}"] = value
+            f = self._outputs(self.heldout_x)
+            row["linearization_gap"] = metrics.linearization_gap(f, self._linearized(current), self.f0)
+            for name, rep in self._representations().items():
+                row[f"cka/{name}"] = metrics.linear_cka(self.representations0[name], rep)
+        for key, value in extra.items():
+            row[key] = float(value.item() if torch.is_tensor(value) else value)
+        self._records.append(row)
+        self._last_step = int(step)
+        return row
+
+    def __enter__(self) -> "RegimeMonitor":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self._calls > 0 and self._last_step != self._calls:
+            self.record(self._calls)
+
+    # -- results -------------------------------------------------------------------
+    def table(self) -> List[dict]:
+        """The records so far, oldest first: a list of dicts (copies)."""
+        return [dict(row) for row in self._records]
+
+    def save_csv(self, path: str) -> None:
+        """Write the records to ``path`` as CSV, one row per record (union of the columns)."""
+        columns: List[str] = []
+        for row in self._records:
+            columns.extend(k for k in row if k not in columns)
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self._records)
+
+    def save_json(self, path: str) -> None:
+        """Write ``{"records": [...], "verdict": {...}}`` to ``path`` (the verdict if any record)."""
+        payload = {"records": self.table()}
+        if self._records:
+            v = self.verdict()
+            payload["verdict"] = {"label": v.label, "scores": v.scores, "thresholds": v.thresholds,
+                                  "reason": v.reason}
+        with open(path, "w") as handle:
+            json.dump(payload, handle, indent=2, allow_nan=True)
+
+    def verdict(self, lazy_below: float = 0.1, feature_learning_above: float = 0.3) -> Verdict:
+        """Classify the run from its last record.
+
+        The score is the larger of the relative kernel change ``‖K_t − K0‖_F/‖K0‖_F`` and the
+        linearization gap: both are 0 for a model that trains exactly as its linearization
+        (Jacot et al., 2018; Lee et al., 2019) and of order one when the features move.
+        ``lazy`` if the score is below ``lazy_below`` (default 0.1: the kernel and outputs
+        stay within 10 % of the linear model), ``feature-learning`` if it is above
+        ``feature_learning_above`` (default 0.3), ``mixed`` in between.
+
+        Raises:
+            RuntimeError: nothing recorded yet.
+        """
+        if not 0 < lazy_below <= feature_learning_above:
+            raise ValueError(f"need 0 < lazy_below ≤ feature_learning_above, got {lazy_below}, "
+                             f"{feature_learning_above}")
+        if not self._records:
+            raise RuntimeError("no record yet: call monitor.step(...) or monitor.record(step) first")
+        last = self._records[-1]
+        scores = {k: last[k] for k in ("relative_kernel_change", "linearization_gap", "parameter_movement")}
+        gap = scores["linearization_gap"]
+        candidates = {"relative kernel change": scores["relative_kernel_change"]}
+        if not math.isnan(gap):
+            candidates["linearization gap"] = gap
+        decider = max(candidates, key=candidates.get)
+        score = candidates[decider]
+        if score < lazy_below:
+            label = "lazy"
+        elif score > feature_learning_above:
+            label = "feature-learning"
+        else:
+            label = "mixed"
+        thresholds = {"lazy_below": lazy_below, "feature_learning_above": feature_learning_above}
+        reason = f"{decider} {score:.3g} at step {last['step']}"
+        return Verdict(label, scores, thresholds, reason)

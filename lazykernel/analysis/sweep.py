@@ -1,0 +1,168 @@
+"""`width_sweep`: train one architecture at several widths (and α, learning rates) and
+measure how the regime metrics scale."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from lazykernel.analysis import metrics
+from lazykernel.analysis.monitor import RegimeMonitor
+from lazykernel.analysis.parameterization import AlphaScaled, learning_rate, mlp
+from lazykernel.ntk import ntk as empirical_ntk
+
+__all__ = ["SweepResult", "width_sweep", "fit_power_law"]
+
+
+def fit_power_law(x: Sequence[float], y: Sequence[float]) -> Tuple[float, float]:
+    """Least-squares fit of ``log y = slope · log x + c``.
+
+    Args:
+        x, y: positive values, at least 3 pairs.
+
+    Returns:
+        ``(slope, standard_error)`` with the usual OLS standard error of the slope.
+    """
+    if len(x) != len(y) or len(x) < 3:
+        raise ValueError(f"need at least 3 (x, y) pairs of equal length, got {len(x)} and {len(y)}")
+    if any(not v > 0 for v in list(x) + list(y)):
+        raise ValueError("fit_power_law needs positive x and y")
+    lx = torch.tensor([math.log(v) for v in x], dtype=torch.float64)
+    ly = torch.tensor([math.log(v) for v in y], dtype=torch.float64)
+    dx = lx - lx.mean()
+    slope = ((dx * (ly - ly.mean())).sum() / (dx * dx).sum()).item()
+    residual = ly - ly.mean() - slope * dx
+    stderr = math.sqrt((residual * residual).sum().item() / (len(x) - 2) / (dx * dx).sum().item())
+    return slope, stderr
+
+
+@dataclass
+class SweepResult:
+    """What :func:`width_sweep` returns.
+
+    Attributes:
+        rows: one dict per run: its settings (``width``, ``alpha``, ``base_lr``, ``lr``,
+            ``parameterization``), the last record of its monitor, ``verdict``, the final
+            ``train_loss``, ``test_accuracy`` of the network and, with kernel regression,
+            ``kernel_test_accuracy`` and the agreement (``kernel_relative_difference``,
+            ``kernel_class_agreement``).
+        histories: the monitor's table of each run, in the order of ``rows``.
+    """
+
+    rows: List[dict] = field(default_factory=list)
+    histories: List[List[dict]] = field(default_factory=list)
+
+    def fit(self, metric: str, **where) -> Tuple[float, float]:
+        """Slope and standard error of ``log(metric)`` against ``log(width)`` over the rows
+        matching ``where`` (e.g. ``alpha=None``)."""
+        rows = [r for r in self.rows if all(r.get(k) == v for k, v in where.items())]
+        return fit_power_law([r["width"] for r in rows], [r[metric] for r in rows])
+
+
+def _accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
+    return (outputs.argmax(1) == labels).double().mean().item()
+
+
+def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
+                widths: Sequence[int], parameterization: str = "ntk", depth: int = 1,
+                activation: str = "relu", alphas: Sequence[Optional[float]] = (None,),
+                base_lrs: Sequence[float] = (1.0,), steps: int = 200, every: Optional[int] = None,
+                probe_size: int = 64, seed: int = 0, sigma_w: float = 1.0, sigma_b: float = 0.0,
+                kernel_regression: bool = True, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                progress=None) -> SweepResult:
+    """Train an MLP at each width × α × learning rate with full-batch gradient descent on
+    ``L = (1/2N) Σ_i ‖f(x_i) − y_i‖²`` and a :class:`RegimeMonitor` attached.
+
+    Every run starts from the same seed. With ``alpha`` not None the network is the
+    α-scaled model :class:`AlphaScaled` trained with learning rate ``lr / α²``; the
+    learning rate is :func:`learning_rate` ``(parameterization, base_lr, width)``.
+    With ``kernel_regression``, the predictions of the linearized network at the same
+    number of gradient-descent steps, from the NTK at initialization
+    (:func:`metrics.ntk_regression`, the
+    trace kernel divided by the number of outputs), are compared with the network's.
+
+    Args:
+        train_x: ``[N, d]``; train_y: ``[N]`` integer class labels (one-hot targets are
+            regressed). test_x: ``[M, d]``; test_y: ``[M]``.
+        widths: hidden widths. parameterization, depth, activation, sigma_w, sigma_b:
+            as in :func:`mlp`. alphas: α values (None: the plain network).
+        base_lrs: learning rates before the width/α scaling. steps: GD steps per run.
+        every: monitor interval (default ``steps // 10``). probe_size: probe inputs
+            (the first ``probe_size`` training inputs) and held-out inputs (the first
+            ``probe_size`` test inputs). seed: initialization seed.
+        device, dtype: where and in what precision to train.
+        progress: a callable ``(done, total, description)`` called after each run.
+
+    Returns:
+        A :class:`SweepResult`.
+    """
+    if not widths:
+        raise ValueError("widths must not be empty")
+    if steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    if train_y.dim() != 1 or test_y.dim() != 1:
+        raise ValueError("train_y and test_y must be [N] integer class labels")
+    classes = int(max(train_y.max().item(), test_y.max().item())) + 1
+    every = every or max(1, steps // 10)
+    train_x = train_x.to(device=device, dtype=dtype)
+    test_x = test_x.to(device=device, dtype=dtype)
+    train_y = train_y.to(device)
+    test_y = test_y.to(device)
+    targets = torch.nn.functional.one_hot(train_y, classes).to(dtype)
+    probe_x, probe_t = train_x[:probe_size], targets[:probe_size]
+    heldout = test_x[:probe_size]
+    runs = list(itertools.product(widths, alphas, base_lrs))
+    result = SweepResult()
+    for index, (width, alpha, base_lr) in enumerate(runs):
+        model = mlp(train_x.shape[1], width, classes, depth=depth, parameterization=parameterization,
+                    activation=activation, sigma_w=sigma_w, sigma_b=sigma_b, seed=seed)
+        model = model.to(device=device, dtype=dtype)
+        lr = learning_rate(parameterization, base_lr, width)
+        if alpha is not None:
+            model = AlphaScaled(model, alpha)
+            lr = model.learning_rate(lr)
+        if kernel_regression:
+            with torch.no_grad():
+                f0_train, f0_test = model(train_x), model(test_x)
+            k_train = empirical_ntk(model, train_x) / classes
+            k_test = empirical_ntk(model, test_x, train_x) / classes
+        monitor = RegimeMonitor(model, probe_x, probe_t, every=every, heldout_x=heldout)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        loss = torch.tensor(float("nan"))
+        with monitor:
+            for step in range(1, steps + 1):
+                optimizer.zero_grad(set_to_none=True)
+                loss = 0.5 * ((model(train_x) - targets) ** 2).sum(1).mean()
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"training diverged at width {width}, alpha {alpha}, lr {lr:g} "
+                                       f"(step {step}); lower base_lrs")
+                loss.backward()
+                optimizer.step()
+                monitor.step(step, loss=loss.item())
+        row = {"parameterization": parameterization, "width": width, "alpha": alpha, "base_lr": base_lr,
+               "lr": lr, "steps": steps}
+        row.update({k: v for k, v in monitor.table()[-1].items() if k != "step"})
+        verdict = monitor.verdict()
+        row["verdict"] = verdict.label
+        with torch.no_grad():
+            row["train_loss"] = 0.5 * ((model(train_x) - targets) ** 2).sum(1).mean().item()
+            out_test = model(test_x)
+        out_test = out_test.cpu()
+        row["test_accuracy"] = _accuracy(out_test, test_y.cpu())
+        if kernel_regression:
+            _, kr_test = metrics.ntk_regression(k_train, k_test, targets, f0_train, f0_test, lr=lr, steps=steps)
+            kr_test = kr_test.cpu()
+            row["kernel_test_accuracy"] = _accuracy(kr_test, test_y.cpu())
+            agreement = metrics.prediction_agreement(out_test, kr_test)
+            row["kernel_relative_difference"] = agreement["relative_difference"]
+            row["kernel_class_agreement"] = agreement["class_agreement"]
+        result.rows.append(row)
+        result.histories.append(monitor.table())
+        if progress is not None:
+            progress(index + 1, len(runs), f"{parameterization} width {width}"
+                     + ("" if alpha is None else f" alpha {alpha:g}"))
+    return result
