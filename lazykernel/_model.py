@@ -136,6 +136,13 @@ def check_eval_mode(module: nn.Module) -> None:
                     "statistics, which couples examples and makes the per-example NTK "
                     "undefined. Call model.eval() first (and use track_running_stats=True)."
                 )
+        if isinstance(sub, nn.Embedding) and sub.scale_grad_by_freq:
+            raise ValueError(
+                f"module {label!r} (Embedding, scale_grad_by_freq=True) divides its gradients by "
+                "how often each token occurs in the batch, so what autograd reports is not the "
+                "derivative of the model and the NTK would depend on how examples are batched. "
+                "Set scale_grad_by_freq=False (it only changes training, not the model)."
+            )
         if isinstance(sub, nn.MultiheadAttention) and sub.training and sub.dropout > 0:
             raise ValueError(
                 f"module {label!r} (MultiheadAttention, dropout={sub.dropout}) drops attention "

@@ -85,10 +85,11 @@ def ntk(
     call = _prepare(model, x1, x2, output, method, params, batch_size, memory_budget)
     result = torch.zeros(call.shape, dtype=call.compute_dtype, device=call.device)
     if call.n1 and call.n2:
-        engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
-                              call.n1, call.n2, call.budget, call.elt)
-        _run_tiles(engine, x1, call.x2, call.symmetric, result, call.mode, call.budget, call.elt,
-                   batch_size, progress)
+        with explicit_attention(call.adapter.module):
+            engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
+                                  call.n1, call.n2, call.budget, call.elt)
+            _run_tiles(engine, x1, call.x2, call.symmetric, result, call.mode, call.budget, call.elt,
+                       batch_size, progress)
     return result.to(call.dtype)
 
 

@@ -18,6 +18,7 @@ import torch
 from lazykernel import _memory
 from lazykernel._model import ParamSelection
 from lazykernel._structured import is_deferred, term_cost
+from lazykernel.rules import explicit_attention
 from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _prepare, _StructuredEngine,
                             _make_engine, _plan_chunks)
 
@@ -132,22 +133,23 @@ def plan(
     if not (call.n1 and call.n2):
         report.peak_bytes = result_bytes
         return report
-    engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
-                          call.n1, call.n2, call.budget, call.elt)
-    report.method = engine.name
-    cell = math.prod(call.shape[2:]) if len(call.shape) > 2 else 1
-    b1, b2 = _plan_chunks(engine, call.n1, call.n2, cell * call.elt, call.budget, batch_size,
-                          call.symmetric)
-    if call.symmetric:
-        b1 = b2 = min(b1, b2)
-    report.chunks = (b1, b2)
-    pairs, featurised, block_examples = _schedule(call.n1, call.n2, b1, b2, call.symmetric)
-    probe = x1[:_PROBE_EXAMPLES]
-    report.forward_flops = _counted_flops(lambda: call.adapter.forward(probe)) / probe.shape[0]
-    report.operand_flops = featurised * _counted_flops(lambda: engine.features(probe)) / probe.shape[0]
-    report.groups = _groups(engine, call.mode, call.outputs, pairs, block_examples, b1 + b2, call.elt,
-                            report.forward_flops)
-    report.flops = report.operand_flops + sum(g.flops for g in report.groups)
+    with explicit_attention(call.adapter.module):
+        engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
+                              call.n1, call.n2, call.budget, call.elt)
+        report.method = engine.name
+        cell = math.prod(call.shape[2:]) if len(call.shape) > 2 else 1
+        b1, b2 = _plan_chunks(engine, call.n1, call.n2, cell * call.elt, call.budget, batch_size,
+                              call.symmetric)
+        if call.symmetric:
+            b1 = b2 = min(b1, b2)
+        report.chunks = (b1, b2)
+        pairs, featurised, block_examples = _schedule(call.n1, call.n2, b1, b2, call.symmetric)
+        probe = x1[:_PROBE_EXAMPLES]
+        report.forward_flops = _counted_flops(lambda: call.adapter.forward(probe)) / probe.shape[0]
+        report.operand_flops = featurised * _counted_flops(lambda: engine.features(probe)) / probe.shape[0]
+        report.groups = _groups(engine, call.mode, call.outputs, pairs, block_examples, b1 + b2, call.elt,
+                                report.forward_flops)
+        report.flops = report.operand_flops + sum(g.flops for g in report.groups)
     if call.symmetric and b1 >= call.n1:
         operands = b1 * engine.bytes_per_example(0)       # one chunk serves both sides
     else:

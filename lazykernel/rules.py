@@ -756,10 +756,15 @@ class MultiheadAttentionRule(StructuredRule):
     def attach(self):
         self.clear()
         # an instance attribute shadows the class's forward for the capture only
+        self._previous = self.module.__dict__.get("forward")
         self.module.forward = self._forward
 
     def detach(self):
-        self.module.__dict__.pop("forward", None)
+        if getattr(self, "_previous", None) is not None:
+            self.module.forward = self._previous
+        else:
+            self.module.__dict__.pop("forward", None)
+        self._previous = None
 
     def clear(self):
         super().clear()
@@ -900,9 +905,14 @@ def explicit_attention(root: Optional[nn.Module]):
                     and MultiheadAttentionRule.supports(module)):
                 module.forward = functools.partial(attention_forward, module, None)
                 patched.append(module)
+    # the fused inference path of transformer layers has no forward-mode or
+    # batching rules either; its unfused path computes the same function
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for module in patched:
             module.__dict__.pop("forward", None)
 

@@ -277,3 +277,27 @@ def test_functional_model_with_batched_products_uses_the_broadcast_rule():
     assert {g.rule for g in plan.groups} == {"BroadcastParameterRule"}
     assert_close_to_reference(lazykernel.ntk(fn, x, params=params, output="full"),
                               reference_ntk(fn, x, output="full", params_selection=params), torch.float64)
+
+
+@pytest.mark.parametrize("layer", ["attention", "encoder"])
+def test_ntvp_runs_through_attention_and_encoder_layers(layer):
+    # forward-mode AD has no rule for the fused CPU attention kernels; the
+    # explicit products compute the same function
+    torch.manual_seed(8)
+    if layer == "attention":
+        model = Attention()
+    else:
+        model = nn.Sequential(nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0, batch_first=True),
+                              nn.Flatten(), nn.Linear(30, 3))
+    model = model.double().eval()
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    for output in OUTPUTS:
+        assert_close_to_reference(lazykernel.ntk(model, x, output=output, method="ntvp"),
+                                  reference_ntk(model, x, output=output), torch.float64)
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_embedding_with_scale_grad_by_freq_is_refused():
+    model = nn.Sequential(nn.Embedding(6, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(ValueError, match="scale_grad_by_freq=True.*Set scale_grad_by_freq=False"):
+        lazykernel.ntk(model, torch.tensor([[1, 1, 2, 3], [0, 1, 1, 1]]))
