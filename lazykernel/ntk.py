@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -74,6 +74,34 @@ def ntk(
             parameters, training-mode BatchNorm/Dropout, NaN or Inf, or a
             ``memory_budget`` too small for one example.
     """
+    setup = _prepare(model, x1, x2, output, method, params, batch_size, memory_budget)
+    result = torch.zeros(setup.shape, dtype=setup.compute_dtype, device=setup.device)
+    if setup.engine is not None:
+        _run_tiles(setup.engine, x1, setup.x2, setup.symmetric, result, setup.mode, setup.budget,
+                   setup.elt, batch_size, progress)
+    return result.to(setup.dtype)
+
+
+class _Setup(NamedTuple):
+    """A validated call: what every way of computing the kernel starts from."""
+
+    adapter: ModelAdapter
+    engine: Optional["_Engine"]  # None when the kernel is empty
+    x2: torch.Tensor  # x1 itself when symmetric
+    symmetric: bool
+    mode: str  # the output mode actually computed ("trace" when O = 1)
+    outputs: int
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    compute_dtype: torch.dtype
+    device: torch.device
+    budget: float
+    elt: int
+
+
+def _prepare(model, x1, x2, output: str, method: str, params: ParamSelection,
+             batch_size: Optional[int], memory_budget: Optional[float]) -> _Setup:
+    """Check the arguments of a kernel computation and build its engine."""
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}; expected one of {OUTPUTS}")
     if method not in METHODS:
@@ -104,11 +132,13 @@ def ntk(
     elt = torch.empty((), dtype=compute_dtype).element_size()
 
     shape = _result_shape(n1, n2, outputs, mode)
-    result = torch.zeros(shape, dtype=compute_dtype, device=device)
+    engine = None
     if n1 and n2:
         engine = _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget, elt)
-        _run_tiles(engine, x1, x2_, symmetric, result, mode, budget, elt, batch_size, progress)
-    return result.to(dtype)
+    return _Setup(adapter, engine, x2_, symmetric, mode, outputs, shape, dtype, compute_dtype, device,
+                  budget, elt)
+
+
 
 
 # -- validation ------------------------------------------------------------------
@@ -325,13 +355,20 @@ def _plan_chunks(engine: _Engine, n1: int, n2: int, cell_bytes: float, budget: f
     return b1, b2
 
 
+def _tile_sizes(engine: _Engine, n1: int, n2: int, symmetric: bool, cell_bytes: float, budget: float,
+                batch_size: Optional[int]) -> Tuple[int, int]:
+    """Rows and columns of one tile; a symmetric kernel needs square tiles to mirror them."""
+    b1, b2 = _plan_chunks(engine, n1, n2, cell_bytes, budget, batch_size)
+    if symmetric:
+        b1 = b2 = min(b1, b2)
+    return b1, b2
+
+
 def _run_tiles(engine: _Engine, x1, x2, symmetric: bool, result: torch.Tensor, mode: str,
                budget: float, elt: int, batch_size: Optional[int], progress: bool) -> None:
     n1, n2 = x1.shape[0], x2.shape[0]
     cell = math.prod(result.shape[2:]) if result.dim() > 2 else 1
-    b1, b2 = _plan_chunks(engine, n1, n2, cell * elt, budget, batch_size)
-    if symmetric:
-        b1 = b2 = min(b1, b2)
+    b1, b2 = _tile_sizes(engine, n1, n2, symmetric, cell * elt, budget, batch_size)
     starts1 = list(range(0, n1, b1))
     starts2 = list(range(0, n2, b2))
     pairs = [(i, j) for i in starts1 for j in starts2 if not symmetric or j >= i]
