@@ -221,8 +221,8 @@ def _open_or_create(paths: _StorePaths, call: dict, setup, batch_size: Optional[
     manifest = _read_manifest(paths) if if_exists != "overwrite" else None
     if manifest is not None:
         if if_exists == "error":
-            raise ValueError(f"{paths.data} already holds a kernel store; pass if_exists='resume' to "
-                             "continue it or if_exists='overwrite' to discard it")
+            raise ValueError(f"{paths.data} already holds a kernel store; pass if_exists='resume' "
+                             "(--resume) to continue it or if_exists='overwrite' (--overwrite) to discard it")
         _check_same_call(paths, manifest, call)
         if not _data_file_intact(paths, manifest):
             # The manifest outlived its data file: nothing recorded is trustworthy.
@@ -230,7 +230,7 @@ def _open_or_create(paths: _StorePaths, call: dict, setup, batch_size: Optional[
         return manifest
     if if_exists != "overwrite" and (os.path.exists(paths.data) or os.path.exists(paths.tiles)):
         raise ValueError(f"{paths.data} exists but has no manifest {paths.manifest}, so it was not "
-                         "written by lazykernel.ntk_to_disk; move it away or pass if_exists='overwrite'")
+                         "written by lazykernel.ntk_to_disk; move it away or pass if_exists='overwrite' (--overwrite)")
     n1, n2 = setup.shape[0], setup.shape[1]
     tile_rows = tile_cols = 1
     if setup.engine is not None:
@@ -260,7 +260,7 @@ def _check_same_call(paths: _StorePaths, manifest: dict, call: dict) -> None:
                         for field in differing)
     raise ValueError(
         f"{paths.data} was made by a different call and cannot be continued: {details} differ. "
-        "Use another `out`, or pass if_exists='overwrite' to discard the stored kernel."
+        "Use another `out`, or pass if_exists='overwrite' (--overwrite) to discard the stored kernel."
     )
 
 
@@ -355,6 +355,7 @@ def _compute_tiles(engine: _Engine, x1, x2, grid: _TileGrid, todo: List[int], pa
     cell = math.prod(cell_shape)
     dtype = engine.dtype
     elt = torch.empty((), dtype=dtype).element_size()
+    _drop_torn_line(paths.log(rank))
     with open(paths.data, "rb+") as data, open(paths.log(rank), "ab") as log:
         np.lib.format.read_magic(data)
         header_end = _read_header_end(data)
@@ -390,6 +391,17 @@ def _compute_tiles(engine: _Engine, x1, x2, grid: _TileGrid, todo: List[int], pa
             os.fsync(log.fileno())
             bar.update(rows * cols * (1 if same or not grid.symmetric else 2))
         bar.close()
+
+
+def _drop_torn_line(log_path: str) -> None:
+    """Cut a last line an interruption left without its newline, before appending after it."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path, "rb+") as f:
+        text = f.read()
+        if text and not text.endswith(b"\n"):
+            f.truncate(text.rfind(b"\n") + 1)
+            os.fsync(f.fileno())
 
 
 def _read_header_end(f) -> int:
