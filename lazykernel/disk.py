@@ -25,14 +25,14 @@ import json
 import math
 import os
 import time
-from typing import List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
 
 from lazykernel import distributed
 from lazykernel._model import ParamSelection, model_tensors
-from lazykernel.ntk import _Engine, _prepare, _tile_sizes
+from lazykernel.ntk import _Engine, _prepare, _tile_bytes, _tile_sizes
 
 _FORMAT = "lazykernel.ntk_to_disk/1"
 IF_EXISTS = ("resume", "overwrite", "error")
@@ -140,8 +140,8 @@ def ntk_to_disk(
         mine = [k for k in range(grid.count) if k % world == rank and k not in done]
         owned = sum(1 for k in range(grid.count) if k % world == rank)
         if mine:
-            _compute_tiles(setup.engine, x1, setup.x2, grid, mine, paths, rank, world,
-                           owned - len(mine), owned, progress)
+            bar = _TileProgress(owned, owned - len(mine), rank, world, progress)
+            _compute_tiles(setup.engine, x1, setup.x2, grid, mine, paths, setup.budget, bar, rank)
         distributed.barrier()
         missing = None
         if rank == 0:
@@ -230,7 +230,8 @@ def _open_or_create(paths: _StorePaths, call: dict, setup, batch_size: Optional[
         return manifest
     if if_exists != "overwrite" and (os.path.exists(paths.data) or os.path.exists(paths.tiles)):
         raise ValueError(f"{paths.data} exists but has no manifest {paths.manifest}, so it was not "
-                         "written by lazykernel.ntk_to_disk; move it away or pass if_exists='overwrite' (--overwrite)")
+                         "written by lazykernel.ntk_to_disk; move it away or pass "
+                         "if_exists='overwrite' (--overwrite)")
     n1, n2 = setup.shape[0], setup.shape[1]
     tile_rows = tile_cols = 1
     if setup.engine is not None:
@@ -349,48 +350,82 @@ class _TileGrid:
 
 
 def _compute_tiles(engine: _Engine, x1, x2, grid: _TileGrid, todo: List[int], paths: _StorePaths,
-                   rank: int, world: int, already: int, owned: int, progress: bool) -> None:
+                   budget: float, bar: "_TileProgress", rank: int) -> None:
+    """Compute the tiles ``todo`` and write each one durably before recording it.
+
+    Tiles are taken in panels of consecutive rows: the features of every row
+    chunk of a panel stay in memory while the columns are swept, so a column
+    chunk's features are computed once per panel instead of once per tile.
+    How many rows a panel holds only changes the order of the tiles, never a
+    tile's arithmetic, so it may follow the memory left over by one tile.
+    """
     n1, n2 = grid.shape[0], grid.shape[1]
     cell_shape = grid.shape[2:]
     cell = math.prod(cell_shape)
-    dtype = engine.dtype
-    elt = torch.empty((), dtype=dtype).element_size()
+    elt = torch.empty((), dtype=engine.dtype).element_size()
+    by_row: Dict[int, List[Tuple[int, int]]] = {}
+    for k in todo:
+        i, j = grid.tiles[k]
+        by_row.setdefault(i, []).append((k, j))
+    row_starts = sorted(by_row)
+    spare = budget - _tile_bytes(engine, grid.rows, grid.cols, cell * elt)
     _drop_torn_line(paths.log(rank))
     with open(paths.data, "rb+") as data, open(paths.log(rank), "ab") as log:
-        np.lib.format.read_magic(data)
-        header_end = _read_header_end(data)
-        writer = _TileWriter(data.fileno(), header_end, n2, cell, elt)
-        bar = _TileProgress(owned, already, rank, world, progress)
+        writer = _TileWriter(data.fileno(), _read_header_end(data), n2, cell, elt)
         cached2 = engine.features(x2) if (not grid.symmetric and grid.cols >= n2) else None
-        current_i, f1 = None, None
-        for k in todo:
-            i, j = grid.tiles[k]
-            if i != current_i:
-                current_i, f1 = i, engine.features(x1[i:i + grid.rows])
-            same = grid.symmetric and i == j
-            if same:
-                f2 = f1
-            elif cached2 is not None:
-                f2 = cached2
-            else:
-                f2 = engine.features(x2[j:j + grid.cols])
-            rows, cols = min(grid.rows, n1 - i), min(grid.cols, n2 - j)
-            block = torch.zeros((rows, cols) + cell_shape, dtype=dtype, device=x1.device)
-            engine.block(f1, f2, same, block)
-            host = block.cpu().numpy()
-            writer.write(host, i, j)
-            if grid.symmetric and not same:
-                mirrored = host.swapaxes(0, 1)
-                if len(cell_shape) == 2:
-                    mirrored = mirrored.swapaxes(2, 3)
-                writer.write(np.ascontiguousarray(mirrored), j, i)
-            os.fsync(data.fileno())
-            # Only now, with the tile's bytes durable, may the tile count as done.
-            log.write(f"{k}\n".encode())
-            log.flush()
-            os.fsync(log.fileno())
-            bar.update(rows * cols * (1 if same or not grid.symmetric else 2))
+        first = row_starts[0]
+        rows_features = {first: engine.features(x1[first:first + grid.rows])}
+        panel_rows = 1
+        if cached2 is None:
+            panel_rows += int(max(0.0, spare) // max(1, _features_bytes(rows_features[first])))
+        position = 0
+        while position < len(row_starts):
+            panel = row_starts[position:position + panel_rows]
+            for i in panel:
+                if i not in rows_features:
+                    rows_features[i] = engine.features(x1[i:i + grid.rows])
+            position += len(panel)
+            for j in sorted({j for i in panel for _, j in by_row[i]}):
+                f2 = None
+                if grid.symmetric and j in rows_features:
+                    f2 = rows_features[j]
+                elif cached2 is not None:
+                    f2 = cached2
+                else:
+                    f2 = engine.features(x2[j:j + grid.cols])
+                for i in panel:
+                    for k, column in by_row[i]:
+                        if column != j:
+                            continue
+                        rows, cols = min(grid.rows, n1 - i), min(grid.cols, n2 - j)
+                        same = grid.symmetric and i == j
+                        block = torch.zeros((rows, cols) + cell_shape, dtype=engine.dtype, device=x1.device)
+                        engine.block(rows_features[i], f2, same, block)
+                        _write_tile(writer, data, log, block.cpu().numpy(), i, j, k, grid.symmetric and not same)
+                        bar.update(rows * cols * (1 if same or not grid.symmetric else 2))
+            rows_features = {}
         bar.close()
+
+
+def _write_tile(writer: "_TileWriter", data, log, host: np.ndarray, i: int, j: int, k: int,
+                mirror: bool) -> None:
+    writer.write(host, i, j)
+    if mirror:
+        mirrored = host.swapaxes(0, 1)
+        if host.ndim == 4:
+            mirrored = mirrored.swapaxes(2, 3)
+        writer.write(np.ascontiguousarray(mirrored), j, i)
+    os.fsync(data.fileno())
+    # Only now, with the tile's bytes durable, may the tile count as done.
+    log.write(f"{k}\n".encode())
+    log.flush()
+    os.fsync(log.fileno())
+
+
+def _features_bytes(features) -> int:
+    if isinstance(features, torch.Tensor):
+        return features.numel() * features.element_size()
+    return sum(_features_bytes(part) for part in features)
 
 
 def _drop_torn_line(log_path: str) -> None:
@@ -405,6 +440,7 @@ def _drop_torn_line(log_path: str) -> None:
 
 
 def _read_header_end(f) -> int:
+    """Byte offset of the first element of a ``.npy`` file."""
     f.seek(0)
     version = np.lib.format.read_magic(f)
     if version == (1, 0):

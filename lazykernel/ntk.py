@@ -330,13 +330,17 @@ def _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget
 
 # -- tiling ----------------------------------------------------------------------
 
+def _tile_bytes(engine: _Engine, b1: int, b2: int, cell_bytes: float) -> float:
+    """Working memory of one tile: both chunks' features and passes, and the kernel block."""
+    return b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1) + b1 * b2 * cell_bytes
+
+
 def _plan_chunks(engine: _Engine, n1: int, n2: int, cell_bytes: float, budget: float,
                  batch_size: Optional[int]) -> Tuple[int, int]:
     """Chunk sizes (b1, b2) whose features and kernel block fit in ``budget``."""
 
     def cost(b1: int, b2: int) -> float:
-        return (b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1)
-                + b1 * b2 * cell_bytes)
+        return _tile_bytes(engine, b1, b2, cell_bytes)
 
     one = cost(1, 1)
     if one > budget:

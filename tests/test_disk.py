@@ -252,3 +252,23 @@ def test_cli_writes_the_kernel_and_resumes(tmp_path, monkeypatch, capsys):
 def _cli_error(run, args, capsys):
     assert run(args) == 2
     return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spare_chunks, order", [(0.5, [0, 1, 2, 3, 4, 5]), (1.5, [0, 1, 3, 2, 4, 5]),
+                                                 (9.0, [0, 1, 3, 2, 4, 5])])
+def test_panels_of_rows_follow_the_spare_memory_and_keep_the_values(tmp_path, spare_chunks, order):
+    from lazykernel.ntk import _prepare, _tile_bytes
+
+    model, x = _mlp(), _inputs(12)
+    engine = _prepare(model, x, None, "trace", "structured", None, 4, None).engine
+    features = engine.features(x[:4])
+    chunk_bytes = sum(t.numel() * t.element_size() for part in features for t in part)
+    budget = _tile_bytes(engine, 4, 4, 8) + spare_chunks * chunk_bytes
+    out = str(tmp_path / "K.npy")
+    kernel = lazykernel.ntk_to_disk(model, x, out=out, method="structured", batch_size=4, memory_budget=budget,
+                                    progress=False)
+    # tiles 0 (0,0), 1 (0,4), 2 (0,8), 3 (4,4), 4 (4,8), 5 (8,8); a panel of two rows sweeps column 4
+    # (tiles 1 and 3) before column 8 (tiles 2 and 4)
+    assert [int(k) for k in (Path(out + ".tiles") / "rank-0.log").read_text().split()] == order
+    torch.testing.assert_close(torch.from_numpy(np.array(kernel)), reference_ntk(model, x), rtol=1e-10,
+                               atol=1e-12)
