@@ -183,11 +183,11 @@ def _read_manifest(paths: _StorePaths) -> Optional[dict]:
     except (OSError, ValueError) as broken:
         raise ValueError(
             f"{paths.manifest} cannot be read as a lazykernel manifest ({broken}); delete it and "
-            f"{paths.data}, or pass if_exists='overwrite'"
+            f"{paths.data}, or pass if_exists='overwrite' (--overwrite)"
         ) from broken
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise ValueError(f"{paths.manifest} is not a manifest written by lazykernel.ntk_to_disk "
-                         f"(format {_FORMAT}); pass if_exists='overwrite' to replace it")
+                         f"(format {_FORMAT}); pass if_exists='overwrite' (--overwrite) to replace it")
     return manifest
 
 
