@@ -2,6 +2,7 @@
 
 Public API:
     ntk                       empirical NTK Gram matrix of a model
+    ntk_to_disk               the same, tile by tile into a .npy file: resumable, distributed
     plan, NTKPlan             what ntk will do for a call: rules, forms, FLOPs, memory
     gram_hadamard_accumulate  the fused structured-NTK kernel
     backend                   which compiled backend is in use
@@ -11,6 +12,7 @@ Public API:
 """
 
 from lazykernel._extension import BackendInfo, backend
+from lazykernel.disk import ntk_to_disk
 from lazykernel.ntk import ntk
 from lazykernel.ops import gram_hadamard_accumulate
 from lazykernel.planning import NTKPlan, PlanGroup, plan
@@ -20,4 +22,4 @@ from lazykernel.analysis import RegimeMonitor, width_sweep
 __version__ = "0.1.0"
 
 __all__ = ["BackendInfo", "NTKPlan", "PlanGroup", "RegimeMonitor", "analysis", "backend",
-           "gram_hadamard_accumulate", "infinite", "ntk", "plan", "width_sweep", "__version__"]
+           "gram_hadamard_accumulate", "infinite", "ntk", "ntk_to_disk", "plan", "width_sweep", "__version__"]

@@ -1,8 +1,9 @@
-"""Command line: ``lazykernel doctor`` and ``lazykernel demo`` (also ``python -m lazykernel ...``)."""
+"""Command line: ``lazykernel doctor``, ``lazykernel ntk`` and ``lazykernel demo`` (also ``python -m lazykernel ...``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import List, Optional
@@ -76,14 +77,118 @@ def _add_demo(commands) -> None:
     demo.set_defaults(run=_demo)
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _parse_bytes(text: str) -> int:
+    """``"8GB"``, ``"512MiB"``, ``"1e9"`` → bytes (decimal units for KB/MB/GB, binary for KiB/MiB/GiB)."""
+    stripped = text.strip().upper()
+    number = stripped.rstrip("KMGTIB")
+    unit = stripped[len(number):]
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r} as a size in bytes; write e.g. 8GB, 512MiB or 1000000000") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the memory budget must be positive, got {text!r}")
+    return int(value)
+
+
+def _load_factory(spec: str):
+    """``"package.module:factory"`` → the model ``factory()`` returns."""
+    import importlib
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--model must be module:factory (e.g. mypackage.models:make_mlp), got {spec!r}")
+    if os.getcwd() not in sys.path:
+        # a factory in a file next to the batch script, as `python -m` would find it
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot load the model factory {spec!r}: {error}") from error
+    return factory()
+
+
+def _ntk(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from lazykernel import distributed
+    from lazykernel.disk import ntk_to_disk
+
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other; pass one of them")
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dtype = getattr(torch, args.dtype)
+    model = _load_factory(args.model)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"the factory {args.model!r} must return an nn.Module, got {type(model).__name__}")
+    model = model.to(device=device, dtype=dtype).eval()
+
+    def load(path: str) -> torch.Tensor:
+        x = torch.from_numpy(np.load(path))
+        return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+
+    x1 = load(args.data)
+    x2 = load(args.data2) if args.data2 else None
+    created = distributed.init_from_environment(device)
+    try:
+        if_exists = "resume" if args.resume else "overwrite" if args.overwrite else "error"
+        kernel = ntk_to_disk(model, x1, x2, out=args.out, output=args.output, method=args.method,
+                             batch_size=args.batch_size, memory_budget=args.memory_budget,
+                             if_exists=if_exists, progress=not args.quiet)
+        if not args.quiet and distributed.rank_and_world()[0] == 0:
+            print(f"wrote {args.out}: {tuple(kernel.shape)} {kernel.dtype}", file=sys.stderr)
+    finally:
+        if created:
+            distributed.shutdown()
+    return 0
+
+
+def _add_ntk_command(commands) -> None:
+    ntk = commands.add_parser(
+        "ntk", help="compute an empirical NTK into a .npy file (resumable; torchrun for several processes)",
+        description="Compute the empirical NTK of model(x) over the inputs in a .npy file, tile by tile, "
+                    "into a .npy file with a manifest beside it. Under torchrun every rank computes its "
+                    "share of the tiles.")
+    ntk.add_argument("--model", required=True, help="module:factory, a function returning the nn.Module")
+    ntk.add_argument("--data", required=True, help=".npy file of inputs x1 [N1, *in]")
+    ntk.add_argument("--data2", help=".npy file of inputs x2 [N2, *in] (default: x1, symmetric kernel)")
+    ntk.add_argument("--out", required=True, help="output .npy file")
+    ntk.add_argument("--output", default="trace", choices=("trace", "diagonal", "full"))
+    ntk.add_argument("--method", default="auto", choices=("auto", "structured", "jacobian", "ntvp"))
+    ntk.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                     help="dtype the model and the inputs are converted to (default float32)")
+    ntk.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per rank, from LOCAL_RANK)")
+    ntk.add_argument("--memory-budget", type=_parse_bytes, default=None,
+                     help="working memory per process, e.g. 8GB (default: a quarter of what is free)")
+    ntk.add_argument("--batch-size", type=int, default=None, help="at most this many examples per tile side")
+    ntk.add_argument("--resume", action="store_true", help="continue the store at --out if it exists")
+    ntk.add_argument("--overwrite", action="store_true", help="discard the store at --out if it exists")
+    ntk.add_argument("--quiet", action="store_true", help="no progress bar")
+    ntk.set_defaults(run=_ntk)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="lazykernel", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     doctor = commands.add_parser("doctor", help="report the backend in use and self-check it")
     doctor.set_defaults(run=_doctor)
     _add_demo(commands)
+    _add_ntk_command(commands)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ValueError as error:
+        print(f"lazykernel {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

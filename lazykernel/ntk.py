@@ -6,7 +6,7 @@ import math
 import numbers
 import sys
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -82,15 +82,13 @@ def ntk(
             parameters, training-mode BatchNorm/Dropout, NaN or Inf, or a
             ``memory_budget`` too small for one example.
     """
-    call = _prepare(model, x1, x2, output, method, params, batch_size, memory_budget)
-    result = torch.zeros(call.shape, dtype=call.compute_dtype, device=call.device)
-    if call.n1 and call.n2:
-        with explicit_attention(call.adapter.module):
-            engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
-                                  call.n1, call.n2, call.budget, call.elt)
-            _run_tiles(engine, x1, call.x2, call.symmetric, result, call.mode, call.budget, call.elt,
-                       batch_size, progress)
-    return result.to(call.dtype)
+    setup = _setup(model, x1, x2, output, method, params, batch_size, memory_budget)
+    result = torch.zeros(setup.shape, dtype=setup.compute_dtype, device=setup.device)
+    if setup.engine is not None:
+        with explicit_attention(setup.adapter.module):
+            _run_tiles(setup.engine, x1, setup.x2, setup.symmetric, result, setup.mode, setup.budget,
+                       setup.elt, batch_size, progress)
+    return result.to(setup.dtype)
 
 
 @dataclass
@@ -147,6 +145,36 @@ def _prepare(model, x1, x2, output, method, params, batch_size, memory_budget) -
     elt = torch.empty((), dtype=compute_dtype).element_size()
     return _Call(adapter, x2_, symmetric, x1.shape[0], x2_.shape[0], mode, outputs, activations,
                  dtype, compute_dtype, elt, device, budget)
+
+
+class _Setup(NamedTuple):
+    """A validated call and its engine: what every way of computing the kernel starts from."""
+
+    adapter: ModelAdapter
+    engine: Optional["_Engine"]  # None when the kernel is empty
+    x2: torch.Tensor  # x1 itself when symmetric
+    symmetric: bool
+    mode: str  # the output mode actually computed ("trace" when O = 1)
+    outputs: int
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    compute_dtype: torch.dtype
+    device: torch.device
+    budget: float
+    elt: int
+
+
+def _setup(model, x1, x2, output: str, method: str, params: ParamSelection,
+           batch_size: Optional[int], memory_budget: Optional[float]) -> _Setup:
+    """`_prepare`, and the engine of the call (its rules checked on the probe examples)."""
+    call = _prepare(model, x1, x2, output, method, params, batch_size, memory_budget)
+    engine = None
+    if call.n1 and call.n2:
+        with explicit_attention(call.adapter.module):
+            engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
+                                  call.n1, call.n2, call.budget, call.elt)
+    return _Setup(call.adapter, engine, call.x2, call.symmetric, call.mode, call.outputs, call.shape,
+                  call.dtype, call.compute_dtype, call.device, call.budget, call.elt)
 
 
 # -- validation ------------------------------------------------------------------
@@ -385,13 +413,17 @@ def _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget
 
 # -- tiling ----------------------------------------------------------------------
 
+def _tile_bytes(engine: _Engine, b1: int, b2: int, cell_bytes: float) -> float:
+    """Working memory of one tile: both chunks' features and passes, and the kernel block."""
+    return b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1) + b1 * b2 * cell_bytes
+
+
 def _plan_chunks(engine: _Engine, n1: int, n2: int, cell_bytes: float, budget: float,
                  batch_size: Optional[int], symmetric: bool = False) -> Tuple[int, int]:
     """Chunk sizes (b1, b2) whose features and kernel block fit in ``budget``."""
 
     def cost(b1: int, b2: int) -> float:
-        return (b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1)
-                + b1 * b2 * cell_bytes)
+        return _tile_bytes(engine, b1, b2, cell_bytes)
 
     budget = budget * (1.0 - engine.reserve)
     if symmetric and (batch_size is None or batch_size >= n1) and n1 * engine.bytes_per_example(0) \
@@ -415,13 +447,20 @@ def _plan_chunks(engine: _Engine, n1: int, n2: int, cell_bytes: float, budget: f
     return b1, b2
 
 
+def _tile_sizes(engine: _Engine, n1: int, n2: int, symmetric: bool, cell_bytes: float, budget: float,
+                batch_size: Optional[int]) -> Tuple[int, int]:
+    """Rows and columns of one tile; a symmetric kernel needs square tiles to mirror them."""
+    b1, b2 = _plan_chunks(engine, n1, n2, cell_bytes, budget, batch_size, symmetric)
+    if symmetric:
+        b1 = b2 = min(b1, b2)
+    return b1, b2
+
+
 def _run_tiles(engine: _Engine, x1, x2, symmetric: bool, result: torch.Tensor, mode: str,
                budget: float, elt: int, batch_size: Optional[int], progress: bool) -> None:
     n1, n2 = x1.shape[0], x2.shape[0]
     cell = math.prod(result.shape[2:]) if result.dim() > 2 else 1
-    b1, b2 = _plan_chunks(engine, n1, n2, cell * elt, budget, batch_size, symmetric)
-    if symmetric:
-        b1 = b2 = min(b1, b2)
+    b1, b2 = _tile_sizes(engine, n1, n2, symmetric, cell * elt, budget, batch_size)
     starts1 = list(range(0, n1, b1))
     starts2 = list(range(0, n2, b2))
     pairs = [(i, j) for i in starts1 for j in starts2 if not symmetric or j >= i]

@@ -19,8 +19,8 @@ from lazykernel import _memory
 from lazykernel._model import ParamSelection
 from lazykernel._structured import is_deferred, term_cost
 from lazykernel.rules import explicit_attention
-from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _prepare, _StructuredEngine,
-                            _make_engine, _plan_chunks)
+from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _StructuredEngine, _plan_chunks,
+                            _setup)
 
 
 @dataclass
@@ -126,31 +126,31 @@ def plan(
     ``2·(N1+N2)·T·O·D·K + 2·N1·N2·m·D·K``, sparse embedding rows
     ``2·N1·N2·matches·m·D``; see ``lazykernel._structured.term_cost``.
     """
-    call = _prepare(model, x1, x2, output, method, params, batch_size, memory_budget)
+    call = _setup(model, x1, x2, output, method, params, batch_size, memory_budget)
     result_bytes = float(math.prod(call.shape) * call.elt)
     report = NTKPlan(method="structured" if method == "auto" else method, output=call.mode,
                      shape=call.shape, chunks=(0, 0), result_bytes=result_bytes)
-    if not (call.n1 and call.n2):
+    if call.engine is None:
         report.peak_bytes = result_bytes
         return report
+    engine = call.engine
+    n1, n2 = call.shape[0], call.shape[1]
     with explicit_attention(call.adapter.module):
-        engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
-                              call.n1, call.n2, call.budget, call.elt)
         report.method = engine.name
         cell = math.prod(call.shape[2:]) if len(call.shape) > 2 else 1
-        b1, b2 = _plan_chunks(engine, call.n1, call.n2, cell * call.elt, call.budget, batch_size,
+        b1, b2 = _plan_chunks(engine, n1, n2, cell * call.elt, call.budget, batch_size,
                               call.symmetric)
         if call.symmetric:
             b1 = b2 = min(b1, b2)
         report.chunks = (b1, b2)
-        pairs, featurised, block_examples = _schedule(call.n1, call.n2, b1, b2, call.symmetric)
+        pairs, featurised, block_examples = _schedule(n1, n2, b1, b2, call.symmetric)
         probe = x1[:_PROBE_EXAMPLES]
         report.forward_flops = _counted_flops(lambda: call.adapter.forward(probe)) / probe.shape[0]
         report.operand_flops = featurised * _counted_flops(lambda: engine.features(probe)) / probe.shape[0]
         report.groups = _groups(engine, call.mode, call.outputs, pairs, block_examples, b1 + b2, call.elt,
                                 report.forward_flops)
         report.flops = report.operand_flops + sum(g.flops for g in report.groups)
-    if call.symmetric and b1 >= call.n1:
+    if call.symmetric and b1 >= n1:
         operands = b1 * engine.bytes_per_example(0)       # one chunk serves both sides
     else:
         operands = b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1)

@@ -1,0 +1,495 @@
+"""`ntk_to_disk`: an empirical NTK larger than memory, written tile by tile, resumable.
+
+Layout of a store for ``out = "K.npy"``:
+
+* ``K.npy``: the kernel, a plain ``.npy`` file (``numpy.load(out, mmap_mode="r")``
+  reads it without loading it);
+* ``K.npy.manifest.json``: what was computed (shapes, dtype, output mode, method,
+  tile grid, memory budget, fingerprints of the model and of the inputs) and
+  whether it is complete; replaced atomically, never edited in place;
+* ``K.npy.tiles/rank-R.log``: the tiles rank R has finished, one index a line,
+  each appended only after the tile's bytes are on disk (``fsync``).
+
+The tile grid is a pure function of the call and is recorded in the manifest,
+so a rerun after any interruption computes exactly the tiles that are missing,
+with the same arithmetic, and the result is bit-identical to an uninterrupted
+run. Ranks of a ``torch.distributed`` job own tiles ``k ≡ rank (mod world)``
+and each appends to its own log, so no two processes ever write the same file
+region or the same log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional, Set, Tuple
+
+import numpy as np
+import torch
+
+from lazykernel import distributed
+from lazykernel._model import ParamSelection, model_tensors
+from lazykernel.ntk import _Engine, _setup, _tile_bytes, _tile_sizes
+from lazykernel.rules import explicit_attention
+
+_FORMAT = "lazykernel.ntk_to_disk/1"
+IF_EXISTS = ("resume", "overwrite", "error")
+# Fields of the manifest that must agree before a store may be continued.
+_CALL_FIELDS = ("shape", "dtype", "output", "method", "symmetric", "params", "model_fingerprint",
+                "inputs_fingerprint")
+_HASH_CHUNK_BYTES = 1 << 24
+
+
+def ntk_to_disk(
+    model,
+    x1: torch.Tensor,
+    x2: Optional[torch.Tensor] = None,
+    *,
+    out: str,
+    output: str = "trace",
+    method: str = "auto",
+    params: ParamSelection = None,
+    batch_size: Optional[int] = None,
+    memory_budget: Optional[float] = None,
+    if_exists: str = "resume",
+    progress: bool = True,
+) -> np.memmap:
+    """Empirical NTK ``Θ(x1, x2) = J(x1) J(x2)ᵀ`` computed into a ``.npy`` file.
+
+    The same kernel as `lazykernel.ntk` (Jacot, Gabriel & Hongler, 2018), for
+    kernels that do not fit in memory or take long enough that an interruption
+    must not lose the work. The kernel is computed in tiles sized by
+    ``memory_budget`` and each tile goes to disk as soon as it is done; the
+    whole kernel is never held in memory. With ``x2=None`` only tiles on and
+    above the diagonal are computed, and each is written to both halves.
+
+    Resumable: calling again with the same model, inputs and options after an
+    interruption (Ctrl-C, ``kill -9``, power loss) computes only the missing
+    tiles and gives a bit-identical file. A resumed run keeps the tile grid and
+    memory budget recorded when the store was created.
+
+    Distributed: inside a ``torch.distributed`` process group (e.g. launched
+    with ``torchrun``, gloo on CPU, NCCL on GPU) every rank must make the same
+    call with the same ``out`` on a shared file system; tile k goes to rank
+    ``k mod world``, rank 0 creates the store and marks it complete. A job
+    restarted after a rank died resumes like a single process does.
+
+    Args:
+        model, x1, x2, output, method, params, batch_size: as for `lazykernel.ntk`
+            (``x1: [N1, *in]``, ``x2: [N2, *in]``).
+        out: path of the ``.npy`` file; the manifest and the tile logs are
+            written beside it (``out + ".manifest.json"``, ``out + ".tiles/"``).
+        memory_budget: bytes of working memory per process (the kernel, which
+            is on disk, is not counted); default a quarter of the memory
+            available on the device.
+        if_exists: what to do when ``out`` already holds a store: ``"resume"``
+            (default) continues it if it was made by the same call and refuses
+            it otherwise; ``"overwrite"`` discards it; ``"error"`` refuses it.
+        progress: show a tqdm bar (per rank) with tiles done, kernel entries per
+            second and the estimated time left.
+
+    Returns:
+        The kernel as a read-only ``numpy.memmap`` of ``out``: ``[N1, N2]``
+        (trace), ``[N1, N2, O]`` (diagonal) or ``[N1, N2, O, O]`` (full), in
+        float64 for a float64 model and float32 otherwise.
+
+    Raises:
+        ValueError: everything `lazykernel.ntk` refuses; an unknown ``if_exists``;
+            ``out`` holding something that is not a store, or a store made by a
+            different call (other model parameters, inputs, output, method or
+            parameter selection), unless ``if_exists="overwrite"``; ranks of one
+            job making different calls.
+        RuntimeError: tiles missing after every rank finished (a rank failed).
+    """
+    if if_exists not in IF_EXISTS:
+        raise ValueError(f"unknown if_exists {if_exists!r}; expected one of {IF_EXISTS}")
+    if not isinstance(out, (str, os.PathLike)):
+        raise ValueError(f"out must be a path to a .npy file, got {type(out).__name__}")
+    paths = _StorePaths(os.fspath(out))
+    rank, world = distributed.rank_and_world()
+
+    setup = _setup(model, x1, x2, output, method, params, batch_size, memory_budget)
+    call = _describe_call(setup, x1, x2, method)
+
+    calls = distributed.gather_all(call)
+    if any(other != call for other in calls):
+        raise ValueError(
+            "the ranks of this job made different calls (model parameters, inputs or options differ "
+            "between ranks); seed the model identically (or load the same checkpoint) on every rank"
+        )
+    error = None
+    manifest = None
+    if rank == 0:
+        try:
+            manifest = _open_or_create(paths, call, setup, batch_size, if_exists)
+        except ValueError as refused:
+            error = str(refused)
+    error, manifest = distributed.broadcast_from_rank0((error, manifest))
+    if error is not None:
+        raise ValueError(error)
+    if manifest["memory_budget"] != setup.budget:
+        # The budget decides the tile grid and, for some layers, the form of
+        # their rule: every rank, and every resumed run, uses the store's own.
+        setup = _setup(model, x1, x2, output, method, params, batch_size, manifest["memory_budget"])
+
+    if not manifest["complete"]:
+        grid = _TileGrid(manifest)
+        done = _read_done(paths, grid.count)
+        mine = [k for k in range(grid.count) if k % world == rank and k not in done]
+        owned = sum(1 for k in range(grid.count) if k % world == rank)
+        if mine:
+            bar = _TileProgress(owned, owned - len(mine), rank, world, progress)
+            with explicit_attention(setup.adapter.module):
+                _compute_tiles(setup.engine, x1, setup.x2, grid, mine, paths, setup.budget, bar, rank)
+        distributed.barrier()
+        missing = None
+        if rank == 0:
+            done = _read_done(paths, grid.count)
+            missing = grid.count - len(done)
+            if missing == 0:
+                manifest["complete"] = True
+                manifest["tiles_done"] = grid.count
+                _write_manifest(paths, manifest)
+        missing = distributed.broadcast_from_rank0(missing)
+        if missing:
+            raise RuntimeError(
+                f"{missing} of {manifest['tiles']} tiles of {paths.data} are missing after every rank "
+                "finished; a rank failed while writing. Run the same call again to compute them."
+            )
+    if math.prod(manifest["shape"]) == 0:
+        return np.load(paths.data)  # an empty file cannot be mapped
+    return np.load(paths.data, mmap_mode="r")
+
+
+# -- the store ---------------------------------------------------------------------
+
+class _StorePaths:
+    def __init__(self, data: str):
+        self.data = data
+        self.manifest = data + ".manifest.json"
+        self.tiles = data + ".tiles"
+
+    def log(self, rank: int) -> str:
+        return os.path.join(self.tiles, f"rank-{rank}.log")
+
+
+def _read_manifest(paths: _StorePaths) -> Optional[dict]:
+    if not os.path.exists(paths.manifest):
+        return None
+    try:
+        with open(paths.manifest) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as broken:
+        raise ValueError(
+            f"{paths.manifest} cannot be read as a lazykernel manifest ({broken}); delete it and "
+            f"{paths.data}, or pass if_exists='overwrite' (--overwrite)"
+        ) from broken
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise ValueError(f"{paths.manifest} is not a manifest written by lazykernel.ntk_to_disk "
+                         f"(format {_FORMAT}); pass if_exists='overwrite' (--overwrite) to replace it")
+    return manifest
+
+
+def _write_manifest(paths: _StorePaths, manifest: dict) -> None:
+    temporary = paths.manifest + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, paths.manifest)
+    _fsync_directory(os.path.dirname(os.path.abspath(paths.manifest)))
+
+
+def _fsync_directory(path: str) -> None:
+    # Makes a rename or a new file itself durable, not only its contents.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _open_or_create(paths: _StorePaths, call: dict, setup, batch_size: Optional[int],
+                    if_exists: str) -> dict:
+    """Rank 0: the manifest to work to, after checking or (re)creating the store."""
+    manifest = _read_manifest(paths) if if_exists != "overwrite" else None
+    if manifest is not None:
+        if if_exists == "error":
+            raise ValueError(f"{paths.data} already holds a kernel store; pass if_exists='resume' "
+                             "(--resume) to continue it or if_exists='overwrite' (--overwrite) to discard it")
+        _check_same_call(paths, manifest, call)
+        if not _data_file_intact(paths, manifest):
+            # The manifest outlived its data file: nothing recorded is trustworthy.
+            _create_data_file(paths, manifest)
+        return manifest
+    if if_exists != "overwrite" and (os.path.exists(paths.data) or os.path.exists(paths.tiles)):
+        raise ValueError(f"{paths.data} exists but has no manifest {paths.manifest}, so it was not "
+                         "written by lazykernel.ntk_to_disk; move it away or pass "
+                         "if_exists='overwrite' (--overwrite)")
+    n1, n2 = setup.shape[0], setup.shape[1]
+    tile_rows = tile_cols = 1
+    if setup.engine is not None:
+        cell = math.prod(setup.shape[2:])
+        tile_rows, tile_cols = _tile_sizes(setup.engine, n1, n2, setup.symmetric, cell * setup.elt,
+                                           setup.budget, batch_size)
+    manifest = dict(format=_FORMAT, **call, memory_budget=setup.budget, tile_rows=tile_rows,
+                    tile_cols=tile_cols, complete=False)
+    manifest["tiles"] = _TileGrid(manifest).count
+    manifest["tiles_done"] = 0
+    if os.path.exists(paths.manifest):
+        os.remove(paths.manifest)
+    _create_data_file(paths, manifest)
+    if manifest["tiles"] == 0:
+        manifest["complete"] = True
+    _write_manifest(paths, manifest)
+    return manifest
+
+
+def _check_same_call(paths: _StorePaths, manifest: dict, call: dict) -> None:
+    differing = [field for field in _CALL_FIELDS if manifest.get(field) != call[field]]
+    if not differing:
+        return
+    what = {"model_fingerprint": "the model's parameters and buffers",
+            "inputs_fingerprint": "the inputs' values"}
+    details = ", ".join(what.get(field, f"{field} (store: {manifest.get(field)!r}, this call: {call[field]!r})")
+                        for field in differing)
+    raise ValueError(
+        f"{paths.data} was made by a different call and cannot be continued: {details} differ. "
+        "Use another `out`, or pass if_exists='overwrite' (--overwrite) to discard the stored kernel."
+    )
+
+
+def _create_data_file(paths: _StorePaths, manifest: dict) -> None:
+    """An empty ``.npy`` of the kernel's shape (sparse on disk) and no tile logs."""
+    if os.path.isdir(paths.tiles):
+        for name in os.listdir(paths.tiles):
+            os.remove(os.path.join(paths.tiles, name))
+    os.makedirs(paths.tiles, exist_ok=True)
+    kernel = np.lib.format.open_memmap(paths.data, mode="w+", dtype=np.dtype(manifest["dtype"]),
+                                       shape=tuple(manifest["shape"]))
+    kernel.flush()
+    del kernel
+    with open(paths.data, "rb+") as f:
+        os.fsync(f.fileno())
+    _fsync_directory(os.path.dirname(os.path.abspath(paths.data)))
+
+
+def _data_file_intact(paths: _StorePaths, manifest: dict) -> bool:
+    try:
+        kernel = np.load(paths.data, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return tuple(kernel.shape) == tuple(manifest["shape"]) and kernel.dtype == np.dtype(manifest["dtype"])
+
+
+def _read_done(paths: _StorePaths, count: int) -> Set[int]:
+    """Tiles every rank has recorded as written; a torn last line does not count."""
+    done: Set[int] = set()
+    if not os.path.isdir(paths.tiles):
+        return done
+    for name in os.listdir(paths.tiles):
+        if not (name.startswith("rank-") and name.endswith(".log")):
+            continue
+        with open(os.path.join(paths.tiles, name), "rb") as f:
+            text = f.read().decode("ascii", errors="replace")
+        for line in text.split("\n")[:-1]:
+            if line.isdigit() and int(line) < count:
+                done.add(int(line))
+    return done
+
+
+# -- what identifies a call ---------------------------------------------------------
+
+def _hash_tensor(h: "hashlib._Hash", tensor: torch.Tensor) -> None:
+    h.update(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+    flat = tensor.detach().reshape(-1)
+    per_chunk = max(1, _HASH_CHUNK_BYTES // max(1, flat.element_size()))
+    for start in range(0, flat.numel(), per_chunk):
+        piece = flat[start:start + per_chunk].cpu().contiguous()
+        h.update(piece.view(torch.uint8).numpy().data)
+
+
+def _describe_call(setup, x1, x2, method: str) -> dict:
+    adapter = setup.adapter
+    model_hash = hashlib.blake2b(digest_size=20)
+    for name, tensor in sorted(model_tensors(adapter).items()):
+        model_hash.update(name.encode() + b"\0")
+        _hash_tensor(model_hash, tensor)
+    inputs_hash = hashlib.blake2b(digest_size=20)
+    for x in (x1, x2):
+        inputs_hash.update(b"none" if x is None else b"tensor")
+        if x is not None:
+            _hash_tensor(inputs_hash, x)
+    store_dtype = "float64" if setup.compute_dtype == torch.float64 else "float32"
+    return dict(shape=list(setup.shape), dtype=store_dtype, output=setup.mode, method=method,
+                symmetric=setup.symmetric, params=sorted(adapter.params),
+                model_fingerprint=model_hash.hexdigest(), inputs_fingerprint=inputs_hash.hexdigest())
+
+
+# -- the tiles ----------------------------------------------------------------------
+
+class _TileGrid:
+    """Tile k ↦ (row start, column start), row by row; upper triangle when symmetric."""
+
+    def __init__(self, manifest: dict):
+        self.shape = tuple(manifest["shape"])
+        self.symmetric = bool(manifest["symmetric"])
+        self.rows, self.cols = manifest["tile_rows"], manifest["tile_cols"]
+        n1, n2 = self.shape[0], self.shape[1]
+        self.tiles: List[Tuple[int, int]] = [
+            (i, j) for i in range(0, n1, self.rows) for j in range(0, n2, self.cols)
+            if not self.symmetric or j >= i
+        ] if n1 and n2 else []
+        self.count = len(self.tiles)
+
+
+def _compute_tiles(engine: _Engine, x1, x2, grid: _TileGrid, todo: List[int], paths: _StorePaths,
+                   budget: float, bar: "_TileProgress", rank: int) -> None:
+    """Compute the tiles ``todo`` and write each one durably before recording it.
+
+    Tiles are taken in panels of consecutive rows: the features of every row
+    chunk of a panel stay in memory while the columns are swept, so a column
+    chunk's features are computed once per panel instead of once per tile.
+    How many rows a panel holds only changes the order of the tiles, never a
+    tile's arithmetic, so it may follow the memory left over by one tile.
+    """
+    n1, n2 = grid.shape[0], grid.shape[1]
+    cell_shape = grid.shape[2:]
+    cell = math.prod(cell_shape)
+    elt = torch.empty((), dtype=engine.dtype).element_size()
+    by_row: Dict[int, List[Tuple[int, int]]] = {}
+    for k in todo:
+        i, j = grid.tiles[k]
+        by_row.setdefault(i, []).append((k, j))
+    row_starts = sorted(by_row)
+    spare = budget - _tile_bytes(engine, grid.rows, grid.cols, cell * elt)
+    _drop_torn_line(paths.log(rank))
+    with open(paths.data, "rb+") as data, open(paths.log(rank), "ab") as log:
+        writer = _TileWriter(data.fileno(), _read_header_end(data), n2, cell, elt)
+        cached2 = engine.features(x2) if (not grid.symmetric and grid.cols >= n2) else None
+        first = row_starts[0]
+        rows_features = {first: engine.features(x1[first:first + grid.rows])}
+        panel_rows = 1
+        if cached2 is None:
+            panel_rows += int(max(0.0, spare) // max(1, _features_bytes(rows_features[first])))
+        position = 0
+        while position < len(row_starts):
+            panel = row_starts[position:position + panel_rows]
+            for i in panel:
+                if i not in rows_features:
+                    rows_features[i] = engine.features(x1[i:i + grid.rows])
+            position += len(panel)
+            for j in sorted({j for i in panel for _, j in by_row[i]}):
+                f2 = None
+                if grid.symmetric and j in rows_features:
+                    f2 = rows_features[j]
+                elif cached2 is not None:
+                    f2 = cached2
+                else:
+                    f2 = engine.features(x2[j:j + grid.cols])
+                for i in panel:
+                    for k, column in by_row[i]:
+                        if column != j:
+                            continue
+                        rows, cols = min(grid.rows, n1 - i), min(grid.cols, n2 - j)
+                        same = grid.symmetric and i == j
+                        block = torch.zeros((rows, cols) + cell_shape, dtype=engine.dtype, device=x1.device)
+                        engine.block(rows_features[i], f2, same, block)
+                        _write_tile(writer, data, log, block.cpu().numpy(), i, j, k, grid.symmetric and not same)
+                        bar.update(rows * cols * (1 if same or not grid.symmetric else 2))
+            rows_features = {}
+        bar.close()
+
+
+def _write_tile(writer: "_TileWriter", data, log, host: np.ndarray, i: int, j: int, k: int,
+                mirror: bool) -> None:
+    writer.write(host, i, j)
+    if mirror:
+        mirrored = host.swapaxes(0, 1)
+        if host.ndim == 4:
+            mirrored = mirrored.swapaxes(2, 3)
+        writer.write(np.ascontiguousarray(mirrored), j, i)
+    os.fsync(data.fileno())
+    # Only now, with the tile's bytes durable, may the tile count as done.
+    log.write(f"{k}\n".encode())
+    log.flush()
+    os.fsync(log.fileno())
+
+
+def _features_bytes(features) -> int:
+    if isinstance(features, torch.Tensor):
+        return features.numel() * features.element_size()
+    return sum(_features_bytes(part) for part in features)
+
+
+def _drop_torn_line(log_path: str) -> None:
+    """Cut a last line an interruption left without its newline, before appending after it."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path, "rb+") as f:
+        text = f.read()
+        if text and not text.endswith(b"\n"):
+            f.truncate(text.rfind(b"\n") + 1)
+            os.fsync(f.fileno())
+
+
+def _read_header_end(f) -> int:
+    """Byte offset of the first element of a ``.npy`` file."""
+    f.seek(0)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        np.lib.format.read_array_header_1_0(f)
+    else:
+        np.lib.format.read_array_header_2_0(f)
+    return f.tell()
+
+
+class _TileWriter:
+    """Positional writes of a ``[rows, cols, *cell]`` block into the row-major file."""
+
+    def __init__(self, fd: int, header_end: int, n2: int, cell: int, elt: int):
+        self.fd, self.header_end, self.n2, self.cell, self.elt = fd, header_end, n2, cell, elt
+
+    def write(self, block: np.ndarray, i: int, j: int) -> None:
+        block = np.ascontiguousarray(block)
+        row_bytes = block.shape[1] * self.cell * self.elt
+        view = memoryview(block.reshape(block.shape[0], -1).view(np.uint8)).cast("B")
+        for r in range(block.shape[0]):
+            offset = self.header_end + ((i + r) * self.n2 + j) * self.cell * self.elt
+            chunk = view[r * row_bytes:(r + 1) * row_bytes]
+            while chunk:
+                written = os.pwrite(self.fd, chunk, offset)
+                chunk, offset = chunk[written:], offset + written
+
+
+class _TileProgress:
+    """tqdm bar over this rank's tiles, with kernel entries per second."""
+
+    def __init__(self, total: int, initial: int, rank: int, world: int, enabled: bool):
+        self._bar = None
+        self._entries = 0
+        self._start = time.perf_counter()
+        if enabled:
+            from tqdm.auto import tqdm
+            desc = "ntk_to_disk" if world == 1 else f"ntk_to_disk rank {rank}/{world}"
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="tile", position=rank,
+                             dynamic_ncols=True)
+
+    def update(self, entries: int) -> None:
+        self._entries += entries
+        if self._bar is not None:
+            rate = self._entries / max(time.perf_counter() - self._start, 1e-9)
+            self._bar.set_postfix_str(f"{rate:.3g} entries/s", refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

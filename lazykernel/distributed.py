@@ -1,0 +1,74 @@
+"""The few collective steps `ntk_to_disk` needs from ``torch.distributed``.
+
+A run launched with ``torchrun`` has one process per rank; every function here
+also works in a plain single process, where it does nothing and rank 0 of 1 is
+the only one. Nothing is sent between ranks but small Python objects: each
+rank writes its own tiles straight into the shared file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> Tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_environment(device: torch.device) -> bool:
+    """Join the process group torchrun describes in the environment, if any.
+
+    Uses NCCL for a CUDA ``device`` and gloo otherwise. Returns True when this
+    call created the group (the caller then destroys it with `shutdown`).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective_device() -> torch.device:
+    # NCCL moves only CUDA tensors; the object collectives pickle into one.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a small picklable object)."""
+    if rank_and_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
+def gather_all(value: Any) -> List[Any]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [value]
+    out: List[Any] = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
