@@ -13,17 +13,16 @@ full-size temporaries are parameter-space vectors (P numbers each).
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from lazykernel import _memory
-from lazykernel._model import ModelAdapter, ParamSelection, check_eval_mode, make_adapter
-from lazykernel.ntk import _check_inputs, _probe
+from lazykernel._model import ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter
+from lazykernel.ntk import _probe
 from lazykernel.ops import linear_jvp_stacked
 
 Tangent = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
@@ -40,8 +39,29 @@ def _prepare(model, x: torch.Tensor, params: ParamSelection) -> Tuple[ModelAdapt
     adapter = make_adapter(model, params)
     if adapter.module is not None:
         check_eval_mode(adapter.module)
-    dtype, _ = _check_inputs(adapter, x, None)
-    return adapter, dtype
+    return adapter, _check_batch(adapter, x, "x")
+
+
+def _check_batch(adapter: ModelAdapter, x, name: str) -> torch.dtype:
+    """The checks of ``ntk``'s inputs that cost no pass over the parameters.
+
+    A product is one pass over the parameters itself, so scanning them for NaN
+    first (as ``ntk`` does before a long computation) would add a large fraction
+    to its cost; a non-finite parameter shows in the result instead.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape [N, *in], got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension first, [N, *in]; got a scalar")
+    first = next(iter(adapter.params.values()))
+    if x.device != first.device:
+        raise ValueError(f"{name} is on device {x.device} but the model's parameters are on "
+                         f"{first.device}; move them to the same device")
+    if x.is_floating_point() and x.dtype != first.dtype:
+        raise ValueError(f"{name} has dtype {x.dtype} but the model's parameters have dtype "
+                         f"{first.dtype}; convert one of them (e.g. {name}.to({first.dtype}))")
+    check_finite(name, x)
+    return first.dtype
 
 
 def _tangent_dict(adapter: ModelAdapter, tangent: Tangent, what: str = "tangent"
@@ -333,7 +353,10 @@ def ntk_vp(
         raise ValueError(f"unknown output {output!r}; expected one of {NTK_VP_OUTPUTS}")
     adapter, dtype = _prepare(model, x, params)
     if x2 is not None:
-        _check_inputs(adapter, x, x2)
+        _check_batch(adapter, x2, "x2")
+        if tuple(x.shape[1:]) != tuple(x2.shape[1:]):
+            raise ValueError(f"x and x2 must have the same trailing shape (one example's shape): "
+                             f"x is {tuple(x.shape)}, x2 is {tuple(x2.shape)}")
     x2_ = x if x2 is None else x2
     if not isinstance(v, torch.Tensor) or not v.is_floating_point():
         raise ValueError(f"v must be a floating-point tensor, got {type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}")
