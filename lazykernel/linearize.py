@@ -9,7 +9,7 @@ Linear Models Under Gradient Descent").
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
