@@ -14,7 +14,7 @@ full-size temporaries are parameter-space vectors (P numbers each).
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -385,24 +385,26 @@ def ntk_vp(
         raise ValueError(f"v must be a floating-point tensor, got {type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}")
     outputs, _ = _probe(adapter, x2_ if x2_.shape[0] else x, "x2" if x2 is not None else "x")
     n, n2 = x.shape[0], x2_.shape[0]
+    # Chunk sizes are planned once here: each plan runs the model on a few examples.
+    size_x = _chunk_size(adapter, x, batch_size, memory_budget, vectors=3)
+    size_x2 = size_x if x2 is None else _chunk_size(adapter, x2_, batch_size, memory_budget, vectors=3)
     vv = v.to(dtype)
     if outputs == 1 or output == "trace":
         if vv.dim() not in (1, 2) or vv.shape[0] != n2:
             raise ValueError(f"for output='trace' (or a one-output model) v must be [N2] or [N2, C] "
                              f"with N2 = {n2}, got {tuple(v.shape)}")
         columns = vv.reshape(n2, -1)
-        result = torch.stack([_trace_product(adapter, x, x2_, columns[:, c], outputs, batch_size,
-                                             memory_budget) for c in range(columns.shape[1])], dim=1)
+        result = torch.stack([_trace_product(adapter, x, x2_, columns[:, c], outputs, size_x, size_x2)
+                              for c in range(columns.shape[1])], dim=1)
         return result.reshape((n,) + tuple(vv.shape[1:]))
     if tuple(vv.shape) != (n2, outputs):
         raise ValueError(f"for output='full' v must be [N2, O] = [{n2}, {outputs}], got {tuple(v.shape)}")
-    return _full_product(adapter, x, x2_, vv, batch_size, memory_budget)
+    return _pushforward(adapter, x, _pullback(adapter, x2_, vv, size_x2), size_x)
 
 
-def _pullback(adapter: ModelAdapter, x: torch.Tensor, cot: torch.Tensor, batch_size, memory_budget
+def _pullback(adapter: ModelAdapter, x: torch.Tensor, cot: torch.Tensor, size: int
               ) -> Dict[str, torch.Tensor]:
-    """``J(x)ᵀ cot`` with ``cot: [N, O]``, summed over chunks."""
-    size = _chunk_size(adapter, x, batch_size, memory_budget, vectors=3)
+    """``J(x)ᵀ cot`` with ``cot: [N, O]``, summed over chunks of ``size`` examples."""
     primals = adapter.detached_params()
     total: Optional[Dict[str, torch.Tensor]] = None
     for part in _chunks(x.shape[0], size):
@@ -413,40 +415,31 @@ def _pullback(adapter: ModelAdapter, x: torch.Tensor, cot: torch.Tensor, batch_s
     return total if total is not None else {name: torch.zeros_like(p) for name, p in primals.items()}
 
 
-def _pushforward(adapter: ModelAdapter, x: torch.Tensor, u: Dict[str, torch.Tensor], batch_size,
-                 memory_budget) -> torch.Tensor:
-    """``J(x) u`` as ``[N, O]``."""
-    method = "auto" if adapter.module is not None else "generic"
+def _pushforward(adapter: ModelAdapter, x: torch.Tensor, u: Dict[str, torch.Tensor], size: int
+                 ) -> torch.Tensor:
+    """``J(x) u`` as ``[N, O]``, over chunks of ``size`` examples."""
+    structured = _prefers_structured(adapter)
+    parts = []
     with torch.no_grad():
-        _, y_dot = jvp(adapter.module if adapter.module is not None else _functional(adapter), x, u,
-                       params=list(adapter.params) if adapter.module is not None else _all_values(adapter),
-                       method=method, batch_size=batch_size, memory_budget=memory_budget)
-    return y_dot.reshape(x.shape[0], -1)
+        for part in _chunks(x.shape[0], size):
+            if structured:
+                _, y_dot = _structured_jvp(adapter.module, adapter.params, u, x[part])
+            else:
+                _, y_dot = _generic_jvp(adapter, u, x[part])
+            parts.append(y_dot.reshape(y_dot.shape[0], -1))
+    if not parts:
+        return _generic_jvp(adapter, u, x)[1].reshape(0, -1)
+    return torch.cat(parts)
 
 
-def _functional(adapter: ModelAdapter) -> Callable:
-    return adapter._fn
-
-
-def _all_values(adapter: ModelAdapter) -> Dict[str, torch.Tensor]:
-    merged = dict(adapter._constants)
-    merged.update(adapter.params)
-    return merged
-
-
-def _full_product(adapter, x, x2, v, batch_size, memory_budget) -> torch.Tensor:
-    u = _pullback(adapter, x2, v, batch_size, memory_budget)
-    return _pushforward(adapter, x, u, batch_size, memory_budget)
-
-
-def _trace_product(adapter, x, x2, column, outputs, batch_size, memory_budget) -> torch.Tensor:
+def _trace_product(adapter, x, x2, column, outputs, size_x, size_x2) -> torch.Tensor:
     # Σ_o Θ_oo v = Σ_o J_o(x) (J_o(x2)ᵀ v): one pullback and one pushforward per output o.
     n2 = x2.shape[0]
     result = None
     for o in range(outputs):
         cot = column.new_zeros(n2, outputs)
         cot[:, o] = column
-        u = _pullback(adapter, x2, cot, batch_size, memory_budget)
-        part = _pushforward(adapter, x, u, batch_size, memory_budget)[:, o]
+        u = _pullback(adapter, x2, cot, size_x2)
+        part = _pushforward(adapter, x, u, size_x)[:, o]
         result = part if result is None else result + part
     return result
