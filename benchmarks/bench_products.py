@@ -3,6 +3,10 @@
 
 Sections (choose with --sections):
 
+* ``op``: the fused ``linear_jvp`` kernel alone on ``[2, N, K] × [K, K]`` with
+  Ẇ, b, ḃ: its FLOPs (6·N·K²), bytes moved (each operand read once, the output
+  written once plus the bias fill), achieved rate against the float32 GEMM rate
+  measured around it, and its time against three separate ``torch.addmm``.
 * ``products``: ``lazykernel.jvp`` / ``vjp`` against ``torch.func.jvp`` / ``vjp``
   of the whole model, on MLPs (input 128, 3 hidden ReLU layers of each
   --widths, 10 outputs) and a small CNN, N = --n inputs. Reported: median
@@ -17,8 +21,10 @@ Sections (choose with --sections):
   call's own). Writes a PNG plot when matplotlib is installed.
 * ``cg``: kernel regression (t = ∞, ridge) by conjugate gradients with
   ``ntk_vp`` on --cg-n inputs of a one-hidden-layer width-1024 MLP, run once;
-  then the same CG on a --cg-sub subsample compared with the dense eigen
-  solution from ``ntk()`` of that subsample, in float64.
+  then the same CG on the first --cg-sub inputs compared with the dense eigen
+  solution from ``ntk()`` of those inputs, both in float64 with the same ridge
+  rule: the relative error ``‖f_cg − f_dense‖ / ‖f_dense‖`` of the train
+  predictions at t = ∞ and ``‖α_cg − α‖ / ‖α‖`` against a direct solve.
 
 Example:
     python benchmarks/bench_products.py --json benchmarks/results/cpu_products.json
@@ -177,6 +183,41 @@ def bench_products(args, probe: GemmProbe) -> List[Dict[str, object]]:
     return rows
 
 
+def bench_op(args, probe: GemmProbe) -> List[Dict[str, object]]:
+    rows = []
+    for k in args.widths:
+        n = args.n
+        gen = torch.Generator().manual_seed(0)
+        xs = torch.randn(2, n, k, generator=gen)
+        w, w_dot = torch.randn(k, k, generator=gen), torch.randn(k, k, generator=gen)
+        b, b_dot = torch.randn(k, generator=gen), torch.randn(k, generator=gen)
+        fused = lambda: lazykernel.ops.linear_jvp_stacked(xs, w, w_dot, b, b_dot)  # noqa: E731
+
+        def separate():
+            y = torch.addmm(b, xs[0], w.T)
+            y_dot = torch.addmm(b_dot, xs[1], w.T)
+            y_dot.addmm_(xs[0], w_dot.T)
+            return y, y_dot
+
+        t_sep = statistics.median(median_time(separate, 1, warmup=1)["median_s"] for _ in range(args.repeats))
+        timing = probe.bracketed(fused, args.repeats)
+        flops = 6.0 * n * k * k
+        elt = 4
+        # compulsory traffic: xs (2NK) and x again for Ẇ (NK), W and Ẇ (2K²), b and ḃ (2K);
+        # the output written by the bias fill (2NK), read and written by the first GEMM
+        # (4NK), its tangent half read and written by the second (2NK)
+        moved = elt * (11 * n * k + 2 * k * k + 2 * k)
+        row = {"k": k, "n": n, "flops": flops, "bytes": moved, "flops_per_byte": flops / moved,
+               "fused_s": timing["median_s"], "separate_addmm_s": t_sep,
+               "gflops": flops / timing["median_s"] / 1e9, "gemm_gflops": timing["gemm_flops"] / 1e9,
+               "fraction_of_gemm": flops / timing["median_s"] / timing["gemm_flops"]}
+        rows.append(row)
+        print(f"linear_jvp N {n} K=D {k}: {flops/1e9:.2f} GFLOP, {moved/2**20:.0f} MiB, "
+              f"{row['flops_per_byte']:.0f} FLOP/B; fused {timing['median_s']*1e3:.1f} ms = {row['gflops']:.0f} GFLOP/s "
+              f"= {row['fraction_of_gemm']:.0%} of GEMM {row['gemm_gflops']:.0f}; 3 x addmm {t_sep*1e3:.1f} ms", flush=True)
+    return rows
+
+
 def bench_ntk_vp(args) -> List[Dict[str, object]]:
     torch.manual_seed(0)
     model = make_mlp(1024, 1, 3, 128).eval()
@@ -229,11 +270,17 @@ def bench_cg(args) -> Dict[str, object]:
     y = torch.sin(x[:, 0]) + 0.5 * torch.cos(2 * x[:, 1]) + 0.1 * torch.randn(args.cg_n, generator=gen)
     with torch.no_grad():
         f0 = model(x)[:, 0]
-    # the ridge is a fixed fraction of the mean diagonal of the kernel (estimated on 256 inputs)
+    # ridge = --cg-ridge · N · (mean kernel diagonal, estimated on 256 inputs): the
+    # penalty of a loss averaged over examples, which keeps the conditioning (and
+    # the CG iteration count) about constant as N grows, since λ_max(K) ∝ N.
     mean_diag = lazykernel.ntk(model, x[:256]).diagonal().mean().item()
-    ridge = args.cg_ridge * mean_diag
+
+    def ridge_for(n: int) -> float:
+        return args.cg_ridge * n * mean_diag
+
+    ridge = ridge_for(args.cg_n)
     result: Dict[str, object] = {"n": args.cg_n, "width": 1024, "d_in": d_in, "ridge": ridge,
-                                 "ridge_over_mean_diagonal": args.cg_ridge, "tol": args.cg_tol}
+                                 "ridge_per_example_over_mean_diagonal": args.cg_ridge, "tol": args.cg_tol}
     dense_bytes = args.cg_n ** 2 * 8
     print(f"CG on N = {args.cg_n}: the dense float64 kernel would take {dense_bytes / 2**30:.1f} GiB", flush=True)
     start = time.perf_counter()
@@ -259,14 +306,15 @@ def bench_cg(args) -> Dict[str, object]:
     xs, ys = x[:sub].double(), y[:sub].double()
     with torch.no_grad():
         f0s = model64(xs)[:, 0]
-    cg = gradient_descent_mse_cg(lambda v: lazykernel.ntk_vp(model64, xs, v), ys, ridge=ridge, fx_train_0=f0s,
+    ridge_sub = ridge_for(sub)
+    cg = gradient_descent_mse_cg(lambda v: lazykernel.ntk_vp(model64, xs, v), ys, ridge=ridge_sub, fx_train_0=f0s,
                                  tol=args.cg_tol, max_iter=args.cg_max_iter)
     k = lazykernel.ntk(model64, xs)
-    dense = gradient_descent_mse(k, ys, ridge=ridge)(math.inf, fx_train_0=f0s)
-    alpha_dense = torch.linalg.solve(k + ridge * torch.eye(sub, dtype=torch.float64), ys - f0s)
+    dense = gradient_descent_mse(k, ys, ridge=ridge_sub)(math.inf, fx_train_0=f0s)
+    alpha_dense = torch.linalg.solve(k + ridge_sub * torch.eye(sub, dtype=torch.float64), ys - f0s)
     rel_pred = ((cg.train - dense.train).norm() / dense.train.norm()).item()
     rel_alpha = ((cg.alpha - alpha_dense).norm() / alpha_dense.norm()).item()
-    result.update(subsample=sub, subsample_iterations=cg.iterations,
+    result.update(subsample=sub, subsample_ridge=ridge_sub, subsample_iterations=cg.iterations,
                   subsample_relative_error_predictions=rel_pred, subsample_relative_error_alpha=rel_alpha)
     print(f"  subsample N = {sub} (float64): CG vs dense eigen: relative error of train predictions "
           f"{rel_pred:.1e}, of alpha {rel_alpha:.1e} ({cg.iterations} iterations)", flush=True)
@@ -275,16 +323,17 @@ def bench_cg(args) -> Dict[str, object]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["products", "ntk_vp", "cg"],
-                        choices=["products", "ntk_vp", "cg"])
+    parser.add_argument("--sections", nargs="+", default=["op", "products", "ntk_vp", "cg"],
+                        choices=["op", "products", "ntk_vp", "cg"])
     parser.add_argument("--widths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--n", type=int, default=256, help="inputs for the products section")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ntk-vp-n", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     parser.add_argument("--cg-n", type=int, default=50_000)
     parser.add_argument("--cg-sub", type=int, default=2000)
-    parser.add_argument("--cg-ridge", type=float, default=1e-2, help="ridge as a fraction of the mean kernel diagonal")
-    parser.add_argument("--cg-tol", type=float, default=1e-7)
+    parser.add_argument("--cg-ridge", type=float, default=1e-4,
+                        help="ridge per example, as a fraction of the mean kernel diagonal (ridge = this · N · mean diag)")
+    parser.add_argument("--cg-tol", type=float, default=1e-6)
     parser.add_argument("--cg-max-iter", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
@@ -298,6 +347,8 @@ def main(argv=None) -> int:
     print(f"torch {info['torch']}, backend {info['backend']}, {info['threads']} threads")
     results: Dict[str, object] = {"info": info}
     probe = GemmProbe(torch.device("cpu"))
+    if "op" in args.sections:
+        results["op"] = bench_op(args, probe)
     if "products" in args.sections:
         results["products"] = bench_products(args, probe)
     if "ntk_vp" in args.sections:
