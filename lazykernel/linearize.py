@@ -26,7 +26,8 @@ class LinearizedModel(nn.Module):
     parameter names with ``.`` replaced by ``__`` (``lin.parameters()`` goes to
     any torch optimizer); ``lin.theta()`` returns them by the network's names.
     θ0 and the network are a private copy taken at construction: later changes
-    to the original network do not move the linearization point.
+    to the original network do not move the linearization point. Build it on
+    the device and in the dtype it will run in: ``.to()`` moves θ but not that copy.
 
     ``forward(x)``: ``x: [N, *in]`` → ``[N, *out]``, one JVP (differentiable in θ).
     """
