@@ -65,6 +65,8 @@ def _extension():
     sources = [
         "csrc/lazykernel.cpp",
         "csrc/cpu/gram_hadamard_cpu.cpp",
+        "csrc/linear_jvp_checks.cpp",
+        "csrc/cpu/linear_jvp_cpu.cpp",
     ]
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     if _want_cuda():

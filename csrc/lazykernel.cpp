@@ -127,6 +127,9 @@ TORCH_LIBRARY(lazykernel, m) {
   m.def(
       "gram_hadamard_accumulate_(Tensor(a!) out, Tensor[] a1, Tensor[] a2, Tensor[] g1, "
       "Tensor[] g2, str output, bool symmetric) -> ()");
+  m.def(
+      "linear_jvp(Tensor xs, Tensor weight, Tensor? weight_dot, Tensor? bias, "
+      "Tensor? bias_dot) -> Tensor");
 }
 
 }  // namespace lazykernel

@@ -98,7 +98,13 @@ class StructuredPlan:
 
         The cotangents are ``[O, *y.shape]``, one per output, or with
         ``summed=True`` the single cotangent of ``Σ_o f_o``, ``[1, *y.shape]``.
+        Runs with autograd on even when the caller has it off.
         """
+        with torch.enable_grad():
+            return self._capture_with_grad(x, summed)
+
+    def _capture_with_grad(self, x: torch.Tensor, summed: bool
+                           ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
         n = x.shape[0]
         for rule in self.rules:
             rule.attach()

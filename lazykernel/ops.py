@@ -7,7 +7,7 @@ when no compiled kernel exists for a tensor's device.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -161,3 +161,90 @@ if _extension._LOADED:
         torch._check(len(a1) == len(a2) == len(g1) == len(g2),
                      lambda: "a1, a2, g1, g2 must list the same number of layers")
         return None
+
+
+def linear_jvp_reference(
+    xs: torch.Tensor,
+    weight: torch.Tensor,
+    weight_dot: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    bias_dot: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Pure-PyTorch definition of the ``linear_jvp`` op (arguments as :func:`linear_jvp_stacked`)."""
+    x = xs[0]
+    y = x @ weight.T
+    y_dot = torch.zeros_like(y)
+    if xs.shape[0] == 2:
+        y_dot = y_dot + xs[1] @ weight.T
+    if weight_dot is not None:
+        y_dot = y_dot + x @ weight_dot.T
+    if bias is not None:
+        y = y + bias
+    if bias_dot is not None:
+        y_dot = y_dot + bias_dot
+    return torch.stack([y, y_dot])
+
+
+def linear_jvp_stacked(
+    xs: torch.Tensor,
+    weight: torch.Tensor,
+    weight_dot: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    bias_dot: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Value and tangent of ``y = x Wᵀ + b`` with input and tangent in one buffer.
+
+    Args:
+        xs: ``[2, M, K]`` (``xs[0] = x``, ``xs[1] = ẋ``) or ``[1, M, K]`` when the
+            input's tangent is zero.
+        weight: ``W: [D, K]``; ``weight_dot``: ``Ẇ: [D, K]`` or None (zero).
+        bias: ``b: [D]`` or None; ``bias_dot``: ``ḃ: [D]`` or None (zero).
+
+    Returns:
+        ``[2, M, D]``: ``[x Wᵀ + b, ẋ Wᵀ + x Ẇᵀ + ḃ]``. The compiled kernels
+        multiply x and ẋ by W in one GEMM (W read once), then add ``x Ẇᵀ``:
+        6·M·K·D FLOPs with a tangent input, 4·M·K·D without.
+    """
+    if _extension.has_kernel(xs.device) and xs.dtype in (torch.float32, torch.float64):
+        return torch.ops.lazykernel.linear_jvp(xs, weight, weight_dot, bias, bias_dot)
+    return linear_jvp_reference(xs, weight, weight_dot, bias, bias_dot)
+
+
+def linear_jvp(
+    x: torch.Tensor,
+    x_dot: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    weight_dot: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    bias_dot: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward and Jacobian-vector product of a linear map ``y = x Wᵀ + b``.
+
+    Args:
+        x: ``[*batch, K]`` input; ``x_dot``: its tangent, same shape, or None (zero).
+        weight: ``[D, K]``; ``weight_dot``: ``[D, K]`` or None (zero).
+        bias: ``[D]`` or None; ``bias_dot``: ``[D]`` or None (zero).
+
+    Returns:
+        ``(y, y_dot)``, each ``[*batch, D]``: ``y = x Wᵀ + b`` and
+        ``ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ``.
+    """
+    if x.dim() < 1 or x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"x must be [*batch, K] with K = {weight.shape[-1]} (weight is "
+                         f"{tuple(weight.shape)}), got {tuple(x.shape)}")
+    if x_dot is not None and x_dot.shape != x.shape:
+        raise ValueError(f"x_dot must have the shape of x {tuple(x.shape)}, got {tuple(x_dot.shape)}")
+    batch = x.shape[:-1]
+    rows = x.reshape(1, -1, x.shape[-1])
+    xs = rows if x_dot is None else torch.cat([rows, x_dot.reshape(1, -1, x.shape[-1])])
+    out = linear_jvp_stacked(xs, weight, weight_dot, bias, bias_dot)
+    return out[0].reshape(*batch, -1), out[1].reshape(*batch, -1)
+
+
+if _extension._LOADED:
+
+    @torch.library.register_fake("lazykernel::linear_jvp")
+    def _linear_jvp_fake(xs, weight, weight_dot, bias, bias_dot):
+        torch._check(xs.dim() == 3, lambda: "xs must be [S, M, K]")
+        torch._check(weight.dim() == 2, lambda: "weight must be [D, K]")
+        return xs.new_empty((2, xs.shape[1], weight.shape[0]))

@@ -301,3 +301,14 @@ def test_embedding_with_scale_grad_by_freq_is_refused():
     model = nn.Sequential(nn.Embedding(6, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 2))
     with pytest.raises(ValueError, match="scale_grad_by_freq=True.*Set scale_grad_by_freq=False"):
         lazykernel.ntk(model, torch.tensor([[1, 1, 2, 3], [0, 1, 1, 1]]))
+
+
+def test_ntk_inside_no_grad_gives_the_same_kernel():
+    model, x, _ = MODELS["transformer encoder layer"]
+    model = model.double().eval()
+    x = x.double()
+    expected = lazykernel.ntk(model, x, output="full")
+    with torch.no_grad():
+        for method in ("structured", "jacobian", "ntvp"):
+            torch.testing.assert_close(lazykernel.ntk(model, x, output="full", method=method), expected,
+                                       rtol=1e-10, atol=1e-12)

@@ -1,0 +1,110 @@
+"""The linearized network ``f_lin(x; θ) = f(x; θ0) + J(x; θ0)(θ − θ0)`` as a module.
+
+Training ``f_lin`` is training the network in the lazy regime exactly: its
+function-space dynamics under gradient descent are driven by the constant NTK
+``Θ(θ0)`` (Lee et al., 2019, "Wide Neural Networks of Any Depth Evolve as
+Linear Models Under Gradient Descent").
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from lazykernel._model import ParamSelection, check_eval_mode, make_adapter
+from lazykernel.products import jvp
+
+
+class LinearizedModel(nn.Module):
+    """``f_lin(x; θ) = f(x; θ0) + J(x; θ0)(θ − θ0)`` with trainable ``θ``.
+
+    Build it with :func:`linearize`. Its parameters are the selected parameters θ
+    of the network, initialised at θ0 and registered under the network's
+    parameter names with ``.`` replaced by ``__`` (``lin.parameters()`` goes to
+    any torch optimizer); ``lin.theta()`` returns them by the network's names.
+    θ0 and the network are a private copy taken at construction: later changes
+    to the original network do not move the linearization point. Build it on
+    the device and in the dtype it will run in: ``.to()`` moves θ but not that copy.
+
+    ``forward(x)``: ``x: [N, *in]`` → ``[N, *out]``, one JVP (differentiable in θ).
+    """
+
+    def __init__(self, model, params: ParamSelection = None):
+        super().__init__()
+        if isinstance(model, nn.Module):
+            check_eval_mode(model)
+            frozen = copy.deepcopy(model)
+            for p in frozen.parameters():
+                p.requires_grad_(False)
+            selected = list(make_adapter(model, params).params)
+            # Held outside the module tree so that its tensors are neither
+            # trained nor listed by lin.parameters().
+            self.__dict__["_network"] = frozen
+            self._fn = None
+            self._constants: Dict[str, torch.Tensor] = {}
+            theta0 = {name: p for name, p in frozen.named_parameters() if name in selected}
+            for p in theta0.values():
+                p.requires_grad_(True)
+        else:
+            adapter = make_adapter(model, params)
+            self.__dict__["_network"] = None
+            self._fn = model
+            self._constants = dict(adapter._constants)
+            theta0 = {name: p.detach().clone() for name, p in adapter.params.items()}
+        self._names: List[str] = list(theta0)
+        self._theta0 = {name: value.detach().clone() for name, value in theta0.items()}
+        for name, value in theta0.items():
+            self.register_parameter(self._key(name), nn.Parameter(value.detach().clone()))
+        self._function_params = theta0
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")
+
+    def theta(self) -> Dict[str, torch.Tensor]:
+        """Current θ by the network's parameter names."""
+        return {name: getattr(self, self._key(name)) for name in self._names}
+
+    def theta0(self) -> Dict[str, torch.Tensor]:
+        """The linearization point θ0 by the network's parameter names (copies)."""
+        return {name: value.clone() for name, value in self._theta0.items()}
+
+    def _model_and_params(self):
+        if self._network is not None:
+            return self._network, self._names
+        merged = dict(self._constants)
+        merged.update(self._function_params)
+        return self._fn, merged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = {name: value - self._theta0[name].to(value.device) for name, value in self.theta().items()}
+        model, params = self._model_and_params()
+        f0, change = jvp(model, x, delta, params=params, method="auto")
+        return f0 + change
+
+    def f0(self, x: torch.Tensor) -> torch.Tensor:
+        """The network at θ0, ``f(x; θ0)``: ``[N, *out]``."""
+        model, params = self._model_and_params()
+        with torch.no_grad():
+            zero = {name: torch.zeros_like(v) for name, v in self._theta0.items()}
+            return jvp(model, x, zero, params=params)[0]
+
+
+def linearize(model, params: ParamSelection = None) -> LinearizedModel:
+    """First-order Taylor expansion of ``model`` in its parameters around their current values.
+
+    Args:
+        model: an ``nn.Module`` (in eval mode if it has BatchNorm/Dropout) or a
+            torch.func-style ``fn(params, x)``.
+        params: which parameters θ are, as in :func:`lazykernel.ntk` (for a
+            functional model: the dict of all its tensors, required).
+
+    Returns:
+        A :class:`LinearizedModel` whose forward is
+        ``f_lin(x; θ) = f(x; θ0) + J(x; θ0)(θ − θ0)`` (Lee et al., 2019), with θ
+        trainable and initialised at θ0, so ``f_lin(θ0) = f(θ0)``.
+    """
+    return LinearizedModel(model, params)

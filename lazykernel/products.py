@@ -1,0 +1,445 @@
+"""Jacobian-vector, vector-Jacobian and NTK-vector products of a model.
+
+``J(x) = ∂f(x; θ)/∂θ`` is the Jacobian of the outputs of a batch with respect to
+the selected parameters. ``jvp`` pushes a parameter-space direction forward
+(``J·θ̇``, the change of every output), ``vjp`` pulls output cotangents back
+(``Jᵀ·c``, a gradient) and ``ntk_vp`` multiplies by the NTK ``Θ = J Jᵀ``
+without forming it (DESIGN.md, "NTK-vector product").
+
+Memory: the products work on chunks of examples sized so that the activations
+of a chunk (and their tangents) stay under ``memory_budget``; the only
+full-size temporaries are parameter-space vectors (P numbers each).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lazykernel import _memory
+from lazykernel._model import ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter
+from lazykernel.ntk import _probe
+from lazykernel.ops import linear_jvp_stacked
+
+Tangent = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
+JVP_METHODS = ("auto", "structured", "generic")
+NTK_VP_OUTPUTS = ("trace", "full")
+# Live copies of one example's activations while a chunk is differentiated: the
+# value, its tangent or cotangent, and temporaries of the layer being processed.
+_ACTIVATION_COPIES = 4
+
+
+# -- argument handling -------------------------------------------------------------
+
+def _prepare(model, x: torch.Tensor, params: ParamSelection) -> Tuple[ModelAdapter, torch.dtype]:
+    adapter = make_adapter(model, params)
+    if adapter.module is not None:
+        check_eval_mode(adapter.module)
+    return adapter, _check_batch(adapter, x, "x")
+
+
+def _check_batch(adapter: ModelAdapter, x, name: str) -> torch.dtype:
+    """The checks of ``ntk``'s inputs that cost no pass over the parameters.
+
+    A product is one pass over the parameters itself, so scanning them for NaN
+    first (as ``ntk`` does before a long computation) would add a large fraction
+    to its cost; a non-finite parameter shows in the result instead.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape [N, *in], got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension first, [N, *in]; got a scalar")
+    first = next(iter(adapter.params.values()))
+    if x.device != first.device:
+        raise ValueError(f"{name} is on device {x.device} but the model's parameters are on "
+                         f"{first.device}; move them to the same device")
+    if x.is_floating_point() and x.dtype != first.dtype:
+        raise ValueError(f"{name} has dtype {x.dtype} but the model's parameters have dtype "
+                         f"{first.dtype}; convert one of them (e.g. {name}.to({first.dtype}))")
+    check_finite(name, x)
+    return first.dtype
+
+
+def _tangent_dict(adapter: ModelAdapter, tangent: Tangent, what: str = "tangent"
+                  ) -> Dict[str, torch.Tensor]:
+    """``tangent`` as a dict over exactly the selected parameters, checked against them."""
+    names = list(adapter.params)
+    if isinstance(tangent, Mapping):
+        unknown = [name for name in tangent if name not in adapter.params]
+        missing = [name for name in names if name not in tangent]
+        if unknown or missing:
+            raise ValueError(
+                f"{what} must have one entry per selected parameter {names}; "
+                + (f"unknown names {unknown}" if unknown else "")
+                + ("; " if unknown and missing else "")
+                + (f"missing names {missing} (pass zeros for a fixed parameter)" if missing else ""))
+        values = {name: tangent[name] for name in names}
+    elif isinstance(tangent, (list, tuple)):
+        if len(tangent) != len(names):
+            raise ValueError(f"{what} is a sequence of {len(tangent)} tensors but {len(names)} "
+                             f"parameters are selected: {names}")
+        values = dict(zip(names, tangent))
+    else:
+        raise ValueError(f"{what} must be a dict name -> tensor or a list of tensors in the order "
+                         f"of the selected parameters {names}, got {type(tangent).__name__}")
+    for name, value in values.items():
+        param = adapter.params[name]
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{what}[{name!r}] must be a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{what}[{name!r}] has shape {tuple(value.shape)} but the parameter "
+                             f"has shape {tuple(param.shape)}")
+        if value.device != param.device:
+            raise ValueError(f"{what}[{name!r}] is on {value.device} but the parameter is on "
+                             f"{param.device}")
+        if not value.is_floating_point():
+            raise ValueError(f"{what}[{name!r}] must be floating point, got {value.dtype}")
+    return {name: value.to(adapter.params[name].dtype) for name, value in values.items()}
+
+
+def _budget_bytes(memory_budget: Optional[float], device: torch.device) -> float:
+    if memory_budget is None:
+        return float(_memory.default_memory_budget(device))
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Real) \
+            or not memory_budget > 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    return float(memory_budget)
+
+
+def _chunk_size(adapter: ModelAdapter, x: torch.Tensor, batch_size: Optional[int],
+                memory_budget: Optional[float], vectors: int) -> int:
+    """Examples per chunk: activations of a chunk plus ``vectors`` parameter-space vectors fit."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    n = x.shape[0]
+    if n == 0:
+        return 1
+    param = next(iter(adapter.params.values()))
+    elt = param.element_size()
+    budget = _budget_bytes(memory_budget, param.device)
+    fixed = vectors * adapter.num_params * elt
+    _, activations = _probe(adapter, x, "x")
+    per_example = _ACTIVATION_COPIES * activations * elt
+    if budget < fixed + per_example:
+        raise ValueError(
+            f"memory_budget of {_memory.format_bytes(budget)} is too small: {vectors} parameter-space "
+            f"vector(s) take {_memory.format_bytes(fixed)} and one example about "
+            f"{_memory.format_bytes(per_example)}; raise memory_budget")
+    size = max(1, int((budget - fixed) // per_example))
+    if batch_size is not None:
+        size = min(size, int(batch_size))
+    return min(size, n)
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+# -- jvp ---------------------------------------------------------------------------
+
+def jvp(
+    model,
+    x: torch.Tensor,
+    tangent: Tangent,
+    *,
+    params: ParamSelection = None,
+    method: str = "auto",
+    batch_size: Optional[int] = None,
+    memory_budget: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Outputs and Jacobian-vector product ``(f(x), J(x)·θ̇)``.
+
+    Args:
+        model: an ``nn.Module`` applied as ``model(x)`` or a torch.func-style
+            ``fn(params, x)`` (then ``params`` is the dict of its tensors), as in
+            :func:`lazykernel.ntk`.
+        x: ``[N, *in]`` inputs.
+        tangent: ``θ̇``: a dict mapping each selected parameter name to a tensor of
+            that parameter's shape, or a list of such tensors in the order of
+            ``model.named_parameters()`` (restricted to the selection).
+        params: which parameters θ are (as in :func:`lazykernel.ntk`).
+        method: ``"structured"``: walk an ``nn.Sequential`` layer by layer, with
+            ``nn.Linear`` layers computed by the fused ``linear_jvp`` kernel (value
+            and tangent in one pass over each weight) and every other layer by
+            ``torch.func.jvp``; ``"generic"``: one ``torch.func.jvp`` of the whole
+            model; ``"auto"``: structured for an ``nn.Sequential`` whose layers
+            with parameters are all ``nn.Linear``, when no gradient has to flow
+            through the result; generic otherwise.
+        batch_size: at most this many examples per chunk.
+        memory_budget: bytes of working memory; default a quarter of what is free.
+
+    Returns:
+        ``(f(x), J(x)·θ̇)``, both shaped like the model's output ``[N, *out]``.
+        Differentiable with respect to ``tangent`` on the generic path.
+    """
+    if method not in JVP_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {JVP_METHODS}")
+    adapter, _ = _prepare(model, x, params)
+    values = _tangent_dict(adapter, tangent)
+    structured_ok = _is_structured(adapter)
+    if method == "structured" and not structured_ok:
+        raise ValueError("method='structured' needs an nn.Sequential model with at least one nn.Linear "
+                         "layer; use method='generic' (or 'auto') for this model")
+    needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in values.values())
+    if method == "structured" and needs_grad:
+        raise ValueError("method='structured' does not propagate gradients to the tangent; use "
+                         "method='generic' to differentiate the result")
+    use_structured = method == "structured" or (method == "auto" and not needs_grad
+                                                  and _prefers_structured(adapter))
+    size = _chunk_size(adapter, x, batch_size, memory_budget, vectors=1)
+    outs, tans = [], []
+    for part in _chunks(x.shape[0], size):
+        if use_structured:
+            with torch.no_grad():
+                y, y_dot = _structured_jvp(adapter.module, adapter.params, values, x[part])
+        else:
+            y, y_dot = _generic_jvp(adapter, values, x[part])
+        outs.append(y)
+        tans.append(y_dot)
+    if not outs:
+        y, y_dot = _generic_jvp(adapter, values, x)
+        return y, y_dot
+    return torch.cat(outs), torch.cat(tans)
+
+
+def _generic_jvp(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x: torch.Tensor
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    primals = adapter.detached_params()
+    return torch.func.jvp(lambda p: adapter.call(p, x), (primals,), (values,))
+
+
+def _is_structured(adapter: ModelAdapter) -> bool:
+    module = adapter.module
+    if not isinstance(module, nn.Sequential):
+        return False
+    return any(isinstance(leaf, nn.Linear) for _, leaf in _sequential_leaves(module))
+
+
+def _prefers_structured(adapter: ModelAdapter) -> bool:
+    """Whether ``method="auto"`` takes the layer-by-layer path.
+
+    Only when every layer with parameters is an ``nn.Linear``: layers that go
+    through torch.func one at a time pay a copy into the stacked buffer each,
+    which measured slower than one torch.func.jvp of the whole model on a CNN.
+    """
+    if not _is_structured(adapter):
+        return False
+    return all(isinstance(leaf, nn.Linear) or not any(True for _ in leaf.parameters())
+               for _, leaf in _sequential_leaves(adapter.module))
+
+
+def _sequential_leaves(module: nn.Sequential, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
+    """Modules applied in turn by a (nested) ``nn.Sequential``, with their name prefixes."""
+    for name, child in module.named_children():
+        path = f"{prefix}{name}."
+        if isinstance(child, nn.Sequential):
+            yield from _sequential_leaves(child, path)
+        else:
+            yield path, child
+
+
+def _structured_jvp(module: nn.Sequential, selected: Mapping[str, torch.Tensor],
+                    tangent: Mapping[str, torch.Tensor], x: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    # The activations travel as one buffer [S, N, ...]: S = 1 while the input's
+    # tangent is still zero (before the first selected parameter), then S = 2
+    # (value, tangent), which is what the fused kernel multiplies by W at once.
+    xs = x.unsqueeze(0)
+    for prefix, leaf in _sequential_leaves(module):
+        own = {name[len(prefix):]: value for name, value in tangent.items() if name.startswith(prefix)}
+        if isinstance(leaf, nn.Linear) and xs.is_floating_point():
+            xs = _linear_layer(leaf, own, xs)
+        elif isinstance(leaf, nn.ReLU) and xs.shape[0] == 2:
+            # relu and its derivative share one mask: both halves are scaled by 1[x > 0].
+            xs = xs * (xs[0] > 0)
+        else:
+            xs = _generic_layer(leaf, own, xs)
+    if xs.shape[0] == 1:
+        return xs[0], torch.zeros_like(xs[0])
+    return xs[0], xs[1]
+
+
+def _linear_layer(layer: nn.Linear, own: Mapping[str, torch.Tensor], xs: torch.Tensor) -> torch.Tensor:
+    k = xs.shape[-1]
+    lead = xs.shape[1:-1]
+    flat = xs.reshape(xs.shape[0], -1, k)
+    bias = layer.bias.detach() if layer.bias is not None else None
+    out = linear_jvp_stacked(flat, layer.weight.detach(), own.get("weight"), bias, own.get("bias"))
+    return out.reshape(2, *lead, out.shape[-1])
+
+
+def _generic_layer(leaf: nn.Module, own: Mapping[str, torch.Tensor], xs: torch.Tensor) -> torch.Tensor:
+    x = xs[0]
+    has_input_tangent = xs.shape[0] == 2
+    if not own and not has_input_tangent:
+        return leaf(x).unsqueeze(0)
+    primals = {name: p.detach() for name, p in leaf.named_parameters() if name in own}
+    if has_input_tangent:
+        y, y_dot = torch.func.jvp(lambda p, inp: functional_call(leaf, p, (inp,)),
+                                  (primals, x), (dict(own), xs[1]))
+    else:
+        y, y_dot = torch.func.jvp(lambda p: functional_call(leaf, p, (x,)), (primals,), (dict(own),))
+    return torch.stack([y, y_dot])
+
+
+# -- vjp ---------------------------------------------------------------------------
+
+def vjp(
+    model,
+    x: torch.Tensor,
+    cotangent: torch.Tensor,
+    *,
+    params: ParamSelection = None,
+    batch_size: Optional[int] = None,
+    memory_budget: Optional[float] = None,
+) -> Dict[str, torch.Tensor]:
+    """Vector-Jacobian product ``J(x)ᵀ·c = Σ_i J(x_i)ᵀ c_i`` for each parameter.
+
+    Args:
+        model, x, params, batch_size, memory_budget: as in :func:`jvp`.
+        cotangent: ``c``, shaped like the model's output ``[N, *out]``.
+
+    Returns:
+        A dict mapping each selected parameter name to a tensor of its shape:
+        the gradient of ``Σ_i ⟨f(x_i), c_i⟩`` with respect to that parameter.
+    """
+    adapter, _ = _prepare(model, x, params)
+    if not isinstance(cotangent, torch.Tensor):
+        raise ValueError(f"cotangent must be a tensor shaped like the model's output, got "
+                         f"{type(cotangent).__name__}")
+    size = _chunk_size(adapter, x, batch_size, memory_budget, vectors=2)
+    primals = adapter.detached_params()
+    total: Optional[Dict[str, torch.Tensor]] = None
+    for part in _chunks(x.shape[0], size):
+        y, pullback = torch.func.vjp(lambda p: adapter.call(p, x[part]), primals)
+        if part.start == 0 and tuple(cotangent.shape[1:]) != tuple(y.shape[1:]) \
+                or cotangent.shape[0] != x.shape[0]:
+            raise ValueError(f"cotangent must be shaped like the model's output "
+                             f"[{x.shape[0]}, *{tuple(y.shape[1:])}], got {tuple(cotangent.shape)}")
+        (grads,) = pullback(cotangent[part].to(y.dtype))
+        total = _accumulate(total, grads)
+    return total if total is not None else {name: torch.zeros_like(p) for name, p in primals.items()}
+
+
+def _accumulate(total: Optional[Dict[str, torch.Tensor]], grads: Dict[str, torch.Tensor]
+                ) -> Dict[str, torch.Tensor]:
+    # The first chunk's gradients become the sum: no zero-filled copy of the parameters.
+    if total is None:
+        return dict(grads)
+    for name, g in grads.items():
+        total[name] += g
+    return total
+
+
+# -- ntk_vp ------------------------------------------------------------------------
+
+def ntk_vp(
+    model,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x2: Optional[torch.Tensor] = None,
+    *,
+    output: str = "trace",
+    params: ParamSelection = None,
+    batch_size: Optional[int] = None,
+    memory_budget: Optional[float] = None,
+) -> torch.Tensor:
+    """NTK-vector product ``Θ(x, x2) v`` without forming the ``N × N2`` kernel.
+
+    ``Θ(x, x2) = J(x) J(x2)ᵀ`` (Jacot et al., 2018); the product is one VJP through
+    ``x2`` (``u = J(x2)ᵀ v``, a parameter-space vector) and one JVP through ``x``
+    (``J(x) u``), each over chunks of examples: O(N·P) work, no ``N × N2`` matrix.
+
+    Args:
+        model, params, batch_size, memory_budget: as in :func:`lazykernel.ntk`.
+        x: ``[N, *in]``; x2: ``[N2, *in]``, ``None`` means ``x``.
+        output: which kernel multiplies ``v``, with O the number of outputs:
+
+            * ``"full"``: the ``[N, N2, O, O]`` kernel of ``ntk(..., output="full")``;
+              ``v: [N2, O]`` gives ``[N, O]`` with ``r[i, a] = Σ_{j,b} Θ[i, j, a, b] v[j, b]``.
+            * ``"trace"``: the ``[N, N2]`` kernel ``Σ_o Θ_oo`` of ``ntk(..., output="trace")``;
+              ``v: [N2]`` gives ``[N]``, ``v: [N2, C]`` gives ``[N, C]`` (C vectors at once).
+              Costs O times a full product (one per output).
+
+            With O = 1 both modes are the ``[N, N2]`` kernel and take ``v: [N2]`` or ``[N2, C]``.
+
+    Returns:
+        ``Θ v`` in the model's dtype; ``v`` is converted to that dtype first.
+    """
+    if output not in NTK_VP_OUTPUTS:
+        raise ValueError(f"unknown output {output!r}; expected one of {NTK_VP_OUTPUTS}")
+    adapter, dtype = _prepare(model, x, params)
+    if x2 is not None:
+        _check_batch(adapter, x2, "x2")
+        if tuple(x.shape[1:]) != tuple(x2.shape[1:]):
+            raise ValueError(f"x and x2 must have the same trailing shape (one example's shape): "
+                             f"x is {tuple(x.shape)}, x2 is {tuple(x2.shape)}")
+    x2_ = x if x2 is None else x2
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+        raise ValueError(f"v must be a floating-point tensor, got {type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}")
+    outputs, _ = _probe(adapter, x2_ if x2_.shape[0] else x, "x2" if x2 is not None else "x")
+    n, n2 = x.shape[0], x2_.shape[0]
+    # Chunk sizes are planned once here: each plan runs the model on a few examples.
+    size_x = _chunk_size(adapter, x, batch_size, memory_budget, vectors=3)
+    size_x2 = size_x if x2 is None else _chunk_size(adapter, x2_, batch_size, memory_budget, vectors=3)
+    vv = v.to(dtype)
+    if outputs == 1 or output == "trace":
+        if vv.dim() not in (1, 2) or vv.shape[0] != n2:
+            raise ValueError(f"for output='trace' (or a one-output model) v must be [N2] or [N2, C] "
+                             f"with N2 = {n2}, got {tuple(v.shape)}")
+        columns = vv.reshape(n2, -1)
+        result = torch.stack([_trace_product(adapter, x, x2_, columns[:, c], outputs, size_x, size_x2)
+                              for c in range(columns.shape[1])], dim=1)
+        return result.reshape((n,) + tuple(vv.shape[1:]))
+    if tuple(vv.shape) != (n2, outputs):
+        raise ValueError(f"for output='full' v must be [N2, O] = [{n2}, {outputs}], got {tuple(v.shape)}")
+    return _pushforward(adapter, x, _pullback(adapter, x2_, vv, size_x2), size_x)
+
+
+def _pullback(adapter: ModelAdapter, x: torch.Tensor, cot: torch.Tensor, size: int
+              ) -> Dict[str, torch.Tensor]:
+    """``J(x)ᵀ cot`` with ``cot: [N, O]``, summed over chunks of ``size`` examples."""
+    primals = adapter.detached_params()
+    total: Optional[Dict[str, torch.Tensor]] = None
+    for part in _chunks(x.shape[0], size):
+        chunk = x[part]
+        y, pull = torch.func.vjp(lambda p: adapter.call(p, chunk).reshape(chunk.shape[0], -1), primals)
+        (grads,) = pull(cot[part])
+        total = _accumulate(total, grads)
+    return total if total is not None else {name: torch.zeros_like(p) for name, p in primals.items()}
+
+
+def _pushforward(adapter: ModelAdapter, x: torch.Tensor, u: Dict[str, torch.Tensor], size: int
+                 ) -> torch.Tensor:
+    """``J(x) u`` as ``[N, O]``, over chunks of ``size`` examples."""
+    structured = _prefers_structured(adapter)
+    parts = []
+    with torch.no_grad():
+        for part in _chunks(x.shape[0], size):
+            if structured:
+                _, y_dot = _structured_jvp(adapter.module, adapter.params, u, x[part])
+            else:
+                _, y_dot = _generic_jvp(adapter, u, x[part])
+            parts.append(y_dot.reshape(y_dot.shape[0], -1))
+    if not parts:
+        return _generic_jvp(adapter, u, x)[1].reshape(0, -1)
+    return torch.cat(parts)
+
+
+def _trace_product(adapter, x, x2, column, outputs, size_x, size_x2) -> torch.Tensor:
+    # Σ_o Θ_oo v = Σ_o J_o(x) (J_o(x2)ᵀ v): one pullback and one pushforward per output o.
+    n2 = x2.shape[0]
+    result = None
+    for o in range(outputs):
+        cot = column.new_zeros(n2, outputs)
+        cot[:, o] = column
+        u = _pullback(adapter, x2, cot, size_x2)
+        part = _pushforward(adapter, x, u, size_x)[:, o]
+        result = part if result is None else result + part
+    return result

@@ -1,0 +1,261 @@
+"""jvp, vjp and ntk_vp against float64 products with explicit per-example Jacobians."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lazykernel
+from conftest import _explicit_jacobian, reference_ntk
+
+
+def _mlp(widths=(5, 7, 6, 3), act=nn.ReLU, seed=0, bias=True):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(widths) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class _Residual(nn.Module):
+    """Not a Sequential: takes the generic path."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.inner = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x)) + x)
+
+
+def _nested():
+    """Sequential inside Sequential, a conv and a flatten between linear maps."""
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(),
+        nn.Sequential(nn.Linear(2 * 3 * 3, 6), nn.GELU(), nn.Linear(6, 2, bias=False)),
+    )
+
+
+CASES = {
+    "mlp_relu": (lambda: _mlp(), (6, 5)),
+    "mlp_tanh_nobias": (lambda: _mlp(act=nn.Tanh, bias=False), (4, 5)),
+    "mlp_scalar_output": (lambda: _mlp(widths=(3, 8, 1)), (5, 3)),
+    "nested_conv": (_nested, (3, 1, 5, 5)),
+    "residual": (_Residual, (5, 4)),
+}
+
+
+def _reference_jacobian(model, x, names=None):
+    """[N, O, P] float64 Jacobian over the named parameters (all when None)."""
+    double = copy.deepcopy(model).double()
+    named = dict(double.named_parameters())
+    names = list(named) if names is None else names
+    with torch.enable_grad():
+        return _explicit_jacobian(double, x.double(), [named[n] for n in names]), names
+
+
+def _random_like_params(model, names, dtype, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    named = dict(model.named_parameters())
+    return {n: torch.randn(named[n].shape, dtype=dtype, generator=gen) for n in names}
+
+
+def _flat(d, names):
+    return torch.cat([d[n].reshape(-1).double() for n in names])
+
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("method", ["auto", "generic", "structured"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_jvp_matches_explicit_jacobian(case, method, dtype):
+    build, shape = CASES[case]
+    model = build().to(dtype)
+    if method == "structured" and not isinstance(model, nn.Sequential):
+        pytest.skip("structured needs an nn.Sequential (tested in test_jvp_errors)")
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    jac, names = _reference_jacobian(model, x)
+    tangent = _random_like_params(model, names, dtype)
+    y, y_dot = lazykernel.jvp(model, x, tangent, method=method)
+    assert y.dtype == y_dot.dtype == dtype
+    with torch.no_grad():
+        expected_y = copy.deepcopy(model).double()(x.double())
+    expected = (jac @ _flat(tangent, names)).reshape(expected_y.shape)
+    assert y.shape == y_dot.shape == expected_y.shape
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(y.double(), expected_y, **TOL[dtype])
+    torch.testing.assert_close(y_dot.double(), expected, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * scale)
+
+
+def test_jvp_tangent_is_a_central_difference_of_the_network():
+    model = _mlp(act=nn.Tanh).double()
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    names = [n for n, _ in model.named_parameters()]
+    tangent = _random_like_params(model, names, torch.float64)
+    _, y_dot = lazykernel.jvp(model, x, tangent)
+    h = 1e-5
+
+    def shifted(sign):
+        moved = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in moved.named_parameters():
+                p += sign * h * tangent[n]
+            return moved(x)
+
+    difference = (shifted(1) - shifted(-1)) / (2 * h)
+    # central difference error is O(h²·‖f'''‖) ~ 1e-10 here; round-off ~1e-16/h ~ 1e-11
+    torch.testing.assert_close(y_dot, difference, rtol=1e-7, atol=1e-8)
+
+
+def test_jvp_with_parameter_selection_list_tangent_and_functional_model():
+    model = _mlp().double()
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    names = ["0.weight", "4.bias"]
+    jac, _ = _reference_jacobian(model, x, names)
+    tangent = _random_like_params(model, names, torch.float64)
+    expected = (jac @ _flat(tangent, names)).reshape(4, 3)
+    _, by_dict = lazykernel.jvp(model, x, tangent, params=names)
+    _, by_list = lazykernel.jvp(model, x, [tangent[n] for n in names], params=names)
+    torch.testing.assert_close(by_dict, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(by_list, expected, rtol=1e-10, atol=1e-12)
+
+    values = {n: p.detach() for n, p in model.named_parameters()}
+    fn = lambda p, inp: torch.func.functional_call(model, p, (inp,))  # noqa: E731
+    full_tangent = {n: tangent.get(n, torch.zeros_like(v)) for n, v in values.items()}
+    _, functional = lazykernel.jvp(fn, x, full_tangent, params=values)
+    torch.testing.assert_close(functional, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_jvp_chunks_agree_with_one_batch():
+    model = _mlp().double()
+    x = torch.randn(11, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    tangent = _random_like_params(model, [n for n, _ in model.named_parameters()], torch.float64)
+    whole = lazykernel.jvp(model, x, tangent)
+    chunked = lazykernel.jvp(model, x, tangent, batch_size=3)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_jvp_errors():
+    model = _mlp()
+    x = torch.randn(3, 5)
+    good = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="missing names"):
+        lazykernel.jvp(model, x, {"0.weight": good["0.weight"]})
+    with pytest.raises(ValueError, match="unknown names"):
+        lazykernel.jvp(model, x, dict(good, extra=torch.zeros(1)))
+    with pytest.raises(ValueError, match="has shape"):
+        lazykernel.jvp(model, x, dict(good, **{"0.bias": torch.zeros(3)}))
+    with pytest.raises(ValueError, match="sequence of 1 tensors"):
+        lazykernel.jvp(model, x, [good["0.weight"]])
+    with pytest.raises(ValueError, match="unknown method"):
+        lazykernel.jvp(model, x, good, method="fast")
+    with pytest.raises(ValueError, match="needs an nn.Sequential"):
+        lazykernel.jvp(_Residual(), torch.randn(2, 4),
+                       {n: torch.zeros_like(p) for n, p in _Residual().named_parameters()}, method="structured")
+    with pytest.raises(ValueError, match="batch_size"):
+        lazykernel.jvp(model, x, good, batch_size=0)
+    with pytest.raises(ValueError, match="memory_budget .* too small"):
+        lazykernel.jvp(model, x, good, memory_budget=10)
+    dropout = nn.Sequential(nn.Linear(5, 2), nn.Dropout(0.5))
+    with pytest.raises(ValueError, match="eval"):
+        lazykernel.jvp(dropout, x, {n: torch.zeros_like(p) for n, p in dropout.named_parameters()})
+
+
+def test_jvp_generic_path_is_differentiable_in_the_tangent():
+    model = _mlp().double()
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    names = [n for n, _ in model.named_parameters()]
+    tangent = {n: t.requires_grad_(True) for n, t in _random_like_params(model, names, torch.float64).items()}
+    _, y_dot = lazykernel.jvp(model, x, tangent)
+    c = torch.randn_like(y_dot)
+    grads = torch.autograd.grad((y_dot * c).sum(), [tangent[n] for n in names])
+    jac, _ = _reference_jacobian(model, x)
+    expected = torch.einsum("nop,no->p", jac, c)  # d⟨c, J t⟩/dt = Jᵀ c
+    torch.testing.assert_close(torch.cat([g.reshape(-1) for g in grads]), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["mlp_relu", "nested_conv", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vjp_matches_explicit_jacobian(case, dtype):
+    build, shape = CASES[case]
+    model = build().to(dtype)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    jac, names = _reference_jacobian(model, x)
+    with torch.no_grad():
+        out_shape = model(x).shape
+    cot = torch.randn(out_shape, generator=torch.Generator().manual_seed(10)).to(dtype)
+    grads = lazykernel.vjp(model, x, cot, batch_size=2)
+    assert list(grads) == names
+    expected = torch.einsum("nop,no->p", jac, cot.double().reshape(jac.shape[0], -1))
+    got = _flat(grads, names)
+    torch.testing.assert_close(got, expected, rtol=TOL[dtype]["rtol"],
+                               atol=TOL[dtype]["atol"] * expected.abs().max().item())
+    for n, p in model.named_parameters():
+        assert grads[n].shape == p.shape and grads[n].dtype == dtype
+
+
+def test_vjp_rejects_a_misshapen_cotangent():
+    model = _mlp()
+    with pytest.raises(ValueError, match="cotangent must be shaped like"):
+        lazykernel.vjp(model, torch.randn(3, 5), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="cotangent must be a tensor"):
+        lazykernel.vjp(model, torch.randn(3, 5), [1.0])
+
+
+@pytest.mark.parametrize("case", ["mlp_relu", "mlp_scalar_output", "nested_conv"])
+@pytest.mark.parametrize("output", ["trace", "full"])
+@pytest.mark.parametrize("two_sets", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ntk_vp_matches_kernel_times_vector(case, output, two_sets, dtype):
+    build, shape = CASES[case]
+    model = build().to(dtype)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(*shape, generator=gen).to(dtype)
+    x2 = torch.randn(shape[0] + 2, *shape[1:], generator=gen).to(dtype) if two_sets else None
+    n2 = (x2 if two_sets else x).shape[0]
+    kernel = reference_ntk(model, x, x2, output=output)  # float64
+    if kernel.dim() == 4:  # full, O > 1: r[i, a] = Σ_jb Θ[i, j, a, b] v[j, b]
+        v = torch.randn(n2, kernel.shape[-1], generator=gen)
+        expected = torch.einsum("ijab,jb->ia", kernel, v.double())
+    else:
+        v = torch.randn(n2, generator=gen)
+        expected = kernel @ v.double()
+    got = lazykernel.ntk_vp(model, x, v.to(dtype), x2, output=output, batch_size=2)
+    assert got.dtype == dtype and got.shape == expected.shape
+    torch.testing.assert_close(got.double(), expected, rtol=TOL[dtype]["rtol"],
+                               atol=TOL[dtype]["atol"] * expected.abs().max().item())
+
+
+def test_ntk_vp_agrees_with_library_ntk_for_several_columns():
+    model = _mlp()
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(9, 5, generator=gen)
+    v = torch.randn(9, 4, generator=gen)
+    expected = lazykernel.ntk(model, x, output="trace").double() @ v.double()
+    got = lazykernel.ntk_vp(model, x, v)
+    assert got.shape == (9, 4)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_ntk_vp_errors():
+    model = _mlp()
+    x = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="unknown output"):
+        lazykernel.ntk_vp(model, x, torch.randn(4), output="diagonal")
+    with pytest.raises(ValueError, match=r"\[N2\] or \[N2, C\]"):
+        lazykernel.ntk_vp(model, x, torch.randn(5))
+    with pytest.raises(ValueError, match=r"\[N2, O\] = \[4, 3\]"):
+        lazykernel.ntk_vp(model, x, torch.randn(4), output="full")
+    with pytest.raises(ValueError, match="same trailing shape"):
+        lazykernel.ntk_vp(model, x, torch.randn(2), torch.randn(2, 6))
+    with pytest.raises(ValueError, match="floating-point"):
+        lazykernel.ntk_vp(model, x, torch.ones(4, dtype=torch.int64))
