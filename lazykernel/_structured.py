@@ -203,6 +203,24 @@ class StructuredPlan:
             else:
                 self.demote(rule)
 
+    def check_taps_at(self, probe: torch.Tensor, rows: int) -> None:
+        """Demote broadcast-parameter rules that a batch of ``rows`` examples breaks.
+
+        A forward that slices a parameter (``pos[:T]``) slices the expanded
+        copy's batch axis instead: harmless while the batch is no longer than
+        the slice, an error once it is. The probe examples, repeated to the
+        largest chunk, show it before any chunk is computed.
+        """
+        taps = [rule for rule in self.rules if isinstance(rule, BroadcastParameterRule)]
+        if not taps or rows <= probe.shape[0]:
+            return
+        x = probe[torch.arange(rows, device=probe.device) % probe.shape[0]]
+        if self._forward_accepts(taps, x):
+            return
+        for rule in taps:
+            if not self._forward_accepts([rule], x):
+                self.demote(rule)
+
     def _forward_accepts(self, taps: List[StructuredRule], x: torch.Tensor) -> bool:
         n = x.shape[0]
         try:

@@ -288,13 +288,17 @@ class _Engine:
     def bytes_per_example(self, other_chunk: int) -> float:
         raise NotImplementedError
 
+    def settle(self, rows: int) -> None:
+        """Last checks once the largest chunk, ``rows`` examples, is known."""
+
 
 class _StructuredEngine(_Engine):
     name = "structured"
 
-    def __init__(self, plan: StructuredPlan, *args):
+    def __init__(self, plan: StructuredPlan, probe: torch.Tensor, *args):
         super().__init__(plan.adapter, *args)
         self.plan = plan
+        self.probe = probe
         if any(form == "gradient" for forms in plan.forms for form in (forms or [])):
             self.reserve = 0.25
 
@@ -331,6 +335,9 @@ class _StructuredEngine(_Engine):
             grad1 = _slab_gradient(a1, g1, part)
             grad2 = grad1 if same else _slab_gradient(a2, g2, part)
             gram_hadamard_accumulate(out, [ones1], [ones2], [grad1], [grad2], self.mode, symmetric=same)
+
+    def settle(self, rows):
+        self.plan.check_taps_at(self.probe, rows)
 
     def bytes_per_example(self, other_chunk):
         o = self.plan.outputs or 1
@@ -405,7 +412,7 @@ def _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget
         plan = StructuredPlan.build(adapter)
         plan.verify(x1[:_PROBE_EXAMPLES])
         plan.choose_forms(n1, n2, mode, budget / elt)
-        return _StructuredEngine(plan, *common)
+        return _StructuredEngine(plan, x1[:_PROBE_EXAMPLES], *common)
     if method == "jacobian":
         return _JacobianEngine(adapter, *common)
     return _NtvpEngine(adapter, *common)
@@ -453,6 +460,7 @@ def _tile_sizes(engine: _Engine, n1: int, n2: int, symmetric: bool, cell_bytes: 
     b1, b2 = _plan_chunks(engine, n1, n2, cell_bytes, budget, batch_size, symmetric)
     if symmetric:
         b1 = b2 = min(b1, b2)
+    engine.settle(max(b1, b2))
     return b1, b2
 
 

@@ -19,8 +19,8 @@ from lazykernel import _memory
 from lazykernel._model import ParamSelection
 from lazykernel._structured import is_deferred, term_cost
 from lazykernel.rules import explicit_attention
-from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _StructuredEngine, _plan_chunks,
-                            _setup)
+from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _StructuredEngine, _setup,
+                            _tile_sizes)
 
 
 @dataclass
@@ -138,10 +138,7 @@ def plan(
     with explicit_attention(call.adapter.module):
         report.method = engine.name
         cell = math.prod(call.shape[2:]) if len(call.shape) > 2 else 1
-        b1, b2 = _plan_chunks(engine, n1, n2, cell * call.elt, call.budget, batch_size,
-                              call.symmetric)
-        if call.symmetric:
-            b1 = b2 = min(b1, b2)
+        b1, b2 = _tile_sizes(engine, n1, n2, call.symmetric, cell * call.elt, call.budget, batch_size)
         report.chunks = (b1, b2)
         pairs, featurised, block_examples = _schedule(n1, n2, b1, b2, call.symmetric)
         probe = x1[:_PROBE_EXAMPLES]

@@ -312,3 +312,27 @@ def test_ntk_inside_no_grad_gives_the_same_kernel():
         for method in ("structured", "jacobian", "ntvp"):
             torch.testing.assert_close(lazykernel.ntk(model, x, output="full", method=method), expected,
                                        rtol=1e-10, atol=1e-12)
+
+
+def test_sliced_parameter_longer_chunks_than_the_slice_fall_back_and_stay_exact():
+    # pos[:T] slices the expanded copy's batch axis: fine for 3 probe examples,
+    # an error for a chunk of 9 > T = 4; the rule must be dropped before any chunk
+    class Sliced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 3)
+            self.pos = nn.Parameter(torch.randn(4, 3))
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.embed(ids) + self.pos[:ids.shape[1]])).mean(1)
+
+    torch.manual_seed(9)
+    model = Sliced().double()
+    ids = torch.randint(0, 10, (9, 4))
+    plan = lazykernel.plan(model, ids, method="structured")
+    assert {g.rule for g in plan.groups if "pos" in g.params} == {"PerExampleJacobian"}, str(plan)
+    assert_close_to_reference(lazykernel.ntk(model, ids), reference_ntk(model, ids), torch.float64)
+    # chunks no longer than the slice keep the fast rule
+    small = lazykernel.plan(model, ids[:4], method="structured")
+    assert {g.rule for g in small.groups if "pos" in g.params} == {"BroadcastParameterRule"}, str(small)
