@@ -1,19 +1,39 @@
 #!/usr/bin/env python
-"""Time lazykernel.ntk against the torch.func tutorial's NTK methods on MLPs.
+"""Time lazykernel.ntk against the torch.func tutorial's NTK methods and neural-tangents.
 
-Workloads: MLPs with input 128, 3 hidden layers of a given width (ReLU) and O
-outputs, on N inputs, kernel Θ(x, x) in trace or full mode. For each workload
-the table gives the median wall time of every method, the FLOPs the structured
-method performs, and the fraction of the machine's float32 GEMM rate (measured
-in the same run) that this represents.
+Suites (--suite, several allowed):
+  mlp          MLPs with input 128, 3 hidden layers of a given width (ReLU) and O
+               outputs, on N inputs, kernel Θ(x, x) in trace or full mode.
+  cnn          a CNN on 3×32×32 (conv 3→32→32, 3×3, ReLU, linear to 10; N = 128)
+               and the 5-layer Myrtle CNN at width 128 (Shankar et al., 2020;
+               N = 32 by default, --myrtle-n).
+  transformer  token ids [N, 32], vocab 1000, embeddings d = 256 plus learned
+               positions, 2 nn.TransformerEncoderLayer (4 heads, ff 1024, no
+               dropout, eval mode), mean over positions, linear to 10; N = 256.
+  all          all of the above.
+The models are in benchmarks/workloads.py.
+
+For each workload the table gives the median wall time of every method and the
+fraction of the machine's float32 GEMM rate (a square GEMM timed just before
+and after the lazykernel series) that lazykernel reaches. For the MLPs the
+FLOPs are counted analytically (`structured_flops`); for the CNN and
+transformer workloads they are `lazykernel.plan(...).flops`, the cost model of
+the algorithm lazykernel chooses, whose table (`str(plan)`) is printed too.
 
 Peers: the two methods of the torch.func "Neural Tangent Kernels" tutorial
 (Jacobian contraction, NTK-vector products), re-implemented here; each is
-skipped with the memory it would need when that exceeds --peer-memory-gib.
+skipped, with the memory it would need, when that exceeds --peer-memory-gib.
+neural-tangents' structured derivatives (benchmarks/peer_neural_tangents.py)
+run when it can be imported, i.e. in the separate environment its docstring
+sets up; they are timed alternately with lazykernel, run for run, after jit
+compilation. Every peer's kernel is compared with lazykernel's (max |difference|
+over max |lazykernel|).
 
-Example:
+Examples:
     python benchmarks/bench_ntk.py --widths 1024 --n 256 --outputs 10 \\
         --json benchmarks/results/cpu_mlp.json
+    PYTHONPATH=$PWD .venv-nt/bin/python benchmarks/bench_ntk.py --suite cnn transformer \\
+        --json benchmarks/results/cpu_cnn_transformer.json
 """
 
 from __future__ import annotations
@@ -25,24 +45,24 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 import lazykernel
+from workloads import BUILDERS, FAMILIES, Workload, build, make_mlp, relative_difference
+
+try:
+    import peer_neural_tangents
+except ImportError as error:  # jax or neural-tangents missing: the peer is optional
+    NEURAL_TANGENTS_MISSING = f"neural-tangents peer skipped: {error}"
+else:
+    NEURAL_TANGENTS_MISSING = peer_neural_tangents.UNAVAILABLE
 
 
-# -- workloads -------------------------------------------------------------------
-
-def make_mlp(width: int, outputs: int, depth: int = 3, d_in: int = 128) -> nn.Sequential:
-    layers: List[nn.Module] = [nn.Linear(d_in, width), nn.ReLU()]
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    layers.append(nn.Linear(width, outputs))
-    return nn.Sequential(*layers)
-
+# -- MLP FLOP count ------------------------------------------------------------------
 
 def linear_sizes(model: nn.Module):
     return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
@@ -164,38 +184,25 @@ class GemmProbe:
         Interleaving a GEMM between single runs would flush the caches ``fn``
         relies on, so the GEMM runs bracket the whole series instead.
         """
-        before = [median_time(self.run, 1, warmup=0, device=self.device)["median_s"] for _ in range(4)]
+        before = self.samples()
         timing = median_time(fn, repeats, warmup=0, device=self.device)
-        after = [median_time(self.run, 1, warmup=0, device=self.device)["median_s"] for _ in range(4)]
-        timing["gemm_flops"] = 2.0 * self.size ** 3 / statistics.median(before + after)
+        timing["gemm_flops"] = self.rate_of(before + self.samples())
         return timing
 
+    def samples(self, count: int = 4) -> List[float]:
+        """Seconds of ``count`` single GEMMs."""
+        return [median_time(self.run, 1, warmup=0, device=self.device)["median_s"] for _ in range(count)]
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 4096])
-    parser.add_argument("--n", type=int, nargs="+", default=[256, 1024], help="numbers of inputs")
-    parser.add_argument("--outputs", type=int, nargs="+", default=[1, 10])
-    parser.add_argument("--modes", nargs="+", default=["trace", "full"], choices=["trace", "full"])
-    parser.add_argument("--methods", nargs="+",
-                        default=["structured", "jacobian", "ntvp", "tutorial-jacobian", "tutorial-ntvp"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--peer-memory-gib", type=float, default=12.0,
-                        help="skip a generic method whose Jacobians/tangents would need more than this")
-    parser.add_argument("--max-seconds", type=float, default=60.0,
-                        help="skip repeats of a method whose first run took longer than this")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args(argv)
+    def rate_of(self, seconds: List[float]) -> float:
+        """FLOP/s of the median of GEMM timings from `samples`."""
+        return 2.0 * self.size ** 3 / statistics.median(seconds)
 
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    probe = GemmProbe(device)
-    gemm = probe.rate()
-    info = lazykernel.backend()
-    print(f"lazykernel backend: {info.name}; torch {torch.__version__}; "
-          f"{torch.get_num_threads()} threads; device {device}; float32 GEMM rate {gemm / 1e9:.0f} GFLOP/s")
-    header = f"{'width':>5} {'N':>5} {'O':>3} {'mode':>5} {'method':>18} {'median s':>9} {'GFLOP':>7} {'% GEMM':>7}  note"
+
+# -- the MLP suite -----------------------------------------------------------------
+
+def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float) -> List[dict]:
+    header = (f"{'width':>5} {'N':>5} {'O':>3} {'mode':>5} {'method':>18} {'median s':>9} "
+              f"{'GFLOP':>7} {'% GEMM':>7}  note")
     print(header)
     print("-" * len(header))
     records = []
@@ -211,7 +218,7 @@ def main(argv=None) -> int:
                     flops = structured_flops(model, n, outputs, mode)
                     jac_bytes = 4.0 * 2 * n * outputs * params
                     for method in args.methods:
-                        record = {"width": width, "n": n, "outputs": outputs, "mode": mode,
+                        record = {"suite": "mlp", "width": width, "n": n, "outputs": outputs, "mode": mode,
                                   "method": method, "params": params, "structured_flops": flops}
                         if method in ("structured", "jacobian", "ntvp"):
                             fn = (lambda m=method: lazykernel.ntk(model, x, output=mode, method=m))
@@ -247,19 +254,328 @@ def main(argv=None) -> int:
                             line = f"{'-':>9} {flops / 1e9:7.1f} {'-':>7}  {record['status']}: {record['note']}"
                         print(f"{width:5d} {n:5d} {outputs:3d} {mode:>5} {method:>18} {line}", flush=True)
                         records.append(record)
-    if args.json:
+    return records
+
+
+# -- the CNN and transformer suites ------------------------------------------------
+
+LAZYKERNEL_METHODS = ("auto", "structured", "jacobian", "ntvp")
+PEER_METHODS = ("tutorial-jacobian", "tutorial-ntvp", "neural-tangents")
+
+
+def activation_elements(model: nn.Module, x: torch.Tensor) -> int:
+    """Elements of every leaf module's output for one example: what a backward pass keeps."""
+    seen = [0]
+
+    def count(module, inputs, out):
+        for t in out if isinstance(out, tuple) else (out,):
+            if isinstance(t, torch.Tensor):
+                seen[0] += t.numel()
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen[0]
+
+
+def tutorial_bytes(method: str, n: int, outputs: int, params: int, activations: int) -> float:
+    """float32 bytes a tutorial method holds at once on Θ(x, x) with N examples.
+
+    Jacobian contraction: the per-example Jacobians of x1 and of x2 (the tutorial
+    computes both), and the O-fold batched backward's activations. NTK-vector
+    products: for each of the N·O rows at once, a parameter-sized cotangent and
+    tangent and a JVP through all N examples (about 3 activation copies).
+    """
+    if method == "tutorial-jacobian":
+        return 4.0 * (2 * n * outputs * params + 2 * n * outputs * activations)
+    return 4.0 * n * outputs * (2 * params + 3 * n * activations)
+
+
+def profile_top_ops(fn: Callable[[], object], limit: int = 10) -> List[dict]:
+    """The operators of one run of ``fn`` with the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in events[:limit]]
+
+
+def _plan_record(plan) -> dict:
+    return {"method": plan.method, "flops": plan.flops, "peak_bytes": plan.peak_bytes,
+            "chunks": list(getattr(plan, "chunks", ())),
+            "groups": [{"rule": g.rule, "params": list(g.params), "form": g.form, "flops": g.flops,
+                        "peak_bytes": g.peak_bytes} for g in plan.groups],
+            "text": str(plan)}
+
+
+def _repeats(first_s: float, args) -> int:
+    """As many repeats as fit in --max-seconds (at least 1, at most --repeats)."""
+    return max(1, min(args.repeats, int(args.max_seconds // max(first_s, 1e-9))))
+
+
+def _time_lazykernel(workload: Workload, mode: str, method: str, args, probe: GemmProbe,
+                     record: dict, plans: Dict[str, dict]) -> Optional[torch.Tensor]:
+    model, x = workload.model, workload.x
+    plan_fn = getattr(lazykernel, "plan", None)
+    plan = None if plan_fn is None else plan_fn(model, x, output=mode, method=method)
+    if plan is None:
+        record["note"] = "lazykernel.plan is missing: no FLOP count"
+    else:
+        print(plan)
+        plans[f"{workload.name}/{mode}/{method}"] = _plan_record(plan)
+        record.update(plan_method=plan.method, plan_flops=plan.flops, plan_peak_bytes=plan.peak_bytes)
+    fn = (lambda: lazykernel.ntk(model, x, output=mode, method=method))
+    # The first run warms up; when it alone fills --max-seconds it is the one
+    # sample, and the GEMM yardstick brackets it.
+    before = probe.samples()
+    start = time.perf_counter()
+    kernel = fn()
+    first = time.perf_counter() - start
+    if first >= args.max_seconds:
+        timing = {"median_s": first, "times_s": [first]}
+    else:
+        timing = median_time(fn, _repeats(first, args), warmup=0)
+    timing["gemm_flops"] = probe.rate_of(before + probe.samples())
+    record.update(timing, status="ok", first_s=first)
+    record.setdefault("note", "")
+    if plan is not None:
+        record["fraction_of_gemm"] = plan.flops / record["median_s"] / record["gemm_flops"]
+    if args.profile and first < args.max_seconds:
+        record["profile"] = profile_top_ops(fn)
+        print("  most self CPU time: " + "; ".join(
+            f"{e['op']} {100 * e['share']:.0f}%" for e in record["profile"][:6]))
+    return kernel
+
+
+def _time_tutorial(workload: Workload, mode: str, method: str, args, record: dict,
+                   reference: Optional[torch.Tensor]) -> None:
+    model, x = workload.model, workload.x
+    need = tutorial_bytes(method, workload.n, record["outputs"], record["params"],
+                          activation_elements(model, x))
+    record["estimated_bytes"] = need
+    if need > args.peer_memory_gib * 2 ** 30:
+        what = "Jacobians" if method == "tutorial-jacobian" else "tangents and JVPs"
+        record.update(status="skipped", note=f"{what} need {need / 2**30:.0f} GiB "
+                                              f"(> --peer-memory-gib {args.peer_memory_gib:g})")
+        return
+    fn = (lambda: tutorial_jacobian_contraction(model, x, x, mode) if method == "tutorial-jacobian"
+          else tutorial_ntk_vector_products(model, x, x, mode))
+    start = time.perf_counter()
+    try:
+        kernel = fn()
+    except (RuntimeError, ValueError) as error:  # out of memory, an op vmap cannot batch
+        record.update(status="failed", note=str(error).splitlines()[0][:100])
+        return
+    first = time.perf_counter() - start
+    if first >= args.max_seconds:
+        record.update(median_s=first, times_s=[first])
+    else:
+        record.update(median_time(fn, _repeats(first, args), warmup=0))
+    record.update(status="ok", note="", first_s=first)
+    if reference is not None:
+        record["max_rel_diff"] = relative_difference(kernel, reference)
+
+
+def _time_neural_tangents(workload: Workload, mode: str, args, probe: GemmProbe, record: dict,
+                          reference: Optional[torch.Tensor], ours_record: Optional[dict]) -> None:
+    """neural-tangents and lazykernel alternately, run for run, so both see the same machine.
+
+    When --max-seconds had room for only one timed lazykernel run
+    (``ours_record`` has a single sample), lazykernel is not run again: its series from just before is
+    the comparison, and the GEMM rates measured around both series give the
+    ratio corrected for the machine's load (``speedup_gemm_normalised``).
+    """
+    if NEURAL_TANGENTS_MISSING:
+        record.update(status="skipped", note=NEURAL_TANGENTS_MISSING)
+        return
+    if mode not in ("trace", "full"):
+        record.update(status="skipped", note=f"no {mode} mode in this comparison")
+        return
+    model, x = workload.model, workload.x
+    ours = (lambda: lazykernel.ntk(model, x, output=mode))
+    alongside = not (ours_record and ours_record.get("status") == "ok" and len(ours_record["times_s"]) == 1)
+    theirs_s, ours_s = [], []
+    try:
+        peer = peer_neural_tangents.NeuralTangentsNTK(model, x, mode)
+        record["compile_s"] = peer.compile()
+        before = probe.samples()
+        # pairs of runs while they fit in --max-seconds: at least one, at most --repeats
+        started = time.perf_counter()
+        while not theirs_s or (len(theirs_s) < args.repeats
+                               and time.perf_counter() - started < args.max_seconds):
+            start = time.perf_counter()
+            result = peer.run()
+            theirs_s.append(time.perf_counter() - start)
+            if alongside:
+                start = time.perf_counter()
+                ours()
+                ours_s.append(time.perf_counter() - start)
+        record["gemm_flops"] = probe.rate_of(before + probe.samples())
+        kernel = peer.as_torch(result)
+        if len(theirs_s) >= 3:  # the first pair warmed up the allocators; drop it when others remain
+            theirs_s, ours_s = theirs_s[1:], ours_s[1:]
+    except Exception as error:  # XLA out of memory or a failed compilation: report, go on
+        record.update(status="failed", note=f"{type(error).__name__}: {str(error).splitlines()[0][:100]}")
+        return
+    if not alongside:
+        ours_s = list(ours_record["times_s"])
+    record.update(status="ok", note="" if alongside else "lazykernel time from its own series just before",
+                  median_s=statistics.median(theirs_s), times_s=theirs_s, lazykernel_alongside=alongside,
+                  lazykernel_times_s=ours_s, lazykernel_median_s=statistics.median(ours_s))
+    record["speedup"] = record["median_s"] / record["lazykernel_median_s"]
+    if ours_record and ours_record.get("gemm_flops"):
+        record["speedup_gemm_normalised"] = (record["speedup"] * record["gemm_flops"]
+                                             / ours_record["gemm_flops"])
+    if reference is not None:
+        record["max_rel_diff"] = relative_difference(kernel, reference)
+
+
+def run_model_suites(args, families: List[str], probe: GemmProbe, plans: Dict[str, dict],
+                     records: List[dict], save: Callable[[], None]) -> None:
+    """Time every chosen workload, appending to ``records`` and calling ``save`` after each."""
+    sizes = {"cnn-3x32x32": args.cnn_n, "myrtle5-w128": args.myrtle_n, "transformer-2x256": args.transformer_n}
+    if "neural-tangents" in args.model_methods and NEURAL_TANGENTS_MISSING:
+        print(NEURAL_TANGENTS_MISSING)
+    header = (f"{'workload':>18} {'N':>4} {'mode':>5} {'method':>17} {'median s':>9} {'GFLOP':>8} "
+              f"{'% GEMM':>7}  note")
+    for family in families:
+        for name in FAMILIES[family]:
+            if args.workloads and name not in args.workloads:
+                continue
+            workload = build(name, sizes[name])
+            with torch.no_grad():
+                outputs = int(workload.model(workload.x[:1]).shape[-1])
+            params = sum(p.numel() for p in workload.model.parameters())
+            print(f"\n== {name}: {workload.description}; N = {workload.n}, O = {outputs}, "
+                  f"{params:,} parameters")
+            print(header)
+            for mode in args.model_modes:
+                reference, ours_record = None, None
+                for method in args.model_methods:
+                    record = {"suite": family, "workload": name, "description": workload.description,
+                              "n": workload.n, "outputs": outputs, "mode": mode, "method": method,
+                              "params": params}
+                    if method in LAZYKERNEL_METHODS:
+                        kernel = _time_lazykernel(workload, mode, method, args, probe, record, plans)
+                        if reference is None:
+                            reference, ours_record = kernel, record
+                    elif method == "neural-tangents":
+                        _time_neural_tangents(workload, mode, args, probe, record, reference, ours_record)
+                    else:
+                        _time_tutorial(workload, mode, method, args, record, reference)
+                    records.append(record)
+                    print(_model_line(record), flush=True)
+                    save()
+
+
+def _model_line(record: dict) -> str:
+    flops = record.get("plan_flops")
+    gflop = f"{flops / 1e9:8.1f}" if flops is not None else f"{'-':>8}"
+    if record["status"] != "ok":
+        return (f"{record['workload']:>18} {record['n']:4d} {record['mode']:>5} {record['method']:>17} "
+                f"{'-':>9} {gflop} {'-':>7}  {record['status']}: {record['note']}")
+    share = record.get("fraction_of_gemm")
+    share = f"{100 * share:6.0f}%" if share is not None else f"{'-':>7}"
+    notes = []
+    if "plan_method" in record:
+        notes.append(f"plan: {record['plan_method']}")
+    if "max_rel_diff" in record:
+        notes.append(f"max rel. diff. vs lazykernel {record['max_rel_diff']:.1e}")
+    if "speedup" in record:
+        where = "alongside" if record["lazykernel_alongside"] else "just before"
+        notes.append(f"lazykernel {record['lazykernel_median_s']:.3f} s {where}; "
+                     f"neural-tangents takes {record['speedup']:.2f}x its time "
+                     f"({record.get('speedup_gemm_normalised', float('nan')):.2f}x at equal GEMM rate); "
+                     f"NT compile {record['compile_s']:.1f} s")
+    return (f"{record['workload']:>18} {record['n']:4d} {record['mode']:>5} {record['method']:>17} "
+            f"{record['median_s']:9.4f} {gflop} {share}  " + "; ".join(notes))
+
+
+# -- driver --------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", nargs="+", default=["mlp"], choices=["mlp", "cnn", "transformer", "all"],
+                        help="workload families (default: mlp)")
+    mlp = parser.add_argument_group("mlp suite")
+    mlp.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 4096])
+    mlp.add_argument("--n", type=int, nargs="+", default=[256, 1024], help="numbers of inputs")
+    mlp.add_argument("--outputs", type=int, nargs="+", default=[1, 10])
+    mlp.add_argument("--modes", nargs="+", default=["trace", "full"], choices=["trace", "full"])
+    mlp.add_argument("--methods", nargs="+",
+                     default=["structured", "jacobian", "ntvp", "tutorial-jacobian", "tutorial-ntvp"])
+    models = parser.add_argument_group("cnn and transformer suites")
+    models.add_argument("--cnn-n", type=int, default=128, help="inputs of the small CNN")
+    models.add_argument("--myrtle-n", type=int, default=32, help="inputs of the Myrtle-5 CNN")
+    models.add_argument("--transformer-n", type=int, default=256, help="inputs of the transformer")
+    models.add_argument("--workloads", nargs="+", default=None, choices=sorted(BUILDERS),
+                        help="only these workloads of the chosen suites")
+    models.add_argument("--model-modes", nargs="+", default=["trace"], choices=["trace", "diagonal", "full"])
+    models.add_argument("--model-methods", nargs="+", default=["auto", "tutorial-jacobian", "tutorial-ntvp",
+                                                               "neural-tangents"],
+                        choices=list(LAZYKERNEL_METHODS + PEER_METHODS),
+                        help="lazykernel methods and peers; the first lazykernel method is the "
+                             "reference the peers are compared with")
+    models.add_argument("--profile", action="store_true",
+                        help="profile one more lazykernel run per workload (when one run takes less "
+                             "than --max-seconds) and list the costliest operators")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--peer-memory-gib", type=float, default=12.0,
+                        help="skip a generic method whose Jacobians/tangents would need more than this")
+    parser.add_argument("--max-seconds", type=float, default=60.0,
+                        help="mlp: skip repeats of a method whose first run took longer than this; "
+                             "cnn/transformer: time budget per method, as many repeats as fit")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    suites = ["mlp", "cnn", "transformer"] if "all" in args.suite else list(dict.fromkeys(args.suite))
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    if device.type != "cpu" and suites != ["mlp"]:
+        parser.error("the cnn and transformer suites run on the CPU only (the neural-tangents peer is CPU JAX)")
+    probe = GemmProbe(device)
+    gemm = probe.rate()
+    info = lazykernel.backend()
+    print(f"lazykernel backend: {info.name}; torch {torch.__version__}; "
+          f"{torch.get_num_threads()} threads; device {device}; float32 GEMM rate {gemm / 1e9:.0f} GFLOP/s")
+    peer_versions = {} if NEURAL_TANGENTS_MISSING else peer_neural_tangents.versions()
+    if peer_versions:
+        print("neural-tangents peer:", ", ".join(f"{k} {v}" for k, v in peer_versions.items()))
+    records: List[dict] = []
+    plans: Dict[str, dict] = {}
+    machine = {"platform": platform.platform(), "processor": platform.processor(),
+               "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "gemm_float32_flops": gemm, "backend": info.name,
+               "python": sys.version.split()[0], "peer": peer_versions}
+    command = " ".join(["python", "benchmarks/bench_ntk.py"] + (argv or sys.argv[1:]))
+
+    def save(final: bool) -> None:
+        """Write what has been measured so far, so that an interrupted run keeps it."""
+        if not args.json:
+            return
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as handle:
-            json.dump({
-                "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-                            "threads": torch.get_num_threads(), "torch": torch.__version__,
-                            "gemm_float32_flops": gemm, "backend": info.name,
-                            "python": sys.version.split()[0]},
-                "command": " ".join(["python", "benchmarks/bench_ntk.py"] + (argv or sys.argv[1:])),
-                "results": records,
-            }, handle, indent=1)
-        print(f"wrote {args.json}")
+            json.dump({"machine": machine, "command": command, "complete": final,
+                       "results": records, "plans": plans}, handle, indent=1)
+        if final:
+            print(f"wrote {args.json}")
+
+    if "mlp" in suites:
+        records += run_mlp_suite(args, device, probe, gemm)
+        save(False)
+    families = [s for s in suites if s != "mlp"]
+    if families:
+        run_model_suites(args, families, probe, plans, records, lambda: save(False))
+    save(True)
     return 0
 
 
