@@ -47,7 +47,17 @@ python3 -m lazykernel doctor >>"$log" 2>&1 || status=1
 step "CUDA tests"
 timeout 180 python3 -m pytest -q -m cuda tests/ >>"$log" 2>&1 || status=1
 step "all tests on this machine"
-timeout 240 python3 -m pytest -q -x tests/ >>"$log" 2>&1 || status=1
+# Test modules whose extra dependencies this machine lacks are left out, and the
+# log says which: the GPU machine has no package index to install them from.
+ignores=()
+if ! python3 -c "import hypothesis" 2>/dev/null; then
+  ignores+=(--ignore=tests/test_ntk.py --ignore=tests/test_random_architectures.py)
+fi
+if ! python3 -c "import sklearn" 2>/dev/null; then
+  ignores+=(--ignore=tests/test_demo.py)
+fi
+echo "left out for missing packages: ${ignores[*]:-none}" >>"$log"
+timeout 240 python3 -m pytest -q -x tests/ "${ignores[@]}" >>"$log" 2>&1 || status=1
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
   step "compute-sanitizer memcheck on a short subset"
