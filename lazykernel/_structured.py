@@ -17,7 +17,7 @@ import torch
 from lazykernel._jacobian import per_example_jacobian
 from lazykernel._model import ModelAdapter
 from lazykernel.rules import (GRADIENT, BroadcastParameterRule, PAIRWISE, TOKENS, GradientOf, RuleDoesNotApply,
-                              StructuredRule, TermShape, TokenRows, explicit_attention, rule_for)
+                              StructuredRule, TermShape, TokenRows, gradient_is_smaller, rule_for)
 
 # (a_list, g_list) for gram_hadamard_accumulate, the sparse embedding terms, and
 # the per-example gradients formed block by block
@@ -109,10 +109,9 @@ class StructuredPlan:
         for rule in self.rules:
             rule.attach()
         try:
-            with torch.enable_grad():
-                taps = {rule.names[""]: rule.tap(n) for rule in self.rules
-                        if isinstance(rule, BroadcastParameterRule)}
-                y = self.adapter.forward_with(taps, x)
+            taps = {rule.names[""]: rule.tap(n) for rule in self.rules
+                    if isinstance(rule, BroadcastParameterRule)}
+            y = self.adapter.forward_with(taps, x)
         finally:
             for rule in self.rules:
                 rule.detach()
@@ -155,7 +154,7 @@ class StructuredPlan:
         try:
             f, per_rule = self._capture(x, summed=True)
         except Exception:
-            taps = [rule for rule in self.rules if isinstance(rule, BroadcastParameterRule)]
+            taps = self._taps()
             if not taps:
                 raise
             # expanded parameters that work one by one but not together: none of them
@@ -188,20 +187,10 @@ class StructuredPlan:
 
     def _drop_failing_taps(self, x: torch.Tensor) -> None:
         """Demote broadcast-parameter rules whose expanded parameter the forward cannot take."""
-        taps = [rule for rule in self.rules if isinstance(rule, BroadcastParameterRule)]
-        if not taps:
-            return
-        with torch.no_grad():
-            self.outputs = self.adapter.forward(x).reshape(x.shape[0], -1).shape[1]
-        if self._forward_accepts(taps, x):
-            return
-        for rule in taps:
-            for lead in range(rule.max_lead + 1):
-                rule.lead = lead
-                if self._forward_accepts([rule], x):
-                    break
-            else:
-                self.demote(rule)
+        if self._taps():
+            with torch.no_grad():
+                self.outputs = self.adapter.forward(x).reshape(x.shape[0], -1).shape[1]
+            self._demote_taps_failing_on(x, search_lead=True)
 
     def check_taps_at(self, probe: torch.Tensor, rows: int) -> None:
         """Demote broadcast-parameter rules that a batch of ``rows`` examples breaks.
@@ -211,14 +200,26 @@ class StructuredPlan:
         the slice, an error once it is. The probe examples, repeated to the
         largest chunk, show it before any chunk is computed.
         """
-        taps = [rule for rule in self.rules if isinstance(rule, BroadcastParameterRule)]
-        if not taps or rows <= probe.shape[0]:
-            return
-        x = probe[torch.arange(rows, device=probe.device) % probe.shape[0]]
+        if self._taps() and rows > probe.shape[0]:
+            x = probe[torch.arange(rows, device=probe.device) % probe.shape[0]]
+            self._demote_taps_failing_on(x, search_lead=False)
+
+    def _taps(self) -> List[BroadcastParameterRule]:
+        return [rule for rule in self.rules if isinstance(rule, BroadcastParameterRule)]
+
+    def _demote_taps_failing_on(self, x: torch.Tensor, search_lead: bool) -> None:
+        """All taps together decide the common case; only a failure tries them one by one,
+        each (with ``search_lead``) at every number of singleton axes after the batch axis."""
+        taps = self._taps()
         if self._forward_accepts(taps, x):
             return
         for rule in taps:
-            if not self._forward_accepts([rule], x):
+            leads = range(rule.max_lead + 1) if search_lead else (rule.lead,)
+            for lead in leads:
+                rule.lead = lead
+                if self._forward_accepts([rule], x):
+                    break
+            else:
                 self.demote(rule)
 
     def _forward_accepts(self, taps: List[StructuredRule], x: torch.Tensor) -> bool:
@@ -296,8 +297,7 @@ class StructuredPlan:
                         g_list.append(term.g)
                 rule.clear()
         if self.generic:
-            with explicit_attention(self.adapter.module):
-                jac = per_example_jacobian(self.adapter, self.generic, x)
+            jac = per_example_jacobian(self.adapter, self.generic, x)
             a_list.append(jac.new_ones(n, 1, 1))
             g_list.append(jac.unsqueeze(1))
         return a_list, g_list, tokens, deferred
@@ -326,18 +326,18 @@ def term_cost(shape: TermShape, form: str, outputs: int, output: str) -> Tuple[f
         # a dense [vocab, dim] gradient per example, filled from its token rows
         return 2.0 * m * k * d, 2.0 * t * outputs * d, float(1 + outputs * k * d)
     # formed block by block from its operands when those are the smaller (`GradientOf`)
-    return 2.0 * m * d * k, 2.0 * t * outputs * d * k, float(min(1 + outputs * d * k,
-                                                                 t * (k + outputs * d)))
+    held = 1 + outputs * d * k if gradient_is_smaller(t, k, d, outputs) else t * (k + outputs * d)
+    return 2.0 * m * d * k, 2.0 * t * outputs * d * k, float(held)
 
 
 def is_deferred(shape: TermShape, form: str, outputs: int) -> bool:
     """Is this term's per-example gradient formed block by block (`GradientOf`)?
 
-    It is when the gradient (``O·D·K`` elements) is larger than the operands it
-    comes from (``T·(K + O·D)``); `rules._linear_term` decides the same way.
+    It is when the gradient is larger than the operands it comes from
+    (`rules.gradient_is_smaller`, which `rules._linear_term` asks too).
     """
-    o, t, k, d = outputs, shape.positions, shape.k, shape.d
-    return form == GRADIENT and shape.kind == "linear" and o * d * k > t * (k + o * d)
+    return (form == GRADIENT and shape.kind == "linear"
+            and not gradient_is_smaller(shape.positions, shape.k, shape.d, outputs))
 
 
 def _block_flops(cost: Tuple[float, float, float], n1: int, n2: int) -> float:

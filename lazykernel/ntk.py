@@ -6,7 +6,7 @@ import math
 import numbers
 import sys
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -93,7 +93,9 @@ def ntk(
 
 @dataclass
 class _Call:
-    """A validated `ntk` call: the model, the inputs and what the result will be."""
+    """A validated call: the model, the inputs, what the result will be and, once
+    `_setup` made it, the engine that computes it. Every way of computing the
+    kernel (`ntk`, `plan`, `ntk_to_disk`) starts from one."""
 
     adapter: ModelAdapter
     x2: torch.Tensor
@@ -108,6 +110,7 @@ class _Call:
     elt: int
     device: torch.device
     budget: float
+    engine: Optional["_Engine"] = None  # set by `_setup`; None while unset or for an empty kernel
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -147,34 +150,15 @@ def _prepare(model, x1, x2, output, method, params, batch_size, memory_budget) -
                  dtype, compute_dtype, elt, device, budget)
 
 
-class _Setup(NamedTuple):
-    """A validated call and its engine: what every way of computing the kernel starts from."""
-
-    adapter: ModelAdapter
-    engine: Optional["_Engine"]  # None when the kernel is empty
-    x2: torch.Tensor  # x1 itself when symmetric
-    symmetric: bool
-    mode: str  # the output mode actually computed ("trace" when O = 1)
-    outputs: int
-    shape: Tuple[int, ...]
-    dtype: torch.dtype
-    compute_dtype: torch.dtype
-    device: torch.device
-    budget: float
-    elt: int
-
-
 def _setup(model, x1, x2, output: str, method: str, params: ParamSelection,
-           batch_size: Optional[int], memory_budget: Optional[float]) -> _Setup:
+           batch_size: Optional[int], memory_budget: Optional[float]) -> _Call:
     """`_prepare`, and the engine of the call (its rules checked on the probe examples)."""
     call = _prepare(model, x1, x2, output, method, params, batch_size, memory_budget)
-    engine = None
     if call.n1 and call.n2:
         with explicit_attention(call.adapter.module):
-            engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
-                                  call.n1, call.n2, call.budget, call.elt)
-    return _Setup(call.adapter, engine, call.x2, call.symmetric, call.mode, call.outputs, call.shape,
-                  call.dtype, call.compute_dtype, call.device, call.budget, call.elt)
+            call.engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
+                                       call.n1, call.n2, call.budget, call.elt)
+    return call
 
 
 # -- validation ------------------------------------------------------------------
@@ -363,9 +347,7 @@ class _JacobianEngine(_Engine):
     name = "jacobian"
 
     def features(self, x):
-        with explicit_attention(self.adapter.module):
-            jac = per_example_jacobian(self.adapter, list(self.adapter.params), x)
-        return jac.to(self.dtype)
+        return per_example_jacobian(self.adapter, list(self.adapter.params), x).to(self.dtype)
 
     def block(self, f1, f2, same, out):
         n1, o, p = f1.shape
@@ -425,6 +407,13 @@ def _tile_bytes(engine: _Engine, b1: int, b2: int, cell_bytes: float) -> float:
     return b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1) + b1 * b2 * cell_bytes
 
 
+def _working_bytes(engine: _Engine, n1: int, b1: int, b2: int, symmetric: bool, cell_bytes: float) -> float:
+    """Working memory of the largest tile; a symmetric kernel in one chunk holds one set of operands."""
+    if symmetric and b1 >= n1:
+        return n1 * engine.bytes_per_example(0) + n1 * n1 * cell_bytes
+    return _tile_bytes(engine, b1, b2, cell_bytes)
+
+
 def _plan_chunks(engine: _Engine, n1: int, n2: int, cell_bytes: float, budget: float,
                  batch_size: Optional[int], symmetric: bool = False) -> Tuple[int, int]:
     """Chunk sizes (b1, b2) whose features and kernel block fit in ``budget``."""
@@ -433,8 +422,8 @@ def _plan_chunks(engine: _Engine, n1: int, n2: int, cell_bytes: float, budget: f
         return _tile_bytes(engine, b1, b2, cell_bytes)
 
     budget = budget * (1.0 - engine.reserve)
-    if symmetric and (batch_size is None or batch_size >= n1) and n1 * engine.bytes_per_example(0) \
-            + n1 * n1 * cell_bytes <= budget:
+    if symmetric and (batch_size is None or batch_size >= n1) \
+            and _working_bytes(engine, n1, n1, n1, True, cell_bytes) <= budget:
         # one chunk: its operands serve as both sides of the only block
         return n1, n1
     one = cost(1, 1)

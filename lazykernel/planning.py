@@ -20,7 +20,7 @@ from lazykernel._model import ParamSelection
 from lazykernel._structured import is_deferred, term_cost
 from lazykernel.rules import explicit_attention
 from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _StructuredEngine, _setup,
-                            _tile_sizes)
+                            _tile_sizes, _working_bytes)
 
 
 @dataclass
@@ -147,16 +147,12 @@ def plan(
         report.groups = _groups(engine, call.mode, call.outputs, pairs, block_examples, b1 + b2, call.elt,
                                 report.forward_flops)
         report.flops = report.operand_flops + sum(g.flops for g in report.groups)
-    if call.symmetric and b1 >= n1:
-        operands = b1 * engine.bytes_per_example(0)       # one chunk serves both sides
-    else:
-        operands = b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1)
     slabs = 0.0
     if isinstance(engine, _StructuredEngine):
         # gradients formed a slab at a time: at most the reserved share of the budget
         slabs = min(engine.reserve * call.budget,
                     (b1 + b2) * engine.plan.largest_deferred_gradient() * call.elt)
-    working = operands + b1 * b2 * cell * call.elt + slabs
+    working = _working_bytes(engine, n1, b1, b2, call.symmetric, cell * call.elt) + slabs
     report.peak_bytes = working + result_bytes
     return report
 

@@ -289,6 +289,15 @@ def _positions(a: torch.Tensor, g: torch.Tensor, n: int, k: int, d: int, module:
     return a.reshape(n, -1, k), g.reshape(o, n, -1, d).permute(1, 2, 0, 3)
 
 
+def gradient_is_smaller(positions: int, k: int, d: int, outputs: int) -> bool:
+    """Is one example's gradient (``O·D·K`` elements) no larger than its pairwise operands (``T·(K + O·D)``)?
+
+    Then the gradient form builds it with the operands; otherwise it is formed
+    block by block from them (`GradientOf`).
+    """
+    return outputs * d * k <= positions * (k + outputs * d)
+
+
 def _linear_term(a: torch.Tensor, g: torch.Tensor, use_weight: bool, use_bias: bool, form: str
                  ) -> Pairwise:
     """One linear map's term from ``a: [n, T, K]`` and ``g: [n, T, O, D]``.
@@ -304,8 +313,7 @@ def _linear_term(a: torch.Tensor, g: torch.Tensor, use_weight: bool, use_bias: b
         a = torch.cat([a, a.new_ones(n, a.shape[1], 1)], dim=2)
     if form == GRADIENT:
         o, d, k = g.shape[2], g.shape[3], a.shape[2]
-        if o * d * k <= a.shape[1] * (k + o * d):
-            # the gradient is smaller than its operands: form it now
+        if gradient_is_smaller(a.shape[1], k, d, o):
             per_example = torch.einsum("ntod,ntk->nodk", g, a)
             return Pairwise(a.new_ones(n, 1, 1), per_example.reshape(n, 1, o, -1))
         return GradientOf(a.contiguous(), g.contiguous())
