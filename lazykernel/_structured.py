@@ -326,7 +326,7 @@ def term_cost(shape: TermShape, form: str, outputs: int, output: str) -> Tuple[f
         # a dense [vocab, dim] gradient per example, filled from its token rows
         return 2.0 * m * k * d, 2.0 * t * outputs * d, float(1 + outputs * k * d)
     # formed block by block from its operands when those are the smaller (`GradientOf`)
-    held = 1 + outputs * d * k if gradient_is_smaller(t, k, d, outputs) else t * (k + outputs * d)
+    held = 1 + outputs * d * k if not is_deferred(shape, form, outputs) else t * (k + outputs * d)
     return 2.0 * m * d * k, 2.0 * t * outputs * d * k, float(held)
 
 

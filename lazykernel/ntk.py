@@ -253,7 +253,8 @@ class _Engine:
 
     name = ""
 
-    # share of the memory budget kept for temporaries of `block` (not chunk features)
+    # share of the memory budget kept free beside the chunks' held features for
+    # the temporaries of `block` (per-example gradient slabs)
     reserve = 0.0
 
     def __init__(self, adapter: ModelAdapter, mode: str, dtype: torch.dtype, outputs: int,
@@ -270,7 +271,12 @@ class _Engine:
         raise NotImplementedError
 
     def bytes_per_example(self, other_chunk: int) -> float:
+        """Peak bytes per example while a chunk's features are formed (and held)."""
         raise NotImplementedError
+
+    def held_per_example(self) -> float:
+        """Bytes per example of features that stay held through `block`, if `reserve` is kept beside them."""
+        return 0.0
 
     def settle(self, rows: int) -> None:
         """Last checks once the largest chunk, ``rows`` examples, is known."""
@@ -299,38 +305,71 @@ class _StructuredEngine(_Engine):
             gram_hadamard_accumulate(out, f1[0], f2[0], f1[1], f2[1], self.mode, symmetric=same)
         for rows1, rows2 in zip(f1[2], f2[2]):
             token_gram_accumulate(out, rows1, rows2, self.mode)
-        for term1, term2 in zip(f1[3], f2[3]):
-            self._gradient_block(term1, term2, same, out)
+        if f1[3]:
+            held = _feature_bytes(f1) + (0 if same else _feature_bytes(f2)) + out.numel() * self.elt
+            spare = max(self.budget - held, self.budget * self.reserve)
+            slabs = [self._slab_features(term1, term2, same, spare) for term1, term2 in zip(f1[3], f2[3])]
+            # one buffer, sized for the largest slab, serves every slab of every term: a
+            # fresh allocation of that size would be paged in anew each time. It is
+            # freed with the block, as the next chunk's operands will need the room.
+            a = f1[3][0][0]
+            space = torch.empty(max(size for _, size in slabs), dtype=a.dtype, device=a.device)
+            for term1, term2, (slab, _) in zip(f1[3], f2[3], slabs):
+                _gradient_block(term1, term2, same, out, self.mode, slab, space)
 
-    def _gradient_block(self, term1, term2, same, out):
-        """Gram of per-example gradients ``Σ_t g_t a_tᵀ``, formed in slabs of output features.
-
-        A slab of D' features costs ``(n1+n2)·O·D'·K`` elements; D' is chosen so
-        that this stays within the share of the budget the chunks leave (`reserve`).
-        """
-        (a1, g1), (a2, g2) = term1, term2
-        n1, n2 = a1.shape[0], a2.shape[0]
+    def _slab_features(self, term1, term2, same: bool, spare: float) -> Tuple[int, int]:
+        """(D', elements): output features per slab of a term's per-example gradients, and the
+        elements one slab takes; a slab of D' features is ``(n1+n2)·O·D'·K`` elements and
+        must fit in ``spare`` bytes."""
+        (a1, g1), (a2, _) = term1, term2
+        rows = a1.shape[0] + (0 if same else a2.shape[0])
         o, d, k = g1.shape[2], g1.shape[3], a1.shape[2]
-        per_feature = (n1 + (0 if same else n2)) * o * k * self.elt
-        slab = int(max(1, min(d, (self.budget * self.reserve) // max(per_feature, 1))))
-        ones1, ones2 = a1.new_ones(n1, 1, 1), a2.new_ones(n2, 1, 1)
-        for start in range(0, d, slab):
-            part = slice(start, min(d, start + slab))
-            grad1 = _slab_gradient(a1, g1, part)
-            grad2 = grad1 if same else _slab_gradient(a2, g2, part)
-            gram_hadamard_accumulate(out, [ones1], [ones2], [grad1], [grad2], self.mode, symmetric=same)
+        slab = int(max(1, min(d, spare // max(rows * o * k * self.elt, 1))))
+        return slab, rows * o * slab * k
 
     def settle(self, rows):
         self.plan.check_taps_at(self.probe, rows)
 
     def bytes_per_example(self, other_chunk):
         o = self.plan.outputs or 1
-        # operands, plus the batched backward's cotangent buffers and the forward graph
-        return self.elt * (2 * self.plan.elements_per_example() + (o + 2) * self.activations)
+        # the operands, plus the larger of what forms them: the batched backward's
+        # cotangent buffers and forward graph, or the cotangents copied into the
+        # operands' layout
+        operands = self.plan.elements_per_example()
+        return self.elt * (operands + max(operands, (o + 2) * self.activations))
+
+    def held_per_example(self):
+        return self.elt * self.plan.elements_per_example()
 
 
-def _slab_gradient(a: torch.Tensor, g: torch.Tensor, part: slice) -> torch.Tensor:
-    """``[n, 1, O, D'·K]``: per-example gradients ``Σ_t g_t a_tᵀ`` of the output features ``part``.
+def _feature_bytes(features) -> int:
+    """Bytes of the tensors in a structured chunk's features."""
+    total = 0
+    for group in features:
+        for item in group:
+            for t in (item if isinstance(item, (tuple, list)) else (item,)):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _gradient_block(term1, term2, same: bool, out: torch.Tensor, mode: str, slab: int,
+                    space: torch.Tensor) -> None:
+    """Add the Gram of per-example gradients ``Σ_t g_t a_tᵀ`` to ``out``, formed into
+    ``space`` ``slab`` output features at a time."""
+    (a1, g1), (a2, g2) = term1, term2
+    n1, n2 = a1.shape[0], a2.shape[0]
+    o, d, k = g1.shape[2], g1.shape[3], a1.shape[2]
+    for start in range(0, d, slab):
+        part = slice(start, min(d, start + slab))
+        size = o * (part.stop - part.start) * k
+        grad1 = _slab_gradient(a1, g1, part, space[:n1 * size])
+        grad2 = grad1 if same else _slab_gradient(a2, g2, part, space[n1 * size:(n1 + n2) * size])
+        _gradient_gram(out, grad1, grad2, mode)
+
+
+def _slab_gradient(a: torch.Tensor, g: torch.Tensor, part: slice, space: torch.Tensor) -> torch.Tensor:
+    """``[n, O, D'·K]``: per-example gradients ``Σ_t g_t a_tᵀ`` of the output features ``part``,
+    written into ``space`` (``n·O·D'·K`` elements).
 
     One batched GEMM ``[O·D', T] × [T, K]`` per example; only the slab of the
     cotangent is copied (to make its outputs and features one axis).
@@ -339,8 +378,22 @@ def _slab_gradient(a: torch.Tensor, g: torch.Tensor, part: slice) -> torch.Tenso
     slab = g[..., part]
     if part.start != 0 or part.stop != g.shape[3]:
         slab = slab.contiguous()
-    grad = torch.bmm(slab.reshape(n, t, -1).transpose(1, 2), a)      # [n, O·D', K]
-    return grad.reshape(n, 1, o, -1)
+    grad = space.view(n, -1, a.shape[2])
+    torch.bmm(slab.reshape(n, t, -1).transpose(1, 2), a, out=grad)      # [n, O·D', K]
+    return grad.view(n, o, -1)
+
+
+def _gradient_gram(out: torch.Tensor, grad1: torch.Tensor, grad2: torch.Tensor, mode: str) -> None:
+    """Add the Gram of per-example gradients ``[n1, O, P]`` and ``[n2, O, P]`` to ``out``."""
+    n1, o, _ = grad1.shape
+    n2 = grad2.shape[0]
+    if mode == "trace":
+        out.addmm_(grad1.reshape(n1, -1), grad2.reshape(n2, -1).T)
+    elif mode == "diagonal":
+        out += torch.bmm(grad1.transpose(0, 1), grad2.permute(1, 2, 0)).permute(1, 2, 0)
+    else:
+        full = grad1.reshape(n1 * o, -1) @ grad2.reshape(n2 * o, -1).T
+        out += full.view(n1, o, n2, o).permute(0, 2, 1, 3)
 
 
 class _JacobianEngine(_Engine):
@@ -403,14 +456,18 @@ def _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget
 # -- tiling ----------------------------------------------------------------------
 
 def _tile_bytes(engine: _Engine, b1: int, b2: int, cell_bytes: float) -> float:
-    """Working memory of one tile: both chunks' features and passes, and the kernel block."""
-    return b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1) + b1 * b2 * cell_bytes
+    """Working memory of one tile: both chunks' features and passes, or their held
+    features with the `reserve` beside them, whichever is larger; and the kernel block."""
+    passes = b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1)
+    held = (b1 + b2) * engine.held_per_example() / (1.0 - engine.reserve)
+    return max(passes, held) + b1 * b2 * cell_bytes
 
 
 def _working_bytes(engine: _Engine, n1: int, b1: int, b2: int, symmetric: bool, cell_bytes: float) -> float:
     """Working memory of the largest tile; a symmetric kernel in one chunk holds one set of operands."""
     if symmetric and b1 >= n1:
-        return n1 * engine.bytes_per_example(0) + n1 * n1 * cell_bytes
+        held = n1 * engine.held_per_example() / (1.0 - engine.reserve)
+        return max(n1 * engine.bytes_per_example(0), held) + n1 * n1 * cell_bytes
     return _tile_bytes(engine, b1, b2, cell_bytes)
 
 
@@ -421,7 +478,6 @@ def _plan_chunks(engine: _Engine, n1: int, n2: int, cell_bytes: float, budget: f
     def cost(b1: int, b2: int) -> float:
         return _tile_bytes(engine, b1, b2, cell_bytes)
 
-    budget = budget * (1.0 - engine.reserve)
     if symmetric and (batch_size is None or batch_size >= n1) \
             and _working_bytes(engine, n1, n1, n1, True, cell_bytes) <= budget:
         # one chunk: its operands serve as both sides of the only block

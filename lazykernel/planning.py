@@ -147,12 +147,14 @@ def plan(
         report.groups = _groups(engine, call.mode, call.outputs, pairs, block_examples, b1 + b2, call.elt,
                                 report.forward_flops)
         report.flops = report.operand_flops + sum(g.flops for g in report.groups)
-    slabs = 0.0
+    working = _working_bytes(engine, n1, b1, b2, call.symmetric, cell * call.elt)
     if isinstance(engine, _StructuredEngine):
-        # gradients formed a slab at a time: at most the reserved share of the budget
-        slabs = min(engine.reserve * call.budget,
-                    (b1 + b2) * engine.plan.largest_deferred_gradient() * call.elt)
-    working = _working_bytes(engine, n1, b1, b2, call.symmetric, cell * call.elt) + slabs
+        # gradients formed a slab at a time beside the chunks' operands, in what the budget leaves
+        rows = b1 if call.symmetric and b1 >= n1 else b1 + b2
+        held = rows * engine.held_per_example() + b1 * b2 * cell * call.elt
+        slabs = min(max(call.budget - held, engine.reserve * call.budget),
+                    rows * engine.plan.largest_deferred_gradient() * call.elt)
+        working = max(working, held + slabs)
     report.peak_bytes = working + result_bytes
     return report
 

@@ -83,8 +83,10 @@ class TermShape:
     Attributes:
         kind: ``"linear"`` (a map at ``positions`` positions, inputs of ``k``
             features, outputs of ``d``; a per-example gradient has positions 1,
-            k 1) or ``"tokens"`` (an embedding: ``positions`` token rows per
-            example, ``d`` features, ``k`` the vocabulary size).
+            k 1), ``"conv"`` (the same, but its gradient form is always built
+            with the operands, never block by block) or ``"tokens"`` (an
+            embedding: ``positions`` token rows per example, ``d`` features,
+            ``k`` the vocabulary size).
         forms: the forms the rule can produce for this term.
         matches: tokens only: average number of shared (token, token) row pairs
             between two examples, which is what the sparse form costs.
@@ -329,11 +331,12 @@ def _linear_gradients(term: Pairwise, use_weight: bool, use_bias: bool, k: int
     return total[:, :, :k], (total[:, :, k] if use_bias else None)
 
 
-def _linear_shape(positions: int, k: int, d: int, use_weight: bool, use_bias: bool) -> TermShape:
+def _linear_shape(positions: int, k: int, d: int, use_weight: bool, use_bias: bool,
+                  kind: str = "linear") -> TermShape:
     if not use_weight:
         return TermShape("linear", 1, 1, d, (PAIRWISE,))
     forms = (PAIRWISE, GRADIENT) if positions > 1 else (PAIRWISE,)
-    return TermShape("linear", positions, k + int(use_bias), d, forms)
+    return TermShape(kind, positions, k + int(use_bias), d, forms)
 
 
 @register_rule(nn.Linear)
@@ -453,7 +456,9 @@ class _ConvRule(StructuredRule):
     def term_shapes(self):
         m = self.module
         positions = sum(y[0].numel() // m.out_channels for y in self.outputs)
-        shape = _linear_shape(positions, self._patch_features(), m.out_channels // m.groups, *self._use())
+        # a convolution builds its gradients with its operands, whatever their size (`_gradients`)
+        shape = _linear_shape(positions, self._patch_features(), m.out_channels // m.groups, *self._use(),
+                              kind="conv")
         return [shape] * m.groups
 
     def operands(self, cotangents, n, forms):
@@ -476,7 +481,7 @@ class _ConvRule(StructuredRule):
         groups, k = m.groups, self._patch_features()
         d = m.out_channels // groups
         use_bias = self._use()[1]
-        total = [None] * groups
+        total, bias = [None] * groups, [None] * groups
         for x, g in zip(self.inputs, cotangents):
             if x.shape[0] != n or g.shape[1] != n:
                 raise RuleDoesNotApply(f"lazykernel: a {type(m).__name__} saw a batch of {x.shape[0]} "
@@ -488,12 +493,18 @@ class _ConvRule(StructuredRule):
             for c in range(groups):
                 gc = cot[c].reshape(n, o * d, t)
                 part = torch.bmm(gc, patches[:, c * k:(c + 1) * k].transpose(1, 2))   # [n, O·D, K]
+                total[c] = part if total[c] is None else total[c].add_(part)
                 if use_bias:
-                    part = torch.cat([part, gc.sum(dim=2, keepdim=True)], dim=2)
-                total[c] = part if total[c] is None else total[c] + part
+                    part = gc.sum(dim=2)                                            # [n, O·D]
+                    bias[c] = part if bias[c] is None else bias[c].add_(part)
         o = cotangents[0].shape[0]
         ones = total[0].new_ones(n, 1, 1)
-        return [Pairwise(ones, grad.reshape(n, 1, o, -1)) for grad in total]
+        # the weight and bias gradients are separate terms, as Grams add over
+        # parameter blocks: no copy joins them
+        terms = [Pairwise(ones, grad.reshape(n, 1, o, -1)) for grad in total]
+        if use_bias:
+            terms += [Pairwise(ones, grad.reshape(n, 1, o, -1)) for grad in bias]
+        return terms
 
     def per_example_gradients(self, terms):
         use_weight, use_bias = self._use()
