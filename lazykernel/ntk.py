@@ -323,7 +323,7 @@ class _StructuredEngine(_Engine):
         must fit in ``spare`` bytes."""
         (a1, g1), (a2, _) = term1, term2
         rows = a1.shape[0] + (0 if same else a2.shape[0])
-        o, d, k = g1.shape[2], g1.shape[3], a1.shape[2]
+        o, d, k = g1.shape[0], g1.shape[3], a1.shape[2]
         slab = int(max(1, min(d, spare // max(rows * o * k * self.elt, 1))))
         return slab, rows * o * slab * k
 
@@ -342,6 +342,36 @@ class _StructuredEngine(_Engine):
         return self.elt * self.plan.elements_per_example()
 
 
+def _gradient_block(term1, term2, same: bool, out: torch.Tensor, mode: str, slab: int,
+                    space: torch.Tensor) -> None:
+    """Add the Gram of per-example gradients ``Σ_t g_t a_tᵀ`` to ``out``, formed into
+    ``space`` ``slab`` output features at a time."""
+    (a1, g1), (a2, g2) = term1, term2
+    n1, n2 = a1.shape[0], a2.shape[0]
+    o, d, k = g1.shape[0], g1.shape[3], a1.shape[2]
+    for start in range(0, d, slab):
+        part = slice(start, min(d, start + slab))
+        size = o * (part.stop - part.start) * k
+        grad1 = _slab_gradient(a1, g1, part, space[:n1 * size])
+        grad2 = grad1 if same else _slab_gradient(a2, g2, part, space[n1 * size:(n1 + n2) * size])
+        _gradient_gram(out, grad1, grad2, mode)
+
+
+def _slab_gradient(a: torch.Tensor, g: torch.Tensor, part: slice, space: torch.Tensor) -> torch.Tensor:
+    """``[O, n, D'·K]``: per-example gradients ``Σ_t g_t a_tᵀ`` of the output features ``part``,
+    written into ``space`` (``O·n·D'·K`` elements).
+
+    One batched GEMM ``[D', T] × [T, K]`` per output, over the examples; the
+    cotangent ``g: [O, n, T, D]`` is read in place, its slab by stride.
+    """
+    o, n, t, _ = g.shape
+    width = part.stop - part.start
+    grad = space.view(o, n, width, a.shape[2])
+    for j in range(o):
+        torch.bmm(g[j, :, :, part].transpose(1, 2), a, out=grad[j])      # [n, D', K]
+    return grad.view(o, n, -1)
+
+
 def _feature_bytes(features) -> int:
     """Bytes of the tensors in a structured chunk's features."""
     total = 0
@@ -352,48 +382,19 @@ def _feature_bytes(features) -> int:
     return total
 
 
-def _gradient_block(term1, term2, same: bool, out: torch.Tensor, mode: str, slab: int,
-                    space: torch.Tensor) -> None:
-    """Add the Gram of per-example gradients ``Σ_t g_t a_tᵀ`` to ``out``, formed into
-    ``space`` ``slab`` output features at a time."""
-    (a1, g1), (a2, g2) = term1, term2
-    n1, n2 = a1.shape[0], a2.shape[0]
-    o, d, k = g1.shape[2], g1.shape[3], a1.shape[2]
-    for start in range(0, d, slab):
-        part = slice(start, min(d, start + slab))
-        size = o * (part.stop - part.start) * k
-        grad1 = _slab_gradient(a1, g1, part, space[:n1 * size])
-        grad2 = grad1 if same else _slab_gradient(a2, g2, part, space[n1 * size:(n1 + n2) * size])
-        _gradient_gram(out, grad1, grad2, mode)
-
-
-def _slab_gradient(a: torch.Tensor, g: torch.Tensor, part: slice, space: torch.Tensor) -> torch.Tensor:
-    """``[n, O, D'·K]``: per-example gradients ``Σ_t g_t a_tᵀ`` of the output features ``part``,
-    written into ``space`` (``n·O·D'·K`` elements).
-
-    One batched GEMM ``[O·D', T] × [T, K]`` per example; only the slab of the
-    cotangent is copied (to make its outputs and features one axis).
-    """
-    n, t, o, _ = g.shape
-    slab = g[..., part]
-    if part.start != 0 or part.stop != g.shape[3]:
-        slab = slab.contiguous()
-    grad = space.view(n, -1, a.shape[2])
-    torch.bmm(slab.reshape(n, t, -1).transpose(1, 2), a, out=grad)      # [n, O·D', K]
-    return grad.view(n, o, -1)
-
-
 def _gradient_gram(out: torch.Tensor, grad1: torch.Tensor, grad2: torch.Tensor, mode: str) -> None:
-    """Add the Gram of per-example gradients ``[n1, O, P]`` and ``[n2, O, P]`` to ``out``."""
-    n1, o, _ = grad1.shape
-    n2 = grad2.shape[0]
+    """Add the Gram of per-example gradients ``[O, n1, P]`` and ``[O, n2, P]`` to ``out``."""
+    o, n1, _ = grad1.shape
+    n2 = grad2.shape[1]
+    if mode == "full":
+        full = grad1.reshape(o * n1, -1) @ grad2.reshape(o * n2, -1).T          # [O·n1, O·n2]
+        out += full.view(o, n1, o, n2).permute(1, 3, 0, 2)
+        return
+    per_output = torch.bmm(grad1, grad2.transpose(1, 2))                     # [O, n1, n2]
     if mode == "trace":
-        out.addmm_(grad1.reshape(n1, -1), grad2.reshape(n2, -1).T)
-    elif mode == "diagonal":
-        out += torch.bmm(grad1.transpose(0, 1), grad2.permute(1, 2, 0)).permute(1, 2, 0)
+        out += per_output.sum(0)
     else:
-        full = grad1.reshape(n1 * o, -1) @ grad2.reshape(n2 * o, -1).T
-        out += full.view(n1, o, n2, o).permute(0, 2, 1, 3)
+        out += per_output.permute(1, 2, 0)
 
 
 class _JacobianEngine(_Engine):

@@ -54,10 +54,12 @@ class Pairwise(NamedTuple):
 class GradientOf(NamedTuple):
     """A linear map's per-example gradient ``Σ_t g_t a_tᵀ``, to be formed block by block.
 
-    Same operands as `Pairwise` (``a: [N, T, K]``, ``g: [N, T, O, D]``); the
-    engine forms the ``[N, O, D', K]`` gradients for slabs of D' output
-    features at a time, when their Gram is taken, so one example's full
-    gradient never has to exist for all examples at once.
+    The operands of `Pairwise`, with the cotangent outputs first as the
+    batched backward returns it (``a: [N, T, K]``, ``g: [O, N, T, D]``, so it
+    is not copied into the pairwise layout); the engine forms the
+    ``[O, N, D', K]`` gradients for slabs of D' output features at a time,
+    when their Gram is taken, so one example's full gradient never has to
+    exist for all examples at once.
     """
 
     a: torch.Tensor
@@ -318,7 +320,7 @@ def _linear_term(a: torch.Tensor, g: torch.Tensor, use_weight: bool, use_bias: b
         if gradient_is_smaller(a.shape[1], k, d, o):
             per_example = torch.einsum("ntod,ntk->nodk", g, a)
             return Pairwise(a.new_ones(n, 1, 1), per_example.reshape(n, 1, o, -1))
-        return GradientOf(a.contiguous(), g.contiguous())
+        return GradientOf(a.contiguous(), g.permute(2, 0, 1, 3).contiguous())
     return Pairwise(a.contiguous(), g.contiguous())
 
 

@@ -138,7 +138,7 @@ def test_every_form_of_a_term_gives_the_same_kernel(output, form):
     out = torch.zeros(lazykernel.ntk(model, x, output=output).shape, dtype=torch.float64)
     lazykernel.gram_hadamard_accumulate(out, a1, a1, g1, g1, output)
     for a, g in deferred:
-        grad = torch.einsum("ntod,ntk->nodk", g, a).reshape(5, 1, g.shape[2], -1)
+        grad = torch.einsum("ontd,ntk->nodk", g, a).reshape(5, 1, g.shape[0], -1)
         ones = grad.new_ones(5, 1, 1)
         lazykernel.gram_hadamard_accumulate(out, [ones], [ones], [grad], [grad], output)
     assert_close_to_reference(out, reference_ntk(model, x, output=output), torch.float64)
