@@ -140,12 +140,12 @@ def plan(
         cell = math.prod(call.shape[2:]) if len(call.shape) > 2 else 1
         b1, b2 = _tile_sizes(engine, n1, n2, call.symmetric, cell * call.elt, call.budget, batch_size)
         report.chunks = (b1, b2)
-        pairs, featurised, block_examples = _schedule(n1, n2, b1, b2, call.symmetric)
+        pairs, square_pairs, featurised, block_examples = _schedule(n1, n2, b1, b2, call.symmetric)
         probe = x1[:_PROBE_EXAMPLES]
         report.forward_flops = _counted_flops(lambda: call.adapter.forward(probe)) / probe.shape[0]
         report.operand_flops = featurised * _counted_flops(lambda: engine.features(probe)) / probe.shape[0]
-        report.groups = _groups(engine, call.mode, call.outputs, pairs, block_examples, b1 + b2, call.elt,
-                                report.forward_flops)
+        report.groups = _groups(engine, call.mode, call.outputs, pairs, square_pairs, block_examples,
+                                b1 + b2, call.elt, report.forward_flops)
         report.flops = report.operand_flops + sum(g.flops for g in report.groups)
     working = _working_bytes(engine, n1, b1, b2, call.symmetric, cell * call.elt)
     if isinstance(engine, _StructuredEngine):
@@ -159,10 +159,11 @@ def plan(
     return report
 
 
-def _schedule(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> Tuple[float, float, float]:
-    """As `_run_tiles` does it: (example pairs computed, examples whose operands are
-    formed, examples entering blocks summed over blocks)."""
-    pairs = featurised = block_examples = 0.0
+def _schedule(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> Tuple[float, float, float, float]:
+    """As `_run_tiles` does it: (example pairs computed, the same with each diagonal
+    block of a symmetric kernel counted whole, examples whose operands are formed,
+    examples entering blocks summed over blocks)."""
+    pairs = square_pairs = featurised = block_examples = 0.0
     cached = not symmetric and b2 >= n2
     if cached:
         featurised += n2
@@ -178,19 +179,25 @@ def _schedule(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> Tuple[floa
             cols = min(b2, n2 - j)
             if symmetric and i == j:
                 pairs += rows * (rows + 1) / 2
+                square_pairs += rows * rows
                 block_examples += rows
                 continue
             pairs += rows * cols
+            square_pairs += rows * cols
             block_examples += rows + cols
             if not cached:
                 featurised += cols
                 last = j
-    return pairs, featurised, block_examples
+    return pairs, square_pairs, featurised, block_examples
 
 
-def _groups(engine: _Engine, mode: str, o: int, pairs: float, block_examples: float,
+def _groups(engine: _Engine, mode: str, o: int, pairs: float, square_pairs: float, block_examples: float,
             chunk_examples: int, elt: int, forward: float) -> List[PlanGroup]:
-    """Per group, the FLOPs spent in blocks (operands are counted apart, measured)."""
+    """Per group, the FLOPs spent in blocks (operands are counted apart, measured).
+
+    A Gram of gradients formed block by block is one GEMM over a whole diagonal
+    block (``square_pairs``); the fused op skips its lower half (``pairs``).
+    """
     m = o * o if mode == "full" else o
     params = engine.adapter.params
     if isinstance(engine, _StructuredEngine):
@@ -200,9 +207,11 @@ def _groups(engine: _Engine, mode: str, o: int, pairs: float, block_examples: fl
             flops = elements = 0.0
             for shape, form in zip(rule.shapes, forms):
                 pair, example, size = term_cost(shape, form, o, mode)
-                flops += pair * pairs
                 if is_deferred(shape, form, o):
-                    flops += example * block_examples    # gradients formed block by block
+                    # gradients formed block by block, their Gram one GEMM per block
+                    flops += pair * square_pairs + example * block_examples
+                else:
+                    flops += pair * pairs
                 elements += size
             groups.append(PlanGroup(type(rule).__name__, sorted(rule.names.values()),
                                     "+".join(sorted(set(forms))), flops, elements * chunk_examples * elt))

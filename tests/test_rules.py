@@ -1,5 +1,7 @@
 """Each structured rule: exact against float64 per-example Jacobians, and actually used."""
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -144,15 +146,52 @@ def test_every_form_of_a_term_gives_the_same_kernel(output, form):
     assert_close_to_reference(out, reference_ntk(model, x, output=output), torch.float64)
 
 
-def test_gradient_slabs_under_a_small_budget_stay_exact():
-    # a tight budget makes the engine form per-example gradients a few features at a time
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_gradient_form_under_a_small_budget_stays_exact(output):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Flatten(), nn.Linear(16 * 12, 4)).double()
     x = torch.randn(6, 12, 8, dtype=torch.float64)
-    plan = lazykernel.plan(model, x, output="full", memory_budget=2e6, method="structured")
+    plan = lazykernel.plan(model, x, output=output, memory_budget=2e5, method="structured")
     assert plan.groups[0].form == "gradient", str(plan)
-    got = lazykernel.ntk(model, x, output="full", memory_budget=2e6, method="structured")
-    assert_close_to_reference(got, reference_ntk(model, x, output="full"), torch.float64)
+    assert plan.chunks[0] < 6, str(plan)
+    got = lazykernel.ntk(model, x, output=output, memory_budget=2e5, method="structured")
+    assert_close_to_reference(got, reference_ntk(model, x, output=output), torch.float64)
+
+
+def test_gradient_slabs_take_what_the_budget_leaves():
+    ntk_module = sys.modules["lazykernel.ntk"]
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Flatten(), nn.Linear(16 * 12, 4)).double()
+    x = torch.randn(6, 12, 8, dtype=torch.float64)
+    call = ntk_module._setup(model, x, None, "full", "structured", None, None, None)
+    engine = call.engine
+    a, g = torch.zeros(6, 12, 9, dtype=torch.float64), torch.zeros(4, 6, 12, 16, dtype=torch.float64)
+    per_feature = 6 * 4 * 9 * 8                       # bytes of one output feature over the chunk
+    assert engine._slab_features((a, g), (a, g), True, 1e12) == (16, 6 * 4 * 16 * 9)
+    slab, elements = engine._slab_features((a, g), (a, g), True, 5.5 * per_feature)
+    assert (slab, elements) == (5, 6 * 4 * 5 * 9)
+    assert engine._slab_features((a, g), (a, g), False, 5.5 * per_feature)[0] == 2   # both chunks' rows
+    assert engine._slab_features((a, g), (a, g), True, 1.0)[0] == 1                  # never below one
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("same", [True, False])
+def test_gradient_block_in_slabs_is_the_gram_of_explicit_gradients(output, same):
+    from lazykernel.ntk import _gradient_block
+    torch.manual_seed(4)
+    f64 = torch.float64
+    n1, t, o, d, k = 4, 5, 3, 7, 6
+    a1, g1 = torch.randn(n1, t, k, dtype=f64), torch.randn(o, n1, t, d, dtype=f64)
+    a2, g2 = (a1, g1) if same else (torch.randn(3, t, k, dtype=f64), torch.randn(o, 3, t, d, dtype=f64))
+    n2 = a2.shape[0]
+    grad1 = torch.einsum("ontd,ntk->nodk", g1, a1).reshape(n1, o, -1)
+    grad2 = torch.einsum("ontd,ntk->nodk", g2, a2).reshape(n2, o, -1)
+    expected = {"trace": torch.einsum("iop,jop->ij", grad1, grad2),
+                "diagonal": torch.einsum("iop,jop->ijo", grad1, grad2),
+                "full": torch.einsum("iop,jqp->ijoq", grad1, grad2)}[output]
+    out = torch.ones_like(expected)      # the block adds to what is there
+    space = torch.full(((n1 + n2) * o * 3 * k,), float("nan"), dtype=f64)
+    _gradient_block((a1, g1), (a2, g2), same, out, output, 3, space)   # 3 does not divide D = 7
+    torch.testing.assert_close(out, expected + 1, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("output", OUTPUTS)
