@@ -23,6 +23,8 @@ the algorithm lazykernel chooses, whose table (`str(plan)`) is printed too.
 Peers: the two methods of the torch.func "Neural Tangent Kernels" tutorial
 (Jacobian contraction, NTK-vector products), re-implemented here; each is
 skipped, with the memory it would need, when that exceeds --peer-memory-gib.
+For the MLPs also `plain-structured`: the structured rule written in plain
+PyTorch, two Grams and a Hadamard product per layer (`plain_structured_ntk`).
 neural-tangents' structured derivatives (benchmarks/peer_neural_tangents.py)
 run when it can be imported, i.e. in the separate environment its docstring
 sets up; they are timed alternately with lazykernel, run for run, after jit
@@ -86,6 +88,55 @@ def structured_flops(model: nn.Module, n: int, outputs: int, output: str) -> flo
     flops += sum(2.0 * n * outputs * i * o for i, o in sizes[1:])
     flops += sum(2.0 * pairs * ((i + 1) + m * o) for i, o in sizes)
     return flops
+
+
+# -- a plain-PyTorch structured baseline --------------------------------------------
+
+def plain_structured_ntk(model: nn.Sequential, x: torch.Tensor, output: str) -> torch.Tensor:
+    """Θ(x, x) of an MLP the plain way: per layer two Grams and their Hadamard product.
+
+    Hooks record each Linear's input ``A_l: [N, K]`` and output; one backward
+    batched over the O one-hot output cotangents gives ``G_l: [O, N, D]``. Then
+    per layer ``(A_l A_lᵀ + 1) ∘ (G_l G_lᵀ)`` (the 1 is the bias), with an
+    ``[O, N, N]`` (trace) or ``[O·N, O·N]`` and ``[N, N, O, O]`` (full) Gram
+    and product as temporaries: what lazykernel's fused op avoids.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    inputs, outputs = [], []
+
+    def hook(module, args, out):
+        inputs.append(args[0].detach())
+        outputs.append(out)
+
+    handles = [m.register_forward_hook(hook) for m in linears]
+    try:
+        with torch.enable_grad():
+            f = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n, o = f.shape
+    basis = torch.eye(o, dtype=f.dtype, device=f.device).unsqueeze(1).expand(o, n, o)
+    grads = torch.autograd.grad(f, outputs, grad_outputs=basis, is_grads_batched=True)
+    shape = (n, n) if output == "trace" else (n, n, o, o)
+    kernel = torch.zeros(shape, dtype=f.dtype, device=f.device)
+    for a, g in zip(inputs, grads):
+        s = a @ a.T + 1.0                                               # [N, N]
+        if output == "trace":
+            kernel += s * torch.bmm(g, g.transpose(1, 2)).sum(0)        # Σ_o G_o G_oᵀ: [O, N, N]
+        else:
+            u = g.reshape(o * n, -1) @ g.reshape(o * n, -1).T           # [O·N, O·N]
+            kernel += s[:, :, None, None] * u.view(o, n, o, n).permute(1, 3, 0, 2)
+    return kernel
+
+
+def plain_structured_bytes(n: int, outputs: int, output: str) -> float:
+    """float32 bytes of the baseline's largest temporaries: the ``[O·N, O·N]`` Gram and the product."""
+    if output == "full":
+        cells = (outputs * n) ** 2 + n * n * outputs * outputs
+    else:
+        cells = outputs * n * n + 2 * n * n
+    return 4.0 * cells
 
 
 # -- the torch.func tutorial's methods ---------------------------------------------
@@ -220,15 +271,19 @@ def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float) -> 
                     for method in args.methods:
                         record = {"suite": "mlp", "width": width, "n": n, "outputs": outputs, "mode": mode,
                                   "method": method, "params": params, "structured_flops": flops}
+                        need = jac_bytes
                         if method in ("structured", "jacobian", "ntvp"):
                             fn = (lambda m=method: lazykernel.ntk(model, x, output=mode, method=m))
+                        elif method == "plain-structured":
+                            fn = (lambda: plain_structured_ntk(model, x, mode))
+                            need = plain_structured_bytes(n, outputs, mode)
                         elif method == "tutorial-jacobian":
                             fn = (lambda: tutorial_jacobian_contraction(model, x, x, mode))
                         else:
                             fn = (lambda: tutorial_ntk_vector_products(model, x, x, mode))
-                        if method != "structured" and jac_bytes > args.peer_memory_gib * 2 ** 30:
-                            record.update(status="skipped",
-                                          note=f"Jacobians need {jac_bytes / 2**30:.0f} GiB")
+                        if method != "structured" and need > args.peer_memory_gib * 2 ** 30:
+                            what = "temporaries" if method == "plain-structured" else "Jacobians"
+                            record.update(status="skipped", note=f"{what} need {need / 2**30:.0f} GiB")
                         else:
                             start = time.perf_counter()
                             try:
@@ -510,7 +565,10 @@ def main(argv=None) -> int:
     mlp.add_argument("--outputs", type=int, nargs="+", default=[1, 10])
     mlp.add_argument("--modes", nargs="+", default=["trace", "full"], choices=["trace", "full"])
     mlp.add_argument("--methods", nargs="+",
-                     default=["structured", "jacobian", "ntvp", "tutorial-jacobian", "tutorial-ntvp"])
+                     default=["structured", "plain-structured", "jacobian", "ntvp", "tutorial-jacobian",
+                              "tutorial-ntvp"],
+                     choices=["structured", "plain-structured", "jacobian", "ntvp", "tutorial-jacobian",
+                              "tutorial-ntvp"])
     models = parser.add_argument_group("cnn and transformer suites")
     models.add_argument("--cnn-n", type=int, default=128, help="inputs of the small CNN")
     models.add_argument("--myrtle-n", type=int, default=32, help="inputs of the Myrtle-5 CNN")

@@ -68,7 +68,7 @@ fi
 
 step "GPU benchmark"
 timeout 300 python3 benchmarks/bench_ntk.py --device cuda --widths 1024 4096 --n 1024 4096 \
-  --outputs 10 --methods structured tutorial-jacobian --repeats 5 --peer-memory-gib 60 \
+  --outputs 10 --methods structured plain-structured tutorial-jacobian --repeats 5 --peer-memory-gib 60 \
   --json "$out/gpu_mlp.json" >>"$log" 2>&1 || status=1
 
 step "done (status $status)"
