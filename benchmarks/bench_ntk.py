@@ -190,6 +190,20 @@ def tutorial_ntk_vector_products(model, x1, x2, output):
 
 # -- timing ----------------------------------------------------------------------
 
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_bytes(device: torch.device) -> Optional[int]:
+    """Peak bytes allocated on a CUDA device since `_reset_peak` (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -281,10 +295,16 @@ def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float) -> 
                             fn = (lambda: tutorial_jacobian_contraction(model, x, x, mode))
                         else:
                             fn = (lambda: tutorial_ntk_vector_products(model, x, x, mode))
-                        if method != "structured" and need > args.peer_memory_gib * 2 ** 30:
+                        result_bytes = 4.0 * n * n * (outputs * outputs if mode == "full" else 1)
+                        if result_bytes > args.max_result_gib * 2 ** 30:
+                            record.update(status="skipped",
+                                          note=f"the kernel itself is {result_bytes / 2**30:.1f} GiB "
+                                               f"(> --max-result-gib {args.max_result_gib:g})")
+                        elif method != "structured" and need > args.peer_memory_gib * 2 ** 30:
                             what = "temporaries" if method == "plain-structured" else "Jacobians"
                             record.update(status="skipped", note=f"{what} need {need / 2**30:.0f} GiB")
                         else:
+                            _reset_peak(device)
                             start = time.perf_counter()
                             try:
                                 fn()
@@ -293,6 +313,8 @@ def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float) -> 
                             else:
                                 _synchronize(device)
                                 first = time.perf_counter() - start
+                                if _peak_bytes(device) is not None:
+                                    record["peak_bytes"] = _peak_bytes(device)
                                 repeats = 1 if first > args.max_seconds else args.repeats
                                 if method == "structured":
                                     record.update(probe.bracketed(fn, repeats), status="ok", note="")
@@ -378,6 +400,7 @@ def _repeats(first_s: float, args) -> int:
 def _time_lazykernel(workload: Workload, mode: str, method: str, args, probe: GemmProbe,
                      record: dict, plans: Dict[str, dict]) -> Optional[torch.Tensor]:
     model, x = workload.model, workload.x
+    device = x.device
     plan_fn = getattr(lazykernel, "plan", None)
     plan = None if plan_fn is None else plan_fn(model, x, output=mode, method=method)
     if plan is None:
@@ -390,13 +413,17 @@ def _time_lazykernel(workload: Workload, mode: str, method: str, args, probe: Ge
     # The first run warms up; when it alone fills --max-seconds it is the one
     # sample, and the GEMM yardstick brackets it.
     before = probe.samples()
+    _reset_peak(device)
     start = time.perf_counter()
     kernel = fn()
+    _synchronize(device)
     first = time.perf_counter() - start
+    if _peak_bytes(device) is not None:
+        record["peak_bytes"] = _peak_bytes(device)
     if first >= args.max_seconds:
         timing = {"median_s": first, "times_s": [first]}
     else:
-        timing = median_time(fn, _repeats(first, args), warmup=0)
+        timing = median_time(fn, _repeats(first, args), warmup=0, device=device)
     timing["gemm_flops"] = probe.rate_of(before + probe.samples())
     record.update(timing, status="ok", first_s=first)
     record.setdefault("note", "")
@@ -425,6 +452,7 @@ def _time_tutorial(workload: Workload, mode: str, method: str, args, record: dic
     start = time.perf_counter()
     try:
         kernel = fn()
+        _synchronize(x.device)
     except (RuntimeError, ValueError) as error:  # out of memory, an op vmap cannot batch
         record.update(status="failed", note=str(error).splitlines()[0][:100])
         return
@@ -432,7 +460,7 @@ def _time_tutorial(workload: Workload, mode: str, method: str, args, record: dic
     if first >= args.max_seconds:
         record.update(median_s=first, times_s=[first])
     else:
-        record.update(median_time(fn, _repeats(first, args), warmup=0))
+        record.update(median_time(fn, _repeats(first, args), warmup=0, device=x.device))
     record.update(status="ok", note="", first_s=first)
     if reference is not None:
         record["max_rel_diff"] = relative_difference(kernel, reference)
@@ -449,6 +477,9 @@ def _time_neural_tangents(workload: Workload, mode: str, args, probe: GemmProbe,
     """
     if NEURAL_TANGENTS_MISSING:
         record.update(status="skipped", note=NEURAL_TANGENTS_MISSING)
+        return
+    if workload.x.device.type != "cpu":
+        record.update(status="skipped", note="the neural-tangents peer runs on the CPU only (CPU JAX)")
         return
     if mode not in ("trace", "full"):
         record.update(status="skipped", note=f"no {mode} mode in this comparison")
@@ -493,7 +524,8 @@ def _time_neural_tangents(workload: Workload, mode: str, args, probe: GemmProbe,
 
 
 def run_model_suites(args, families: List[str], probe: GemmProbe, plans: Dict[str, dict],
-                     records: List[dict], save: Callable[[], None]) -> None:
+                     records: List[dict], save: Callable[[], None],
+                     device: torch.device = torch.device("cpu")) -> None:
     """Time every chosen workload, appending to ``records`` and calling ``save`` after each."""
     sizes = {"cnn-3x32x32": args.cnn_n, "myrtle5-w128": args.myrtle_n, "transformer-2x256": args.transformer_n}
     if "neural-tangents" in args.model_methods and NEURAL_TANGENTS_MISSING:
@@ -505,6 +537,8 @@ def run_model_suites(args, families: List[str], probe: GemmProbe, plans: Dict[st
             if args.workloads and name not in args.workloads:
                 continue
             workload = build(name, sizes[name])
+            workload.model.to(device)
+            workload.x = workload.x.to(device)
             with torch.no_grad():
                 outputs = int(workload.model(workload.x[:1]).shape[-1])
             params = sum(p.numel() for p in workload.model.parameters())
@@ -585,6 +619,8 @@ def main(argv=None) -> int:
                         help="profile one more lazykernel run per workload (when one run takes less "
                              "than --max-seconds) and list the costliest operators")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-result-gib", type=float, default=16.0,
+                        help="mlp: skip a size whose float32 kernel alone would exceed this")
     parser.add_argument("--peer-memory-gib", type=float, default=12.0,
                         help="skip a generic method whose Jacobians/tangents would need more than this")
     parser.add_argument("--max-seconds", type=float, default=60.0,
@@ -597,8 +633,6 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    if device.type != "cpu" and suites != ["mlp"]:
-        parser.error("the cnn and transformer suites run on the CPU only (the neural-tangents peer is CPU JAX)")
     probe = GemmProbe(device)
     gemm = probe.rate()
     info = lazykernel.backend()
@@ -632,7 +666,7 @@ def main(argv=None) -> int:
         save(False)
     families = [s for s in suites if s != "mlp"]
     if families:
-        run_model_suites(args, families, probe, plans, records, lambda: save(False))
+        run_model_suites(args, families, probe, plans, records, lambda: save(False), device)
     save(True)
     return 0
 

@@ -66,10 +66,18 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     -k "6-6 or 65-130" >>"$log" 2>&1 || status=1
 fi
 
-step "GPU benchmark"
-timeout 300 python3 benchmarks/bench_ntk.py --device cuda --widths 1024 4096 --n 1024 4096 \
-  --outputs 10 --methods structured plain-structured tutorial-jacobian --repeats 5 --peer-memory-gib 60 \
+step "GPU benchmark: MLPs"
+# width 4096, O = 10, N = 4096 and 16384, trace and full (the full kernel at
+# N = 16384, 107 GB, is skipped by --max-result-gib); against the plain-PyTorch
+# structured baseline and the tutorial's Jacobian contraction where they fit
+timeout 200 python3 benchmarks/bench_ntk.py --device cuda --widths 4096 --n 4096 16384 \
+  --outputs 10 --modes trace full --methods structured plain-structured tutorial-jacobian \
+  --repeats 3 --max-seconds 20 --peer-memory-gib 60 --max-result-gib 40 \
   --json "$out/gpu_mlp.json" >>"$log" 2>&1 || status=1
+step "GPU benchmark: CNNs and transformer"
+timeout 120 python3 benchmarks/bench_ntk.py --device cuda --suite cnn transformer \
+  --model-methods auto tutorial-jacobian --repeats 3 --max-seconds 10 --peer-memory-gib 60 \
+  --json "$out/gpu_models.json" >>"$log" 2>&1 || status=1
 
 step "done (status $status)"
 exit $status
