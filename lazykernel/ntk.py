@@ -390,11 +390,11 @@ def _gradient_gram(out: torch.Tensor, grad1: torch.Tensor, grad2: torch.Tensor, 
         full = grad1.reshape(o * n1, -1) @ grad2.reshape(o * n2, -1).T          # [O·n1, O·n2]
         out += full.view(o, n1, o, n2).permute(1, 3, 0, 2)
         return
-    per_output = torch.bmm(grad1, grad2.transpose(1, 2))                     # [O, n1, n2]
     if mode == "trace":
-        out += per_output.sum(0)
+        for j in range(o):                       # no [O, n1, n2] temporary
+            out.addmm_(grad1[j], grad2[j].T)
     else:
-        out += per_output.permute(1, 2, 0)
+        out += torch.bmm(grad1, grad2.transpose(1, 2)).permute(1, 2, 0)     # [O, n1, n2]
 
 
 class _JacobianEngine(_Engine):
