@@ -313,8 +313,9 @@ def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float) -> 
                             else:
                                 _synchronize(device)
                                 first = time.perf_counter() - start
-                                if _peak_bytes(device) is not None:
-                                    record["peak_bytes"] = _peak_bytes(device)
+                                peak = _peak_bytes(device)
+                                if peak is not None:
+                                    record["peak_bytes"] = peak
                                 repeats = 1 if first > args.max_seconds else args.repeats
                                 if method == "structured":
                                     record.update(probe.bracketed(fn, repeats), status="ok", note="")
@@ -418,8 +419,9 @@ def _time_lazykernel(workload: Workload, mode: str, method: str, args, probe: Ge
     kernel = fn()
     _synchronize(device)
     first = time.perf_counter() - start
-    if _peak_bytes(device) is not None:
-        record["peak_bytes"] = _peak_bytes(device)
+    peak = _peak_bytes(device)
+    if peak is not None:
+        record["peak_bytes"] = peak
     if first >= args.max_seconds:
         timing = {"median_s": first, "times_s": [first]}
     else:

@@ -32,7 +32,7 @@ import torch
 
 from lazykernel import distributed
 from lazykernel._model import ParamSelection, model_tensors
-from lazykernel.ntk import _Engine, _setup, _tile_bytes, _tile_sizes
+from lazykernel.ntk import _Engine, _features_bytes, _setup, _tile_bytes, _tile_sizes
 from lazykernel.rules import explicit_attention
 
 _FORMAT = "lazykernel.ntk_to_disk/1"
@@ -422,12 +422,6 @@ def _write_tile(writer: "_TileWriter", data, log, host: np.ndarray, i: int, j: i
     log.write(f"{k}\n".encode())
     log.flush()
     os.fsync(log.fileno())
-
-
-def _features_bytes(features) -> int:
-    if isinstance(features, torch.Tensor):
-        return features.numel() * features.element_size()
-    return sum(_features_bytes(part) for part in features)
 
 
 def _drop_torn_line(log_path: str) -> None:

@@ -306,8 +306,8 @@ class _StructuredEngine(_Engine):
         for rows1, rows2 in zip(f1[2], f2[2]):
             token_gram_accumulate(out, rows1, rows2, self.mode)
         if f1[3]:
-            held = _feature_bytes(f1) + (0 if same else _feature_bytes(f2)) + out.numel() * self.elt
-            spare = max(self.budget - held, self.budget * self.reserve)
+            held = _features_bytes(f1) + (0 if same else _features_bytes(f2)) + out.numel() * self.elt
+            spare = self.slab_space(held)
             slabs = [self._slab_features(term1, term2, same, spare) for term1, term2 in zip(f1[3], f2[3])]
             # one buffer, sized for the largest slab, serves every slab of every term: a
             # fresh allocation of that size would be paged in anew each time. It is
@@ -316,6 +316,11 @@ class _StructuredEngine(_Engine):
             space = torch.empty(max(size for _, size in slabs), dtype=a.dtype, device=a.device)
             for term1, term2, (slab, _) in zip(f1[3], f2[3], slabs):
                 _gradient_block(term1, term2, same, out, self.mode, slab, space)
+
+    def slab_space(self, held: float) -> float:
+        """Bytes for per-example gradient slabs beside ``held`` bytes of operands and kernel
+        block: what the budget leaves, and at least the `reserve` chunk planning kept."""
+        return max(self.budget - held, self.budget * self.reserve)
 
     def _slab_features(self, term1, term2, same: bool, spare: float) -> Tuple[int, int]:
         """(D', elements): output features per slab of a term's per-example gradients, and the
@@ -372,14 +377,11 @@ def _slab_gradient(a: torch.Tensor, g: torch.Tensor, part: slice, space: torch.T
     return grad.view(o, n, -1)
 
 
-def _feature_bytes(features) -> int:
-    """Bytes of the tensors in a structured chunk's features."""
-    total = 0
-    for group in features:
-        for item in group:
-            for t in (item if isinstance(item, (tuple, list)) else (item,)):
-                total += t.numel() * t.element_size()
-    return total
+def _features_bytes(features) -> int:
+    """Bytes of the tensors in a chunk's features (a tensor, or nested sequences of them)."""
+    if isinstance(features, torch.Tensor):
+        return features.numel() * features.element_size()
+    return sum(_features_bytes(part) for part in features)
 
 
 def _gradient_gram(out: torch.Tensor, grad1: torch.Tensor, grad2: torch.Tensor, mode: str) -> None:
@@ -467,8 +469,8 @@ def _tile_bytes(engine: _Engine, b1: int, b2: int, cell_bytes: float) -> float:
 def _working_bytes(engine: _Engine, n1: int, b1: int, b2: int, symmetric: bool, cell_bytes: float) -> float:
     """Working memory of the largest tile; a symmetric kernel in one chunk holds one set of operands."""
     if symmetric and b1 >= n1:
-        held = n1 * engine.held_per_example() / (1.0 - engine.reserve)
-        return max(n1 * engine.bytes_per_example(0), held) + n1 * n1 * cell_bytes
+        # a tile of one chunk against none, plus the whole kernel
+        return _tile_bytes(engine, n1, 0, cell_bytes) + n1 * n1 * cell_bytes
     return _tile_bytes(engine, b1, b2, cell_bytes)
 
 

@@ -152,8 +152,7 @@ def plan(
         # gradients formed a slab at a time beside the chunks' operands, in what the budget leaves
         rows = b1 if call.symmetric and b1 >= n1 else b1 + b2
         held = rows * engine.held_per_example() + b1 * b2 * cell * call.elt
-        slabs = min(max(call.budget - held, engine.reserve * call.budget),
-                    rows * engine.plan.largest_deferred_gradient() * call.elt)
+        slabs = min(engine.slab_space(held), rows * engine.plan.largest_deferred_gradient() * call.elt)
         working = max(working, held + slabs)
     report.peak_bytes = working + result_bytes
     return report
