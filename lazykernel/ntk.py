@@ -313,7 +313,7 @@ class _StructuredEngine(_Engine):
             # fresh allocation of that size would be paged in anew each time. It is
             # freed with the block, as the next chunk's operands will need the room.
             a = f1[3][0][0]
-            space = torch.empty(max(size for _, size in slabs), dtype=a.dtype, device=a.device)
+            space = _memory.empty_buffer((max(size for _, size in slabs),), a.dtype, a.device)
             for term1, term2, (slab, _) in zip(f1[3], f2[3], slabs):
                 _gradient_block(term1, term2, same, out, self.mode, slab, space)
 
