@@ -10,11 +10,13 @@ correctness.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from lazykernel._jacobian import per_example_jacobian
+from lazykernel._memory import empty_buffer
 from lazykernel._model import ModelAdapter
 from lazykernel.rules import (GRADIENT, BroadcastParameterRule, PAIRWISE, TOKENS, GradientOf, RuleDoesNotApply,
                               StructuredRule, TermShape, TokenRows, gradient_is_smaller, rule_for)
@@ -40,6 +42,9 @@ class StructuredPlan:
         self.generic = generic
         self.forms: List[Optional[List[str]]] = [None] * len(rules)
         self.outputs: Optional[int] = None
+        # one backward per output instead of one batched over outputs; decided
+        # when the plan is verified (`_batched_backward_falls_back`)
+        self.per_output_backward = False
 
     def describe(self) -> List[dict]:
         rows = [
@@ -92,18 +97,20 @@ class StructuredPlan:
         self.generic = sorted(set(self.generic) | set(rule.names.values()), key=order.index)
 
     # -- running -------------------------------------------------------------------
-    def _capture(self, x: torch.Tensor, summed: bool = False
+    def _capture(self, x: torch.Tensor, summed: bool = False, probe: bool = False
                  ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
         """Forward with the rules' hooks, then cotangents at every hooked output.
 
         The cotangents are ``[O, *y.shape]``, one per output, or with
         ``summed=True`` the single cotangent of ``Σ_o f_o``, ``[1, *y.shape]``.
+        With ``probe=True`` it also decides how later captures take the
+        per-output cotangents (`per_output_backward`).
         Runs with autograd on even when the caller has it off.
         """
         with torch.enable_grad():
-            return self._capture_with_grad(x, summed)
+            return self._capture_with_grad(x, summed, probe)
 
-    def _capture_with_grad(self, x: torch.Tensor, summed: bool
+    def _capture_with_grad(self, x: torch.Tensor, summed: bool, probe: bool
                            ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
         n = x.shape[0]
         for rule in self.rules:
@@ -123,9 +130,12 @@ class StructuredPlan:
         if not targets:
             cotangents = []
         elif summed:
+            if probe:
+                self.per_output_backward = _batched_backward_falls_back(f, targets)
             cotangents = _output_cotangents(f.sum(dim=1, keepdim=True), targets)
         else:
-            cotangents = _output_cotangents(f, targets)
+            layouts = [rule.examples_first for rule in self.rules for _ in rule.outputs]
+            cotangents = _output_cotangents(f, targets, self.per_output_backward, layouts)
         per_rule, k = [], 0
         for rule in self.rules:
             count = len(rule.outputs)
@@ -152,7 +162,7 @@ class StructuredPlan:
         self._drop_failing_taps(x)
         # the check needs only Σ_o of each example's gradient: one plain backward
         try:
-            f, per_rule = self._capture(x, summed=True)
+            f, per_rule = self._capture(x, summed=True, probe=True)
         except Exception:
             taps = self._taps()
             if not taps:
@@ -160,7 +170,7 @@ class StructuredPlan:
             # expanded parameters that work one by one but not together: none of them
             for rule in taps:
                 self.demote(rule)
-            f, per_rule = self._capture(x, summed=True)
+            f, per_rule = self._capture(x, summed=True, probe=True)
         self.outputs = f.shape[1]
         if not self.rules:
             return f
@@ -344,11 +354,15 @@ def _block_flops(cost: Tuple[float, float, float], n1: int, n2: int) -> float:
     return float(n1) * float(n2) * cost[0] + float(n1 + n2) * cost[1]
 
 
-def _output_cotangents(f: torch.Tensor, targets: List[torch.Tensor]) -> List[torch.Tensor]:
+def _output_cotangents(f: torch.Tensor, targets: List[torch.Tensor], per_output: bool = False,
+                       examples_first: Optional[Sequence[bool]] = None) -> List[torch.Tensor]:
     """``∂f_o/∂target`` for every output o, stacked: ``[O, *target.shape]`` each.
 
-    One backward pass batched over the O one-hot output cotangents; models whose
-    backward cannot be batched fall back to one pass per output.
+    One backward pass batched over the O one-hot output cotangents, unless
+    ``per_output`` asks for one pass per output (also the fallback for models
+    whose backward cannot be batched). Per output, a target flagged in
+    ``examples_first`` is stored ``[n, O, ...]`` and returned as its transposed
+    view; the values are the same either way.
     """
     n, o = f.shape
     if o == 1:
@@ -356,17 +370,59 @@ def _output_cotangents(f: torch.Tensor, targets: List[torch.Tensor]) -> List[tor
                                     allow_unused=True)
         return [(_zeros_if_none(g, t)).unsqueeze(0) for g, t in zip(grads, targets)]
     basis = torch.eye(o, dtype=f.dtype, device=f.device).unsqueeze(1).expand(o, n, o)
+    if not per_output:
+        try:
+            grads = torch.autograd.grad(f, targets, grad_outputs=basis, is_grads_batched=True,
+                                        allow_unused=True, retain_graph=True)
+            return [_zeros_if_none(g, t, batch=o) for g, t in zip(grads, targets)]
+        except RuntimeError:
+            pass
+    layouts = list(examples_first) if examples_first is not None else [False] * len(targets)
+    # each pass writes its cotangents straight into their place: no stack afterwards
+    stores = [empty_buffer((t.shape[0], o) + tuple(t.shape[1:]) if first else (o,) + tuple(t.shape),
+                           t.dtype, t.device)
+              for t, first in zip(targets, layouts)]
+    for k in range(o):
+        grads = torch.autograd.grad(f, targets, grad_outputs=basis[k], allow_unused=True,
+                                    retain_graph=k + 1 < o)
+        for store, g, first in zip(stores, grads, layouts):
+            row = store[:, k] if first else store[k]
+            if g is None:
+                row.zero_()
+            else:
+                row.copy_(g)
+    return [store.transpose(0, 1) if first else store for store, first in zip(stores, layouts)]
+
+
+def _batched_backward_falls_back(f: torch.Tensor, targets: List[torch.Tensor]) -> bool:
+    """Would a backward batched over outputs run some op of this model one output at a time?
+
+    `torch.autograd.grad(..., is_grads_batched=True)` runs on PyTorch's legacy
+    vmap, which has no batching rule for some backward ops (convolution,
+    pooling, layer norm, attention and embedding backward among them). For
+    those it loops over the outputs and stacks the results, and then one plain
+    backward per output, each writing into its final layout, is the faster
+    capture. Two outputs on the verification examples show it: PyTorch names
+    every such op in a warning while its vmap-fallback warnings are on.
+    """
+    toggle = getattr(torch._C, "_debug_only_display_vmap_fallback_warnings", None)
+    enabled = getattr(torch._C, "_debug_only_are_vmap_fallback_warnings_enabled", None)
+    if f.shape[1] < 2 or toggle is None or enabled is None:
+        return False
+    n, o = f.shape
+    basis = torch.eye(2, o, dtype=f.dtype, device=f.device).unsqueeze(1).expand(2, n, o)
+    was_on = enabled()
+    toggle(True)
     try:
-        grads = torch.autograd.grad(f, targets, grad_outputs=basis, is_grads_batched=True,
-                                    allow_unused=True, retain_graph=True)
-        return [_zeros_if_none(g, t, batch=o) for g, t in zip(grads, targets)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.autograd.grad(f, targets, grad_outputs=basis, is_grads_batched=True,
+                                allow_unused=True, retain_graph=True)
     except RuntimeError:
-        per_output = []
-        for k in range(o):
-            grads = torch.autograd.grad(f, targets, grad_outputs=basis[k], allow_unused=True,
-                                        retain_graph=k + 1 < o)
-            per_output.append([_zeros_if_none(g, t) for g, t in zip(grads, targets)])
-        return [torch.stack([row[j] for row in per_output]) for j in range(len(targets))]
+        return True
+    finally:
+        toggle(was_on)
+    return any("batching rule" in str(w.message) for w in caught)
 
 
 def _agrees_along_random_direction(adapter: ModelAdapter, rules: List[StructuredRule],

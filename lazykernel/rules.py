@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lazykernel._memory import empty_buffer
 
 _RULES: Dict[Type[nn.Module], Type["StructuredRule"]] = {}
 
@@ -138,6 +141,12 @@ class StructuredRule:
         names: the module's selected parameters, local name -> full model name
             (only names in :meth:`handled` are passed).
     """
+
+    # Cotangents always reach `operands` as ``[O, *y.shape]``. A rule that reads
+    # them fastest with the examples outermost sets this; a capture that runs one
+    # backward per output then stores them ``[n, O, *y.shape[1:]]`` and passes
+    # the transposed view, so that rule's reshapes copy nothing.
+    examples_first = False
 
     def __init__(self, module: nn.Module, names: Dict[str, str]):
         self.module = module
@@ -404,6 +413,8 @@ class _ConvRule(StructuredRule):
     """
 
     spatial = 0
+    # `_gradients` reads each example's cotangent as one [O·D, T] matrix
+    examples_first = True
 
     @classmethod
     def supports(cls, module):
@@ -429,10 +440,22 @@ class _ConvRule(StructuredRule):
         if any(pad):
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
             x = F.pad(x, pad, mode=mode)
-        if self.spatial == 1:
-            return F.unfold(x.unsqueeze(2), (1, m.kernel_size[0]), dilation=(1, m.dilation[0]),
-                            stride=(1, m.stride[0]))
-        return F.unfold(x, m.kernel_size, dilation=m.dilation, stride=m.stride)
+        # every patch is a strided window of the padded input: one copy gathers them,
+        # in F.unfold's order (channel, then kernel offsets), into a buffer of its own
+        n, c, size = x.shape[0], x.shape[1], x.shape[2:]
+        kernel, steps = tuple(m.kernel_size), x.stride()[2:]
+        out = tuple((size[i] - m.dilation[i] * (kernel[i] - 1) - 1) // m.stride[i] + 1
+                    for i in range(self.spatial))
+        if min(out) < 1:
+            raise RuleDoesNotApply(f"lazykernel: {type(m).__name__} input of shape {tuple(x.shape)} "
+                                   "is smaller than its kernel")
+        windows = x.as_strided(
+            (n, c) + kernel + out,
+            x.stride()[:2] + tuple(steps[i] * m.dilation[i] for i in range(self.spatial))
+            + tuple(steps[i] * m.stride[i] for i in range(self.spatial)))
+        patches = empty_buffer((n, c * math.prod(kernel), math.prod(out)), x.dtype, x.device)
+        patches.view(windows.shape).copy_(windows)
+        return patches
 
     def _groups(self, cotangents, n):
         """Per group: ``a: [n, T, K]`` and ``g: [n, T, O, D]``, all calls stacked along T."""
@@ -494,8 +517,11 @@ class _ConvRule(StructuredRule):
             cot = g.reshape(o, n, groups, d, t).permute(2, 1, 0, 3, 4)   # [G, n, O, D, T]
             for c in range(groups):
                 gc = cot[c].reshape(n, o * d, t)
-                part = torch.bmm(gc, patches[:, c * k:(c + 1) * k].transpose(1, 2))   # [n, O·D, K]
-                total[c] = part if total[c] is None else total[c].add_(part)
+                rows = patches[:, c * k:(c + 1) * k].transpose(1, 2)                   # [n, T, K]
+                if total[c] is None:
+                    total[c] = torch.bmm(gc, rows, out=empty_buffer((n, o * d, k), gc.dtype, gc.device))
+                else:
+                    total[c].baddbmm_(gc, rows)                                        # [n, O·D, K]
                 if use_bias:
                     part = gc.sum(dim=2)                                            # [n, O·D]
                     bias[c] = part if bias[c] is None else bias[c].add_(part)

@@ -1,9 +1,170 @@
-"""Large working buffers behave like ``torch.empty``, with or without huge pages."""
+"""How the structured method takes its cotangents and patches: every path gives the same values.
+
+A capture batched over outputs and one backward per output (with some targets
+stored examples-first) must agree; the convolution's patch gather must equal
+``F.unfold``; large working buffers must behave like ``torch.empty``.
+"""
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from lazykernel import _memory
+import lazykernel
+from lazykernel import _memory, _structured
+from lazykernel._model import make_adapter
+from lazykernel._structured import StructuredPlan, _batched_backward_falls_back, _output_cotangents
+
+from conftest import OUTPUTS, assert_close_to_reference, reference_ntk
+
+_HAS_FALLBACK_WARNINGS = hasattr(torch._C, "_debug_only_display_vmap_fallback_warnings")
+
+
+def _mlp_graph():
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(4, 5).double(), nn.Linear(5, 3).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    h = lin1(x)
+    y = lin2(torch.tanh(h))
+    return y, [h, y]
+
+
+def test_per_output_cotangents_equal_the_batched_ones_in_either_layout():
+    f, targets = _mlp_graph()
+    batched = _output_cotangents(f, targets)
+    looped = _output_cotangents(f, targets, per_output=True, examples_first=[True, False])
+    for b, l, t in zip(batched, looped, targets):
+        assert l.shape == b.shape == (3,) + tuple(t.shape)
+        torch.testing.assert_close(l, b, rtol=0, atol=1e-14)
+    # the first is stored [n, O, ...] and seen through a transpose; the second is [O, n, ...]
+    n_first = looped[0]
+    assert n_first.stride(0) == 5 and n_first.stride(1) == 3 * 5
+    assert looped[1].is_contiguous()
+    # ∂f_o/∂y is the one-hot cotangent itself
+    torch.testing.assert_close(looped[1], torch.eye(3, dtype=torch.float64).unsqueeze(1).expand(3, 6, 3))
+
+
+def test_per_output_cotangents_of_an_unused_target_are_zeros():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, requires_grad=True)
+    for first in (True, False):
+        unused = torch.randn(4, 2, requires_grad=True) * 2
+        f = torch.stack([x.sum(1), (x ** 2).sum(1)], 1)
+        got = _output_cotangents(f, [x, unused], per_output=True, examples_first=[first, first])
+        assert torch.equal(got[1], torch.zeros(2, 4, 2))
+        torch.testing.assert_close(got[0][1], 2 * x.detach())
+
+
+@pytest.mark.skipif(not _HAS_FALLBACK_WARNINGS, reason="this PyTorch has no vmap-fallback warnings to read")
+def test_the_fallback_probe_tells_convolutions_from_plain_layers():
+    torch.manual_seed(0)
+    # the backward from the output to the first convolution's output runs the second one's
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Flatten(), nn.Linear(12, 4))
+    x = torch.randn(3, 2, 4, 4)
+    h = conv[0](x)
+    y = conv[1:](h)
+    assert _batched_backward_falls_back(y, [h])
+    # linear maps and ReLU have batching rules
+    lin1, lin2 = nn.Linear(4, 5), nn.Linear(5, 3)
+    h1 = lin1(torch.randn(3, 4))
+    f = lin2(torch.relu(h1))
+    assert not _batched_backward_falls_back(f, [h1, f])
+    # one output has nothing to batch
+    assert not _batched_backward_falls_back(y[:, :1], [h])
+    # the probe leaves PyTorch's warning switch as it found it
+    assert not torch._C._debug_only_are_vmap_fallback_warnings_enabled()
+
+
+@pytest.mark.skipif(not _HAS_FALLBACK_WARNINGS, reason="this PyTorch has no vmap-fallback warnings to read")
+def test_verification_chooses_one_backward_per_output_for_convolutions_only():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Flatten(), nn.Linear(12, 4))
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    for model, x, expected in ((cnn, torch.randn(3, 2, 4, 4), True), (mlp, torch.randn(3, 4), False)):
+        plan = StructuredPlan.build(make_adapter(model, None))
+        plan.verify(x)
+        assert plan.per_output_backward is expected
+
+
+class TwiceConv(nn.Module):
+    """One convolution applied twice, so its per-example gradient sums two calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 25, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        return self.head(torch.tanh(self.conv(h)).flatten(1))
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("per_output", [False, True])
+@pytest.mark.parametrize("model_name", ["sequential", "twice", "grouped"])
+def test_convolution_gradient_form_is_exact_with_either_capture(output, per_output, model_name, monkeypatch):
+    torch.manual_seed(3)
+    if model_name == "twice":
+        model = TwiceConv().double()
+    elif model_name == "grouped":
+        model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding=1), nn.ReLU(),
+                              nn.Conv2d(6, 2, 2, stride=2, dilation=2), nn.Flatten(), nn.Linear(8, 3)).double()
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                              nn.Flatten(), nn.Linear(100, 3)).double()
+    channels = 4 if model_name == "grouped" else 3
+    x = torch.randn(5, channels, 5, 5, dtype=torch.float64)
+    monkeypatch.setattr(_structured, "_batched_backward_falls_back", lambda f, targets: per_output)
+    plan = StructuredPlan.build(make_adapter(model, None))
+    plan.verify(x[:3])
+    assert plan.per_output_backward is per_output
+    conv_rules = [i for i, rule in enumerate(plan.rules) if type(rule).__name__ == "Conv2dRule"]
+    assert conv_rules
+    for i, rule in enumerate(plan.rules):
+        plan.forms[i] = ["gradient" if i in conv_rules else "pairwise"] * len(rule.shapes)
+    a, g, tokens, deferred = plan.operands(x)
+    assert not tokens and not deferred
+    out = torch.zeros(reference_ntk(model, x, output=output).shape, dtype=torch.float64)
+    lazykernel.gram_hadamard_accumulate(out, a, a, g, g, output)
+    assert_close_to_reference(out, reference_ntk(model, x, output=output), torch.float64)
+
+
+@pytest.mark.parametrize("case", [
+    dict(conv=nn.Conv2d(3, 4, 3, padding=1), shape=(2, 3, 6, 5)),
+    dict(conv=nn.Conv2d(3, 4, (2, 3), stride=(2, 1), dilation=(1, 2), padding=(1, 2)), shape=(2, 3, 7, 8)),
+    dict(conv=nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), shape=(3, 2, 5, 5)),
+    dict(conv=nn.Conv2d(2, 4, 3, padding=2, padding_mode="circular"), shape=(1, 2, 4, 6)),
+    dict(conv=nn.Conv2d(4, 4, 1, groups=2), shape=(2, 4, 3, 3)),
+    dict(conv=nn.Conv1d(3, 2, 4, stride=3, dilation=2, padding=3), shape=(2, 3, 11)),
+])
+def test_patches_equal_unfold(case):
+    from lazykernel.rules import rule_for
+
+    torch.manual_seed(0)
+    conv = case["conv"]
+    rule = rule_for(conv)(conv, {"weight": "weight"})
+    x = torch.randn(*case["shape"])
+    # a non-contiguous, offset view of the same values must give the same patches
+    wide = torch.randn(case["shape"][0], case["shape"][1] + 1, *case["shape"][2:]).transpose(0, 1)
+    wide = wide.contiguous().transpose(0, 1)
+    wide[:, 1:] = x
+    for given in (x, wide[:, 1:]):
+        patches = rule._unfold(given)
+        padded = F.pad(x, conv._reversed_padding_repeated_twice,
+                       mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+        if isinstance(conv, nn.Conv1d):
+            want = F.unfold(padded.unsqueeze(2), (1, conv.kernel_size[0]), dilation=(1, conv.dilation[0]),
+                            stride=(1, conv.stride[0]))
+        else:
+            want = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+        assert patches.shape == want.shape
+        assert torch.equal(patches, want)
+        # the patches multiply with the layer's weight to give the layer's output
+        w = conv.weight.detach().reshape(conv.groups, conv.out_channels // conv.groups, -1)
+        per_group = patches.reshape(patches.shape[0], conv.groups, -1, patches.shape[2])
+        y = torch.einsum("gdk,ngkt->ngdt", w, per_group).reshape(patches.shape[0], conv.out_channels, -1)
+        y = y + conv.bias.detach()[:, None]
+        torch.testing.assert_close(y, conv(given).detach().flatten(2), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("madvise", [True, False])
