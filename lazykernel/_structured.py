@@ -25,6 +25,10 @@ from lazykernel.rules import (GRADIENT, BroadcastParameterRule, PAIRWISE, TOKENS
 # the per-example gradients formed block by block
 Operands = Tuple[List[torch.Tensor], List[torch.Tensor], List[TokenRows], List[GradientOf]]
 
+# Cotangent bytes of one output's backward from which a backward per output
+# pays for its passes, where batching falls back (`_batched_backward_falls_back`)
+_PER_OUTPUT_PASS_BYTES = 8 << 20
+
 
 class StructuredPlan:
     """Which rule handles which parameters.
@@ -97,20 +101,20 @@ class StructuredPlan:
         self.generic = sorted(set(self.generic) | set(rule.names.values()), key=order.index)
 
     # -- running -------------------------------------------------------------------
-    def _capture(self, x: torch.Tensor, summed: bool = False, probe: bool = False
+    def _capture(self, x: torch.Tensor, summed: bool = False, probe_rows: Optional[int] = None
                  ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
         """Forward with the rules' hooks, then cotangents at every hooked output.
 
         The cotangents are ``[O, *y.shape]``, one per output, or with
         ``summed=True`` the single cotangent of ``Σ_o f_o``, ``[1, *y.shape]``.
-        With ``probe=True`` it also decides how later captures take the
-        per-output cotangents (`per_output_backward`).
+        With ``probe_rows`` (the largest batch later captures will see) it also
+        decides how those take the per-output cotangents (`per_output_backward`).
         Runs with autograd on even when the caller has it off.
         """
         with torch.enable_grad():
-            return self._capture_with_grad(x, summed, probe)
+            return self._capture_with_grad(x, summed, probe_rows)
 
-    def _capture_with_grad(self, x: torch.Tensor, summed: bool, probe: bool
+    def _capture_with_grad(self, x: torch.Tensor, summed: bool, probe_rows: Optional[int]
                            ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
         n = x.shape[0]
         for rule in self.rules:
@@ -130,12 +134,18 @@ class StructuredPlan:
         if not targets:
             cotangents = []
         elif summed:
-            if probe:
-                self.per_output_backward = _batched_backward_falls_back(f, targets)
+            if probe_rows is not None:
+                rows = max(probe_rows, n)
+                per_pass = rows * sum(t.numel() * t.element_size() for t in targets) // n
+                self.per_output_backward = (per_pass >= _PER_OUTPUT_PASS_BYTES
+                                            and _batched_backward_falls_back(f, targets))
             cotangents = _output_cotangents(f.sum(dim=1, keepdim=True), targets)
         else:
             layouts = [rule.examples_first for rule in self.rules for _ in rule.outputs]
-            cotangents = _output_cotangents(f, targets, self.per_output_backward, layouts)
+            # below a few MiB per output, one batched pass beats O passes' overhead
+            per_pass = sum(t.numel() * t.element_size() for t in targets)
+            per_output = self.per_output_backward and per_pass >= _PER_OUTPUT_PASS_BYTES
+            cotangents = _output_cotangents(f, targets, per_output, layouts)
         per_rule, k = [], 0
         for rule in self.rules:
             count = len(rule.outputs)
@@ -143,7 +153,7 @@ class StructuredPlan:
             k += count
         return f.detach(), per_rule
 
-    def verify(self, x: torch.Tensor) -> torch.Tensor:
+    def verify(self, x: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
         """Check every rule against autograd on ``x``; demote the ones that disagree.
 
         The check is per example: each example's gradient ``Σ_o ∂f_o(x_i)/∂θ``
@@ -153,16 +163,19 @@ class StructuredPlan:
         sequence-first or folded batch) or that misses uses of its parameters
         outside the hooked call fails it and is replaced by the generic rule.
 
+        ``rows`` is the largest batch the plan will capture (default: ``x``'s).
+
         Returns the model's outputs on ``x`` as ``[n, O]``.
         """
         if x.shape[0] == 1:
             # with one example, a batch axis mixed up with another axis cannot show
             x = torch.cat([x, x])
         n = x.shape[0]
+        rows = n if rows is None else rows
         self._drop_failing_taps(x)
         # the check needs only Σ_o of each example's gradient: one plain backward
         try:
-            f, per_rule = self._capture(x, summed=True, probe=True)
+            f, per_rule = self._capture(x, summed=True, probe_rows=rows)
         except Exception:
             taps = self._taps()
             if not taps:
@@ -170,7 +183,7 @@ class StructuredPlan:
             # expanded parameters that work one by one but not together: none of them
             for rule in taps:
                 self.demote(rule)
-            f, per_rule = self._capture(x, summed=True, probe=True)
+            f, per_rule = self._capture(x, summed=True, probe_rows=rows)
         self.outputs = f.shape[1]
         if not self.rules:
             return f

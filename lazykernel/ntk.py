@@ -448,7 +448,7 @@ def _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget
     common = (mode, dtype, outputs, activations, elt, budget)
     if method in ("auto", "structured"):
         plan = StructuredPlan.build(adapter)
-        plan.verify(x1[:_PROBE_EXAMPLES])
+        plan.verify(x1[:_PROBE_EXAMPLES], rows=max(n1, n2))
         plan.choose_forms(n1, n2, mode, budget / elt)
         return _StructuredEngine(plan, x1[:_PROBE_EXAMPLES], *common)
     if method == "jacobian":

@@ -82,8 +82,11 @@ def test_verification_chooses_one_backward_per_output_for_convolutions_only():
     mlp = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     for model, x, expected in ((cnn, torch.randn(3, 2, 4, 4), True), (mlp, torch.randn(3, 4), False)):
         plan = StructuredPlan.build(make_adapter(model, None))
-        plan.verify(x)
+        plan.verify(x, rows=1 << 20)
         assert plan.per_output_backward is expected
+        # batches too small to pay for a pass per output keep the batched backward
+        plan.verify(x, rows=8)
+        assert plan.per_output_backward is False
 
 
 class TwiceConv(nn.Module):
@@ -115,6 +118,7 @@ def test_convolution_gradient_form_is_exact_with_either_capture(output, per_outp
     channels = 4 if model_name == "grouped" else 3
     x = torch.randn(5, channels, 5, 5, dtype=torch.float64)
     monkeypatch.setattr(_structured, "_batched_backward_falls_back", lambda f, targets: per_output)
+    monkeypatch.setattr(_structured, "_PER_OUTPUT_PASS_BYTES", 0)
     plan = StructuredPlan.build(make_adapter(model, None))
     plan.verify(x[:3])
     assert plan.per_output_backward is per_output
@@ -177,3 +181,24 @@ def test_working_buffers_are_plain_tensors(shape, dtype, madvise, monkeypatch):
     assert buf.shape == shape and buf.dtype == dtype and buf.is_contiguous()
     buf.fill_(1.5)
     assert buf.sum().item() == 1.5 * buf.numel()
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_ntk_with_one_backward_per_output_matches_the_reference(output, monkeypatch):
+    # every capture of these small models takes the per-output path
+    monkeypatch.setattr(_structured, "_PER_OUTPUT_PASS_BYTES", 0)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.Tanh(), nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 3))
+    x1, x2 = torch.randn(5, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    modes = []
+
+    def spy(f, targets, per_output=False, examples_first=None):
+        modes.append(per_output)
+        return _output_cotangents(f, targets, per_output, examples_first)
+
+    monkeypatch.setattr(_structured, "_output_cotangents", spy)
+    got = lazykernel.ntk(model, x1, x2, output=output, method="structured")
+    if _HAS_FALLBACK_WARNINGS:
+        assert True in modes
+    assert_close_to_reference(got, reference_ntk(model, x1, x2, output=output), torch.float32)
