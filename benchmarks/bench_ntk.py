@@ -25,6 +25,9 @@ Peers: the two methods of the torch.func "Neural Tangent Kernels" tutorial
 skipped, with the memory it would need, when that exceeds --peer-memory-gib.
 For the MLPs also `plain-structured`: the structured rule written in plain
 PyTorch, two Grams and a Hadamard product per layer (`plain_structured_ntk`).
+On CUDA, `structured-tf32` and `plain-structured-tf32` run the same with TF32
+tensor-core products (lazykernel's precision="tf32"); their error against the
+float32 structured kernel is reported, and their '% GEMM' is of the TF32 rate.
 neural-tangents' structured derivatives (benchmarks/peer_neural_tangents.py)
 run when it can be imported, i.e. in the separate environment its docstring
 sets up; they are timed alternately with lazykernel, run for run, after jit
@@ -41,6 +44,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -223,6 +227,19 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1,
     return {"median_s": statistics.median(times), "times_s": times}
 
 
+@contextlib.contextmanager
+def tf32_products(enabled: bool = True):
+    """CUDA float32 matmuls and convolutions on TF32 tensor cores inside the block (PyTorch's
+    own switches, restored after); the TF32 variants of the MLP methods run under it."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        if enabled:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 class GemmProbe:
     """A square float32 GEMM whose rate is the yardstick for '% of GEMM'.
 
@@ -239,8 +256,9 @@ class GemmProbe:
     def run(self) -> None:
         self.a @ self.b
 
-    def rate(self, repeats: int = 10) -> float:
-        timing = median_time(self.run, repeats, warmup=3, device=self.device)
+    def rate(self, repeats: int = 10, tf32: bool = False) -> float:
+        with tf32_products(tf32):
+            timing = median_time(self.run, repeats, warmup=3, device=self.device)
         return 2.0 * self.size ** 3 / timing["median_s"]
 
     def bracketed(self, fn: Callable[[], object], repeats: int) -> Dict[str, object]:
@@ -265,8 +283,16 @@ class GemmProbe:
 
 # -- the MLP suite -----------------------------------------------------------------
 
-def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float) -> List[dict]:
-    header = (f"{'width':>5} {'N':>5} {'O':>3} {'mode':>5} {'method':>18} {'median s':>9} "
+MLP_METHODS = ("structured", "structured-tf32", "plain-structured", "plain-structured-tf32", "jacobian", "ntvp",
+               "tutorial-jacobian", "tutorial-ntvp")
+
+
+def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float,
+                  gemm_tf32: Optional[float] = None) -> List[dict]:
+    """Every MLP size and method. A ``-tf32`` method runs with TF32 products (lazykernel's
+    ``precision="tf32"``; PyTorch's switches for the baseline), is compared with the float32
+    structured kernel of the same size, and its '% GEMM' is of the TF32 GEMM rate."""
+    header = (f"{'width':>5} {'N':>5} {'O':>3} {'mode':>5} {'method':>21} {'median s':>9} "
               f"{'GFLOP':>7} {'% GEMM':>7}  note")
     print(header)
     print("-" * len(header))
@@ -282,14 +308,20 @@ def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float) -> 
                         continue
                     flops = structured_flops(model, n, outputs, mode)
                     jac_bytes = 4.0 * 2 * n * outputs * params
+                    exact = None      # the float32 structured kernel, for the TF32 methods' error
                     for method in args.methods:
                         record = {"suite": "mlp", "width": width, "n": n, "outputs": outputs, "mode": mode,
                                   "method": method, "params": params, "structured_flops": flops}
                         need = jac_bytes
+                        tf32 = method.endswith("-tf32")
                         if method in ("structured", "jacobian", "ntvp"):
                             fn = (lambda m=method: lazykernel.ntk(model, x, output=mode, method=m))
-                        elif method == "plain-structured":
-                            fn = (lambda: plain_structured_ntk(model, x, mode))
+                        elif method == "structured-tf32":
+                            fn = (lambda: lazykernel.ntk(model, x, output=mode, precision="tf32"))
+                        elif method.startswith("plain-structured"):
+                            def fn(tf32=tf32):
+                                with tf32_products(tf32):
+                                    return plain_structured_ntk(model, x, mode)
                             need = plain_structured_bytes(n, outputs, mode)
                         elif method == "tutorial-jacobian":
                             fn = (lambda: tutorial_jacobian_contraction(model, x, x, mode))
@@ -300,14 +332,14 @@ def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float) -> 
                             record.update(status="skipped",
                                           note=f"the kernel itself is {result_bytes / 2**30:.1f} GiB "
                                                f"(> --max-result-gib {args.max_result_gib:g})")
-                        elif method != "structured" and need > args.peer_memory_gib * 2 ** 30:
-                            what = "temporaries" if method == "plain-structured" else "Jacobians"
+                        elif not method.startswith("structured") and need > args.peer_memory_gib * 2 ** 30:
+                            what = "temporaries" if method.startswith("plain-structured") else "Jacobians"
                             record.update(status="skipped", note=f"{what} need {need / 2**30:.0f} GiB")
                         else:
                             _reset_peak(device)
                             start = time.perf_counter()
                             try:
-                                fn()
+                                kernel = fn()
                             except (RuntimeError, ValueError) as error:  # out of memory and the like
                                 record.update(status="failed", note=str(error).splitlines()[0][:80])
                             else:
@@ -316,21 +348,32 @@ def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float) -> 
                                 peak = _peak_bytes(device)
                                 if peak is not None:
                                     record["peak_bytes"] = peak
+                                if method == "structured":
+                                    exact = kernel
+                                elif tf32 and exact is not None:
+                                    record["max_rel_diff_vs_float32"] = relative_difference(kernel, exact)
+                                del kernel
                                 repeats = 1 if first > args.max_seconds else args.repeats
                                 if method == "structured":
                                     record.update(probe.bracketed(fn, repeats), status="ok", note="")
                                 else:
                                     record.update(median_time(fn, repeats, warmup=0, device=device),
                                                   status="ok", note="")
+                                if "max_rel_diff_vs_float32" in record:
+                                    record["note"] = (f"max rel. diff. vs float32 "
+                                                      f"{record['max_rel_diff_vs_float32']:.1e}")
                         if record["status"] == "ok":
                             rate = flops / record["median_s"]
                             yardstick = record.get("gemm_flops", gemm)
+                            if tf32 and gemm_tf32 is not None:
+                                yardstick = gemm_tf32
+                                record["yardstick"] = "tf32 GEMM"
                             record["fraction_of_gemm"] = rate / yardstick
                             line = (f"{record['median_s']:9.4f} {flops / 1e9:7.1f} "
-                                    f"{100 * rate / yardstick:6.0f}%  ")
+                                    f"{100 * rate / yardstick:6.0f}%  {record['note']}")
                         else:
                             line = f"{'-':>9} {flops / 1e9:7.1f} {'-':>7}  {record['status']}: {record['note']}"
-                        print(f"{width:5d} {n:5d} {outputs:3d} {mode:>5} {method:>18} {line}", flush=True)
+                        print(f"{width:5d} {n:5d} {outputs:3d} {mode:>5} {method:>21} {line}", flush=True)
                         records.append(record)
     return records
 
@@ -603,8 +646,9 @@ def main(argv=None) -> int:
     mlp.add_argument("--methods", nargs="+",
                      default=["structured", "plain-structured", "jacobian", "ntvp", "tutorial-jacobian",
                               "tutorial-ntvp"],
-                     choices=["structured", "plain-structured", "jacobian", "ntvp", "tutorial-jacobian",
-                              "tutorial-ntvp"])
+                     choices=list(MLP_METHODS),
+                     help="a -tf32 method only differs from its float32 twin on CUDA; list "
+                          "'structured' first to have the TF32 results compared with it")
     models = parser.add_argument_group("cnn and transformer suites")
     models.add_argument("--cnn-n", type=int, default=128, help="inputs of the small CNN")
     models.add_argument("--myrtle-n", type=int, default=32, help="inputs of the Myrtle-5 CNN")
@@ -637,9 +681,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     probe = GemmProbe(device)
     gemm = probe.rate()
+    gemm_tf32 = probe.rate(tf32=True) if device.type == "cuda" else None
     info = lazykernel.backend()
     print(f"lazykernel backend: {info.name}; torch {torch.__version__}; "
-          f"{torch.get_num_threads()} threads; device {device}; float32 GEMM rate {gemm / 1e9:.0f} GFLOP/s")
+          f"{torch.get_num_threads()} threads; device {device}; float32 GEMM rate {gemm / 1e9:.0f} GFLOP/s"
+          + (f"; TF32 GEMM rate {gemm_tf32 / 1e9:.0f} GFLOP/s" if gemm_tf32 else ""))
     peer_versions = {} if NEURAL_TANGENTS_MISSING else peer_neural_tangents.versions()
     if peer_versions:
         print("neural-tangents peer:", ", ".join(f"{k} {v}" for k, v in peer_versions.items()))
@@ -648,7 +694,7 @@ def main(argv=None) -> int:
     machine = {"platform": platform.platform(), "processor": platform.processor(),
                "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "gemm_float32_flops": gemm, "backend": info.name,
+               "gemm_float32_flops": gemm, "gemm_tf32_flops": gemm_tf32, "backend": info.name,
                "python": sys.version.split()[0], "peer": peer_versions}
     command = " ".join(["python", "benchmarks/bench_ntk.py"] + (argv or sys.argv[1:]))
 
@@ -664,7 +710,7 @@ def main(argv=None) -> int:
             print(f"wrote {args.json}")
 
     if "mlp" in suites:
-        records += run_mlp_suite(args, device, probe, gemm)
+        records += run_mlp_suite(args, device, probe, gemm, gemm_tf32)
         save(False)
     families = [s for s in suites if s != "mlp"]
     if families:

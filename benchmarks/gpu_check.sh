@@ -69,9 +69,11 @@ fi
 step "GPU benchmark: MLPs"
 # width 4096, O = 10, N = 4096 and 16384, trace and full (the full kernel at
 # N = 16384, 107 GB, is skipped by --max-result-gib); against the plain-PyTorch
-# structured baseline and the tutorial's Jacobian contraction where they fit
-timeout 200 python3 benchmarks/bench_ntk.py --device cuda --widths 4096 --n 4096 16384 \
-  --outputs 10 --modes trace full --methods structured plain-structured tutorial-jacobian \
+# structured baseline and the tutorial's Jacobian contraction where they fit; the
+# -tf32 twins give the TF32 mode's speed and its error against float32
+timeout 220 python3 benchmarks/bench_ntk.py --device cuda --widths 4096 --n 4096 16384 \
+  --outputs 10 --modes trace full --methods structured structured-tf32 plain-structured \
+  plain-structured-tf32 tutorial-jacobian \
   --repeats 3 --max-seconds 20 --peer-memory-gib 60 --max-result-gib 40 \
   --json "$out/gpu_mlp.json" >>"$log" 2>&1 || status=1
 step "GPU benchmark: CNNs and transformer"

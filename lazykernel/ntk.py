@@ -12,6 +12,7 @@ import torch
 
 from lazykernel import _memory
 from lazykernel._jacobian import ntk_block_by_ntvp, per_example_jacobian
+from lazykernel._precision import check_precision, gemm_gram_accumulate, matmul_precision, uses_tf32
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite,
                                make_adapter, model_tensors)
 from lazykernel._structured import StructuredPlan
@@ -33,6 +34,7 @@ def ntk(
     batch_size: Optional[int] = None,
     memory_budget: Optional[float] = None,
     progress: bool = False,
+    precision: str = "highest",
 ) -> torch.Tensor:
     """Empirical Neural Tangent Kernel ``Θ(x1, x2) = J(x1) J(x2)ᵀ``.
 
@@ -72,6 +74,11 @@ def ntk(
         memory_budget: bytes of working memory (the returned kernel is not
             counted); default a quarter of the memory available on the device.
         progress: show a progress bar over chunk pairs (tqdm if installed).
+        precision: ``"highest"``: every product in the inputs' dtype;
+            ``"tf32"``: on CUDA, float32 matrix products and convolutions take
+            TF32 tensor cores for this call (inputs rounded to 10 mantissa
+            bits, float32 accumulation; see ``lazykernel._precision``). On the
+            CPU and in float64 it computes as ``"highest"``.
 
     Returns:
         The kernel, on the model's device, in the model's dtype.
@@ -82,10 +89,11 @@ def ntk(
             parameters, training-mode BatchNorm/Dropout, NaN or Inf, or a
             ``memory_budget`` too small for one example.
     """
-    setup = _setup(model, x1, x2, output, method, params, batch_size, memory_budget)
+    setup = _setup(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
     result = torch.zeros(setup.shape, dtype=setup.compute_dtype, device=setup.device)
     if setup.engine is not None:
-        with explicit_attention(setup.adapter.module):
+        with explicit_attention(setup.adapter.module), \
+                matmul_precision(setup.precision, setup.device, setup.compute_dtype):
             _run_tiles(setup.engine, x1, setup.x2, setup.symmetric, result, setup.mode, setup.budget,
                        setup.elt, batch_size, progress)
     return result.to(setup.dtype)
@@ -110,6 +118,7 @@ class _Call:
     elt: int
     device: torch.device
     budget: float
+    precision: str = "highest"
     engine: Optional["_Engine"] = None  # set by `_setup`; None while unset or for an empty kernel
 
     @property
@@ -117,8 +126,10 @@ class _Call:
         return _result_shape(self.n1, self.n2, self.outputs, self.mode)
 
 
-def _prepare(model, x1, x2, output, method, params, batch_size, memory_budget) -> _Call:
+def _prepare(model, x1, x2, output, method, params, batch_size, memory_budget,
+             precision: str = "highest") -> _Call:
     """Check every argument of `ntk` and run the model once on a few examples of each input."""
+    check_precision(precision)
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}; expected one of {OUTPUTS}")
     if method not in METHODS:
@@ -147,17 +158,18 @@ def _prepare(model, x1, x2, output, method, params, batch_size, memory_budget) -
     compute_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     elt = torch.empty((), dtype=compute_dtype).element_size()
     return _Call(adapter, x2_, symmetric, x1.shape[0], x2_.shape[0], mode, outputs, activations,
-                 dtype, compute_dtype, elt, device, budget)
+                 dtype, compute_dtype, elt, device, budget, precision)
 
 
 def _setup(model, x1, x2, output: str, method: str, params: ParamSelection,
-           batch_size: Optional[int], memory_budget: Optional[float]) -> _Call:
+           batch_size: Optional[int], memory_budget: Optional[float], precision: str = "highest") -> _Call:
     """`_prepare`, and the engine of the call (its rules checked on the probe examples)."""
-    call = _prepare(model, x1, x2, output, method, params, batch_size, memory_budget)
+    call = _prepare(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
     if call.n1 and call.n2:
         with explicit_attention(call.adapter.module):
             call.engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
                                        call.n1, call.n2, call.budget, call.elt)
+        call.engine.gemm_grams = uses_tf32(precision, call.device, call.compute_dtype)
     return call
 
 
@@ -256,6 +268,8 @@ class _Engine:
     # share of the memory budget kept free beside the chunks' held features for
     # the temporaries of `block` (per-example gradient slabs)
     reserve = 0.0
+    # single-position Grams by GEMMs on tensor cores (precision="tf32", `_precision`)
+    gemm_grams = False
 
     def __init__(self, adapter: ModelAdapter, mode: str, dtype: torch.dtype, outputs: int,
                  activations: int, elt: int, budget: float):
@@ -281,6 +295,10 @@ class _Engine:
     def settle(self, rows: int) -> None:
         """Last checks once the largest chunk, ``rows`` examples, is known."""
 
+    def pair_bytes(self) -> float:
+        """Bytes per example pair that `block` needs beside the kernel block itself."""
+        return 0.0
+
 
 class _StructuredEngine(_Engine):
     name = "structured"
@@ -301,8 +319,14 @@ class _StructuredEngine(_Engine):
         return cast[:k], cast[k:], tokens, deferred
 
     def block(self, f1, f2, same, out):
-        if f1[0]:
-            gram_hadamard_accumulate(out, f1[0], f2[0], f1[1], f2[1], self.mode, symmetric=same)
+        a1, a2, g1, g2 = f1[0], f2[0], f1[1], f2[1]
+        if self.gemm_grams:
+            flat = [a.shape[1] == 1 for a in a1]
+            gemm_gram_accumulate(out, *([t for t, one in zip(terms, flat) if one] for terms in (a1, a2, g1, g2)),
+                                 self.mode)
+            a1, a2, g1, g2 = ([t for t, one in zip(terms, flat) if not one] for terms in (a1, a2, g1, g2))
+        if a1:
+            gram_hadamard_accumulate(out, a1, a2, g1, g2, self.mode, symmetric=same)
         for rows1, rows2 in zip(f1[2], f2[2]):
             token_gram_accumulate(out, rows1, rows2, self.mode)
         if f1[3]:
@@ -316,6 +340,10 @@ class _StructuredEngine(_Engine):
             space = _memory.empty_buffer((max(size for _, size in slabs),), a.dtype, a.device)
             for term1, term2, (slab, _) in zip(f1[3], f2[3], slabs):
                 _gradient_block(term1, term2, same, out, self.mode, slab, space)
+
+    def pair_bytes(self) -> float:
+        # the inputs' Gram and the cotangents' Gram of `gemm_gram_accumulate`
+        return 2.0 * self.elt if self.gemm_grams else 0.0
 
     def slab_space(self, held: float) -> float:
         """Bytes for per-example gradient slabs beside ``held`` bytes of operands and kernel
@@ -463,14 +491,14 @@ def _tile_bytes(engine: _Engine, b1: int, b2: int, cell_bytes: float) -> float:
     features with the `reserve` beside them, whichever is larger; and the kernel block."""
     passes = b1 * engine.bytes_per_example(b2) + b2 * engine.bytes_per_example(b1)
     held = (b1 + b2) * engine.held_per_example() / (1.0 - engine.reserve)
-    return max(passes, held) + b1 * b2 * cell_bytes
+    return max(passes, held) + b1 * b2 * (cell_bytes + engine.pair_bytes())
 
 
 def _working_bytes(engine: _Engine, n1: int, b1: int, b2: int, symmetric: bool, cell_bytes: float) -> float:
     """Working memory of the largest tile; a symmetric kernel in one chunk holds one set of operands."""
     if symmetric and b1 >= n1:
         # a tile of one chunk against none, plus the whole kernel
-        return _tile_bytes(engine, n1, 0, cell_bytes) + n1 * n1 * cell_bytes
+        return _tile_bytes(engine, n1, 0, cell_bytes) + n1 * n1 * (cell_bytes + engine.pair_bytes())
     return _tile_bytes(engine, b1, b2, cell_bytes)
 
 

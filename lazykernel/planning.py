@@ -111,6 +111,7 @@ def plan(
     params: ParamSelection = None,
     batch_size: Optional[int] = None,
     memory_budget: Optional[float] = None,
+    precision: str = "highest",
 ) -> NTKPlan:
     """Describe what ``lazykernel.ntk`` would compute for these arguments, and its cost.
 
@@ -126,7 +127,7 @@ def plan(
     ``2·(N1+N2)·T·O·D·K + 2·N1·N2·m·D·K``, sparse embedding rows
     ``2·N1·N2·matches·m·D``; see ``lazykernel._structured.term_cost``.
     """
-    call = _setup(model, x1, x2, output, method, params, batch_size, memory_budget)
+    call = _setup(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
     result_bytes = float(math.prod(call.shape) * call.elt)
     report = NTKPlan(method="structured" if method == "auto" else method, output=call.mode,
                      shape=call.shape, chunks=(0, 0), result_bytes=result_bytes)

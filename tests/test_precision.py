@@ -1,0 +1,147 @@
+"""The ``precision`` option: TF32 switches scoped to the call, and the GEMM Gram path it takes."""
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lazykernel
+from lazykernel import _precision
+from lazykernel._precision import gemm_gram_accumulate, matmul_precision
+from lazykernel.ops import gram_hadamard_accumulate_reference
+
+from conftest import OUTPUTS, assert_close_to_reference, reference_ntk
+
+ntk_module = sys.modules["lazykernel.ntk"]
+
+
+def _result(n1, n2, o, output, dtype=torch.float64):
+    shape = {"trace": (n1, n2), "diagonal": (n1, n2, o), "full": (n1, n2, o, o)}[output]
+    return torch.zeros(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_gemm_gram_equals_the_reference_op(output):
+    torch.manual_seed(0)
+    n1, n2, o = 5, 4, 3
+    a1 = [torch.randn(n1, 1, k, dtype=torch.float64) for k in (2, 7)]
+    a2 = [torch.randn(n2, 1, k, dtype=torch.float64) for k in (2, 7)]
+    g1 = [torch.randn(n1, 1, o, d, dtype=torch.float64) for d in (4, 1)]
+    g2 = [torch.randn(n2, 1, o, d, dtype=torch.float64) for d in (4, 1)]
+    want = _result(n1, n2, o, output)
+    gram_hadamard_accumulate_reference(want, a1, a2, g1, g2, output)
+    start = torch.randn_like(want)
+    got = gemm_gram_accumulate(start.clone(), a1, a2, g1, g2, output)
+    # it accumulates into what is there
+    torch.testing.assert_close(got, start + want, rtol=1e-12, atol=1e-12)
+
+
+def test_gemm_gram_refuses_terms_over_positions():
+    a = torch.randn(3, 2, 4)
+    g = torch.randn(3, 2, 1, 5)
+    with pytest.raises(ValueError, match="single-position"):
+        gemm_gram_accumulate(torch.zeros(3, 3), [a], [a], [g], [g], "trace")
+
+
+def test_unknown_precision_is_refused():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        lazykernel.ntk(model, torch.randn(4, 3), precision="fp16")
+    with pytest.raises(ValueError, match="unknown precision"):
+        lazykernel.plan(model, torch.randn(4, 3), precision=None)
+
+
+def _tf32_state():
+    return [getattr(owner, name) for owner, name, _ in _precision._switches()]
+
+
+def test_tf32_switches_hold_inside_the_call_only_and_survive_errors():
+    before = _tf32_state()
+    cuda = torch.device("cuda")
+    with matmul_precision("tf32", cuda, torch.float32):
+        assert _tf32_state() == [value for _, _, value in _precision._switches()]
+    assert _tf32_state() == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with matmul_precision("tf32", cuda, torch.float32):
+            raise RuntimeError("inside")
+    assert _tf32_state() == before
+    # nothing changes for the CPU, float64 or "highest"
+    for args in (("tf32", torch.device("cpu"), torch.float32), ("tf32", cuda, torch.float64),
+                 ("highest", cuda, torch.float32)):
+        with matmul_precision(*args):
+            assert _tf32_state() == before
+
+
+class MixedTerms(nn.Module):
+    """Linear layers on vectors (T = 1 terms) and on a short sequence (T = 2, pairwise), and a LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Linear(12, 12)
+        self.norm = nn.LayerNorm(12)
+        self.mid = nn.Linear(24, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):                       # x: [N, 2, 12]
+        h = torch.tanh(self.norm(self.seq(x))).flatten(1)
+        return self.head(torch.tanh(self.mid(h)))
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("same", [True, False])
+def test_the_gemm_gram_path_is_exact_where_it_is_taken(output, same, monkeypatch):
+    # on the CPU "tf32" computes as "highest"; forcing the GEMM path runs it in float64
+    monkeypatch.setattr(ntk_module, "uses_tf32", lambda precision, device, dtype: precision == "tf32")
+    positions = {"gemm": set(), "fused": set()}
+    for name, key in (("gemm_gram_accumulate", "gemm"), ("gram_hadamard_accumulate", "fused")):
+        def spy(out, a1, a2, g1, g2, mode, *args, real=getattr(ntk_module, name), key=key, **kwargs):
+            positions[key].update(a.shape[1] for a in a1)
+            return real(out, a1, a2, g1, g2, mode, *args, **kwargs)
+
+        monkeypatch.setattr(ntk_module, name, spy)
+    torch.manual_seed(5)
+    model = MixedTerms().double()
+    x1 = torch.randn(6, 2, 12, dtype=torch.float64)
+    x2 = None if same else torch.randn(4, 2, 12, dtype=torch.float64)
+    got = lazykernel.ntk(model, x1, x2, output=output, method="structured", precision="tf32")
+    # single-position terms take the GEMMs, the sequence layer's pairwise term the fused op
+    assert positions == {"gemm": {1}, "fused": {2}}
+    assert_close_to_reference(got, reference_ntk(model, x1, x2, output=output), torch.float64)
+
+
+def test_the_plan_counts_the_gemm_grams_buffers(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(64, 8)
+    plain = lazykernel.plan(model, x)
+    monkeypatch.setattr(ntk_module, "uses_tf32", lambda precision, device, dtype: precision == "tf32")
+    tf32 = lazykernel.plan(model, x, precision="tf32")
+    # two [64, 64] float32 buffers more
+    assert tf32.peak_bytes - plain.peak_bytes == pytest.approx(2 * 64 * 64 * 4)
+    assert tf32.flops == pytest.approx(plain.flops)
+
+
+def test_tf32_on_the_cpu_computes_as_highest():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
+    x = torch.randn(6, 5)
+    assert torch.equal(lazykernel.ntk(model, x, precision="tf32"), lazykernel.ntk(model, x))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_tf32_on_cuda_is_close_to_the_reference_and_leaves_the_switches(output):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 3))
+    x1, x2 = torch.randn(300, 64), torch.randn(200, 64)
+    want = reference_ntk(model, x1, x2, output=output)
+    before = _tf32_state()
+    got = lazykernel.ntk(model.cuda(), x1.cuda(), x2.cuda(), output=output, precision="tf32").cpu().double()
+    assert _tf32_state() == before
+    # TF32 keeps 10 mantissa bits: relative error about 1e-3 on these sums of products
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= 2e-2 * scale
+    exact = lazykernel.ntk(model, x1.cuda(), x2.cuda(), output=output).cpu()
+    assert_close_to_reference(exact, want, torch.float32)
