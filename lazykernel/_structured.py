@@ -46,9 +46,23 @@ class StructuredPlan:
         self.generic = generic
         self.forms: List[Optional[List[str]]] = [None] * len(rules)
         self.outputs: Optional[int] = None
-        # one backward per output instead of one batched over outputs; decided
-        # when the plan is verified (`_batched_backward_falls_back`)
-        self.per_output_backward = False
+        # decided when the plan is verified (see `per_output_backward`)
+        self.falls_back = False
+        self.cotangent_bytes_per_example = 0.0
+
+    def per_output_backward(self, rows: int) -> bool:
+        """Does a capture of ``rows`` examples run one plain backward per output?
+
+        It does where the backward batched over outputs would fall back to a
+        loop anyway (`_batched_backward_falls_back`, found when the plan is
+        verified) and one output's cotangents are large enough to pay for a
+        pass of their own.
+        """
+        return self.falls_back and self._pays_per_output(rows)
+
+    def _pays_per_output(self, rows: int) -> bool:
+        # below a few MiB per output, one batched pass beats O passes' overhead
+        return rows * self.cotangent_bytes_per_example >= _PER_OUTPUT_PASS_BYTES
 
     def describe(self) -> List[dict]:
         rows = [
@@ -108,7 +122,7 @@ class StructuredPlan:
         The cotangents are ``[O, *y.shape]``, one per output, or with
         ``summed=True`` the single cotangent of ``Σ_o f_o``, ``[1, *y.shape]``.
         With ``probe_rows`` (the largest batch later captures will see) it also
-        decides how those take the per-output cotangents (`per_output_backward`).
+        finds how those take the per-output cotangents (`per_output_backward`).
         Runs with autograd on even when the caller has it off.
         """
         with torch.enable_grad():
@@ -135,17 +149,13 @@ class StructuredPlan:
             cotangents = []
         elif summed:
             if probe_rows is not None:
-                rows = max(probe_rows, n)
-                per_pass = rows * sum(t.numel() * t.element_size() for t in targets) // n
-                self.per_output_backward = (per_pass >= _PER_OUTPUT_PASS_BYTES
-                                            and _batched_backward_falls_back(f, targets))
+                self.cotangent_bytes_per_example = sum(t.numel() * t.element_size() for t in targets) / n
+                self.falls_back = (self._pays_per_output(max(probe_rows, n))
+                                   and _batched_backward_falls_back(f, targets))
             cotangents = _output_cotangents(f.sum(dim=1, keepdim=True), targets)
         else:
             layouts = [rule.examples_first for rule in self.rules for _ in rule.outputs]
-            # below a few MiB per output, one batched pass beats O passes' overhead
-            per_pass = sum(t.numel() * t.element_size() for t in targets)
-            per_output = self.per_output_backward and per_pass >= _PER_OUTPUT_PASS_BYTES
-            cotangents = _output_cotangents(f, targets, per_output, layouts)
+            cotangents = _output_cotangents(f, targets, self.per_output_backward(n), layouts)
         per_rule, k = [], 0
         for rule in self.rules:
             count = len(rule.outputs)

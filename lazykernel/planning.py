@@ -67,6 +67,11 @@ class NTKPlan:
         flops: total FLOPs (groups plus operands).
         peak_bytes: predicted peak working memory plus the result, in bytes.
         result_bytes: bytes of the returned kernel.
+        capture: for the structured method, how the cotangents of the O outputs
+            are taken: ``"one backward batched over outputs"``, or ``"one
+            backward per output"`` where PyTorch's batched backward would loop
+            over the outputs anyway (convolutions, pooling, normalisation,
+            attention) and the chunks are large enough for that to pay.
 
     FLOPs are those of matrix products and convolutions (counted by
     ``torch.utils.flop_counter`` where measured; one multiply-add is 2 FLOPs);
@@ -83,6 +88,7 @@ class NTKPlan:
     flops: float = 0.0
     peak_bytes: float = 0.0
     result_bytes: float = 0.0
+    capture: str = ""
 
     def __str__(self) -> str:
         lines = [
@@ -94,7 +100,8 @@ class NTKPlan:
             names = ", ".join(g.params[:4]) + (f", … ({len(g.params)})" if len(g.params) > 4 else "")
             lines.append(f"{g.rule:<24} {g.form:<10} {g.flops / 1e9:>10.3f} "
                          f"{_memory.format_bytes(g.peak_bytes):>10}  {names}")
-        lines.append(f"{'operands (forward/backward)':<35} {self.operand_flops / 1e9:>10.3f}")
+        lines.append(f"{'operands (forward/backward)':<35} {self.operand_flops / 1e9:>10.3f}"
+                     + (f"  cotangents: {self.capture}" if self.capture else ""))
         lines.append(f"total {self.flops / 1e9:.3f} GFLOP; predicted peak memory "
                      f"{_memory.format_bytes(self.peak_bytes)} (result "
                      f"{_memory.format_bytes(self.result_bytes)})")
@@ -148,6 +155,9 @@ def plan(
         report.groups = _groups(engine, call.mode, call.outputs, pairs, square_pairs, block_examples,
                                 b1 + b2, call.elt, report.forward_flops)
         report.flops = report.operand_flops + sum(g.flops for g in report.groups)
+        if isinstance(engine, _StructuredEngine) and call.outputs > 1:
+            report.capture = ("one backward per output" if engine.plan.per_output_backward(max(b1, b2))
+                              else "one backward batched over outputs")
     working = _working_bytes(engine, n1, b1, b2, call.symmetric, cell * call.elt)
     if isinstance(engine, _StructuredEngine):
         # gradients formed a slab at a time beside the chunks' operands, in what the budget leaves

@@ -83,10 +83,12 @@ def test_verification_chooses_one_backward_per_output_for_convolutions_only():
     for model, x, expected in ((cnn, torch.randn(3, 2, 4, 4), True), (mlp, torch.randn(3, 4), False)):
         plan = StructuredPlan.build(make_adapter(model, None))
         plan.verify(x, rows=1 << 20)
-        assert plan.per_output_backward is expected
+        assert plan.falls_back is expected
+        assert plan.per_output_backward(1 << 20) is expected
         # batches too small to pay for a pass per output keep the batched backward
+        assert plan.per_output_backward(8) is False
         plan.verify(x, rows=8)
-        assert plan.per_output_backward is False
+        assert plan.falls_back is False
 
 
 class TwiceConv(nn.Module):
@@ -121,7 +123,7 @@ def test_convolution_gradient_form_is_exact_with_either_capture(output, per_outp
     monkeypatch.setattr(_structured, "_PER_OUTPUT_PASS_BYTES", 0)
     plan = StructuredPlan.build(make_adapter(model, None))
     plan.verify(x[:3])
-    assert plan.per_output_backward is per_output
+    assert plan.per_output_backward(x.shape[0]) is per_output
     conv_rules = [i for i, rule in enumerate(plan.rules) if type(rule).__name__ == "Conv2dRule"]
     assert conv_rules
     for i, rule in enumerate(plan.rules):
@@ -202,3 +204,19 @@ def test_ntk_with_one_backward_per_output_matches_the_reference(output, monkeypa
     if _HAS_FALLBACK_WARNINGS:
         assert True in modes
     assert_close_to_reference(got, reference_ntk(model, x1, x2, output=output), torch.float32)
+
+
+@pytest.mark.skipif(not _HAS_FALLBACK_WARNINGS, reason="this PyTorch has no vmap-fallback warnings to read")
+def test_the_plan_says_how_cotangents_are_taken(monkeypatch):
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Flatten(), nn.Linear(12, 4))
+    x = torch.randn(6, 2, 4, 4)
+    assert lazykernel.plan(cnn, x).capture == "one backward batched over outputs"      # too small to pay
+    monkeypatch.setattr(_structured, "_PER_OUTPUT_PASS_BYTES", 0)
+    report = lazykernel.plan(cnn, x)
+    assert report.capture == "one backward per output"
+    assert "cotangents: one backward per output" in str(report)
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    assert lazykernel.plan(mlp, torch.randn(6, 4)).capture == "one backward batched over outputs"
+    # one output has a single backward, nothing to say
+    assert lazykernel.plan(nn.Linear(4, 1), torch.randn(6, 4)).capture == ""
