@@ -90,7 +90,8 @@ class MixedTerms(nn.Module):
 
 @pytest.mark.parametrize("output", OUTPUTS)
 @pytest.mark.parametrize("same", [True, False])
-def test_the_gemm_gram_path_is_exact_where_it_is_taken(output, same, monkeypatch):
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_the_gemm_gram_path_is_exact_where_it_is_taken(output, same, batch_size, monkeypatch):
     # on the CPU "tf32" computes as "highest"; forcing the GEMM path runs it in float64
     monkeypatch.setattr(ntk_module, "uses_tf32", lambda precision, device, dtype: precision == "tf32")
     positions = {"gemm": set(), "fused": set()}
@@ -104,7 +105,8 @@ def test_the_gemm_gram_path_is_exact_where_it_is_taken(output, same, monkeypatch
     model = MixedTerms().double()
     x1 = torch.randn(6, 2, 12, dtype=torch.float64)
     x2 = None if same else torch.randn(4, 2, 12, dtype=torch.float64)
-    got = lazykernel.ntk(model, x1, x2, output=output, method="structured", precision="tf32")
+    got = lazykernel.ntk(model, x1, x2, output=output, method="structured", precision="tf32",
+                         batch_size=batch_size)
     # single-position terms take the GEMMs, the sequence layer's pairwise term the fused op
     assert positions == {"gemm": {1}, "fused": {2}}
     assert_close_to_reference(got, reference_ntk(model, x1, x2, output=output), torch.float64)
