@@ -143,7 +143,7 @@ def _ntk(args: argparse.Namespace) -> int:
         if_exists = "resume" if args.resume else "overwrite" if args.overwrite else "error"
         kernel = ntk_to_disk(model, x1, x2, out=args.out, output=args.output, method=args.method,
                              batch_size=args.batch_size, memory_budget=args.memory_budget,
-                             if_exists=if_exists, progress=not args.quiet)
+                             if_exists=if_exists, progress=not args.quiet, precision=args.precision)
         if not args.quiet and distributed.rank_and_world()[0] == 0:
             print(f"wrote {args.out}: {tuple(kernel.shape)} {kernel.dtype}", file=sys.stderr)
     finally:
@@ -164,6 +164,8 @@ def _add_ntk_command(commands) -> None:
     ntk.add_argument("--out", required=True, help="output .npy file")
     ntk.add_argument("--output", default="trace", choices=("trace", "diagonal", "full"))
     ntk.add_argument("--method", default="auto", choices=("auto", "structured", "jacobian", "ntvp"))
+    ntk.add_argument("--precision", default="highest", choices=("highest", "tf32"),
+                     help="tf32: TF32 tensor-core products on CUDA (see lazykernel.ntk)")
     ntk.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                      help="dtype the model and the inputs are converted to (default float32)")
     ntk.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per rank, from LOCAL_RANK)")

@@ -32,6 +32,7 @@ import torch
 
 from lazykernel import distributed
 from lazykernel._model import ParamSelection, model_tensors
+from lazykernel._precision import matmul_precision
 from lazykernel.ntk import _Engine, _features_bytes, _setup, _tile_bytes, _tile_sizes
 from lazykernel.rules import explicit_attention
 
@@ -39,7 +40,9 @@ _FORMAT = "lazykernel.ntk_to_disk/1"
 IF_EXISTS = ("resume", "overwrite", "error")
 # Fields of the manifest that must agree before a store may be continued.
 _CALL_FIELDS = ("shape", "dtype", "output", "method", "symmetric", "params", "model_fingerprint",
-                "inputs_fingerprint")
+                "inputs_fingerprint", "precision")
+# what a field added later means in a manifest written before it
+_CALL_DEFAULTS = {"precision": "highest"}
 _HASH_CHUNK_BYTES = 1 << 24
 
 
@@ -56,6 +59,7 @@ def ntk_to_disk(
     memory_budget: Optional[float] = None,
     if_exists: str = "resume",
     progress: bool = True,
+    precision: str = "highest",
 ) -> np.memmap:
     """Empirical NTK ``Θ(x1, x2) = J(x1) J(x2)ᵀ`` computed into a ``.npy`` file.
 
@@ -78,8 +82,8 @@ def ntk_to_disk(
     restarted after a rank died resumes like a single process does.
 
     Args:
-        model, x1, x2, output, method, params, batch_size: as for `lazykernel.ntk`
-            (``x1: [N1, *in]``, ``x2: [N2, *in]``).
+        model, x1, x2, output, method, params, batch_size, precision: as for
+            `lazykernel.ntk` (``x1: [N1, *in]``, ``x2: [N2, *in]``).
         out: path of the ``.npy`` file; the manifest and the tile logs are
             written beside it (``out + ".manifest.json"``, ``out + ".tiles/"``).
         memory_budget: bytes of working memory per process (the kernel, which
@@ -99,8 +103,8 @@ def ntk_to_disk(
     Raises:
         ValueError: everything `lazykernel.ntk` refuses; an unknown ``if_exists``;
             ``out`` holding something that is not a store, or a store made by a
-            different call (other model parameters, inputs, output, method or
-            parameter selection), unless ``if_exists="overwrite"``; ranks of one
+            different call (other model parameters, inputs, output, method,
+            parameter selection or precision), unless ``if_exists="overwrite"``; ranks of one
             job making different calls.
         RuntimeError: tiles missing after every rank finished (a rank failed).
     """
@@ -111,7 +115,7 @@ def ntk_to_disk(
     paths = _StorePaths(os.fspath(out))
     rank, world = distributed.rank_and_world()
 
-    setup = _setup(model, x1, x2, output, method, params, batch_size, memory_budget)
+    setup = _setup(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
     call = _describe_call(setup, x1, x2, method)
 
     calls = distributed.gather_all(call)
@@ -133,7 +137,8 @@ def ntk_to_disk(
     if manifest["memory_budget"] != setup.budget:
         # The budget decides the tile grid and, for some layers, the form of
         # their rule: every rank, and every resumed run, uses the store's own.
-        setup = _setup(model, x1, x2, output, method, params, batch_size, manifest["memory_budget"])
+        setup = _setup(model, x1, x2, output, method, params, batch_size, manifest["memory_budget"],
+                       precision)
 
     if not manifest["complete"]:
         grid = _TileGrid(manifest)
@@ -142,7 +147,8 @@ def ntk_to_disk(
         owned = sum(1 for k in range(grid.count) if k % world == rank)
         if mine:
             bar = _TileProgress(owned, owned - len(mine), rank, world, progress)
-            with explicit_attention(setup.adapter.module):
+            with explicit_attention(setup.adapter.module), \
+                    matmul_precision(setup.precision, setup.device, setup.compute_dtype):
                 _compute_tiles(setup.engine, x1, setup.x2, grid, mine, paths, setup.budget, bar, rank)
         distributed.barrier()
         missing = None
@@ -254,12 +260,14 @@ def _open_or_create(paths: _StorePaths, call: dict, setup, batch_size: Optional[
 
 
 def _check_same_call(paths: _StorePaths, manifest: dict, call: dict) -> None:
-    differing = [field for field in _CALL_FIELDS if manifest.get(field) != call[field]]
+    differing = [field for field in _CALL_FIELDS
+                 if manifest.get(field, _CALL_DEFAULTS.get(field)) != call[field]]
     if not differing:
         return
     what = {"model_fingerprint": "the model's parameters and buffers",
             "inputs_fingerprint": "the inputs' values"}
-    details = ", ".join(what.get(field, f"{field} (store: {manifest.get(field)!r}, this call: {call[field]!r})")
+    details = ", ".join(what.get(field, f"{field} (store: {manifest.get(field, _CALL_DEFAULTS.get(field))!r}, "
+                                        f"this call: {call[field]!r})")
                         for field in differing)
     raise ValueError(
         f"{paths.data} was made by a different call and cannot be continued: {details} differ. "
@@ -331,7 +339,8 @@ def _describe_call(setup, x1, x2, method: str) -> dict:
     store_dtype = "float64" if setup.compute_dtype == torch.float64 else "float32"
     return dict(shape=list(setup.shape), dtype=store_dtype, output=setup.mode, method=method,
                 symmetric=setup.symmetric, params=sorted(adapter.params),
-                model_fingerprint=model_hash.hexdigest(), inputs_fingerprint=inputs_hash.hexdigest())
+                model_fingerprint=model_hash.hexdigest(), inputs_fingerprint=inputs_hash.hexdigest(),
+                precision=setup.precision)
 
 
 # -- the tiles ----------------------------------------------------------------------

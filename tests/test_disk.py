@@ -243,6 +243,8 @@ def test_cli_writes_the_kernel_and_resumes(tmp_path, monkeypatch, capsys):
     assert cli_main(args + ["--resume"]) == 0
     assert "wrote K.npy: (9, 9, 2)" in capsys.readouterr().err
     assert cli_main(args + ["--resume", "--overwrite"]) == 2
+    # the precision is part of the call: the store refuses a TF32 run
+    assert "precision" in _cli_error(cli_main, args + ["--resume", "--precision", "tf32"], capsys)
     with pytest.raises(SystemExit):
         cli_main(args + ["--memory-budget", "lots"])
     assert "module:factory" in _cli_error(cli_main, ["ntk", "--model", "nofactory", "--data", "x.npy", "--out",
@@ -272,3 +274,21 @@ def test_panels_of_rows_follow_the_spare_memory_and_keep_the_values(tmp_path, sp
     assert [int(k) for k in (Path(out + ".tiles") / "rank-0.log").read_text().split()] == order
     torch.testing.assert_close(torch.from_numpy(np.array(kernel)), reference_ntk(model, x), rtol=1e-10,
                                atol=1e-12)
+
+
+def test_precision_is_part_of_the_call_and_older_stores_mean_highest(tmp_path):
+    model, x = _mlp(), _inputs(6)
+    out = str(tmp_path / "K.npy")
+    lazykernel.ntk_to_disk(model, x, out=out, batch_size=4, progress=False)
+    manifest_path = Path(out + ".manifest.json")
+    assert json.loads(manifest_path.read_text())["precision"] == "highest"
+    with pytest.raises(ValueError, match="precision \\(store: 'highest', this call: 'tf32'\\)"):
+        lazykernel.ntk_to_disk(model, x, out=out, batch_size=4, progress=False, precision="tf32")
+    # a store written before the field existed continues as full precision
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["precision"]
+    manifest_path.write_text(json.dumps(manifest))
+    again = lazykernel.ntk_to_disk(model, x, out=out, batch_size=4, progress=False)
+    assert np.array_equal(np.array(again), lazykernel.ntk(model, x, batch_size=4).numpy())
+    with pytest.raises(ValueError, match="unknown precision"):
+        lazykernel.ntk_to_disk(model, x, out=str(tmp_path / "L.npy"), progress=False, precision="half")
