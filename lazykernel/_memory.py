@@ -66,7 +66,9 @@ def _advise_huge_pages(address: int, length: int) -> None:
             _libc = ctypes.CDLL(None, use_errno=True)
             _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
             _libc.madvise.restype = ctypes.c_int
-        _libc.madvise(start, end - start, _MADV_HUGEPAGE)
+        if _libc.madvise(start, end - start, _MADV_HUGEPAGE) != 0:
+            # a kernel without transparent huge pages: stop asking
+            _madvise_works = False
     except (OSError, AttributeError):
         _madvise_works = False
 

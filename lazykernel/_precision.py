@@ -1,24 +1,31 @@
-"""The ``precision`` option of `ntk` and `plan`: exact float32, or TF32 tensor cores on CUDA.
+"""The ``precision`` option of `ntk`, `plan` and `ntk_to_disk`: exact float32, or TF32 on CUDA.
 
-``"highest"`` computes every product in the inputs' dtype. ``"tf32"`` lets
-CUDA float32 matrix products and convolutions round their inputs to TF32 (10
-explicit mantissa bits, float32 range and accumulation), as PyTorch's own
-``torch.backends.cuda.matmul.allow_tf32`` does, for the duration of the call
-only. The structured method then also forms the Gram of every single-position
-linear term (``T = 1``: dense layers on vectors) as two cuBLAS GEMMs and a
-Hadamard product (`gemm_gram_accumulate`), since the fused kernel has no
-tensor-core path; terms over several positions keep the fused float32 kernel.
-On the CPU, and for float64, ``"tf32"`` computes as ``"highest"``.
+PyTorch decides with process-wide switches whether CUDA float32 matrix
+products and cuDNN convolutions may round their inputs to TF32 (10 explicit
+mantissa bits, float32 range and accumulation); cuDNN's default allows it. A
+call on CUDA in float32 sets both switches for its duration and restores them
+after, also on error: ``"highest"`` turns TF32 off, so every product is a
+float32 product, and ``"tf32"`` turns it on. With ``"tf32"`` the structured
+method also forms the Gram of every single-position linear term (``T = 1``:
+dense layers on vectors) as two cuBLAS GEMMs and a Hadamard product
+(`gemm_gram_accumulate`), since the fused kernel has no tensor-core path;
+terms over several positions keep the fused float32 kernel. Because the
+switches are global, such calls hold a process-wide lock while they run: two
+threads' calls take turns. On the CPU and in float64 nothing is switched and
+``"tf32"`` computes as ``"highest"``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Sequence, Tuple
+import threading
+from typing import Iterator, Sequence, Tuple
 
 import torch
 
 PRECISIONS = ("highest", "tf32")
+# held by a call while it has PyTorch's TF32 switches set its way
+_SWITCHES = threading.RLock()
 
 
 def check_precision(precision) -> str:
@@ -32,40 +39,40 @@ def uses_tf32(precision: str, device: torch.device, dtype: torch.dtype) -> bool:
     return precision == "tf32" and device.type == "cuda" and dtype == torch.float32
 
 
-def _switches() -> List[Tuple[object, str, object]]:
-    """(owner, attribute, TF32 value) of PyTorch's switches for CUDA matmuls and cuDNN convolutions.
+def _state() -> Tuple[bool, bool]:
+    """(CUDA matmuls, cuDNN convolutions) may use TF32.
 
-    Newer PyTorch names the precision (``fp32_precision``); older only has the
-    ``allow_tf32`` booleans.
+    These are PyTorch's long-standing boolean switches; setting them keeps its
+    newer ``fp32_precision`` settings in step, so code that reads either kind
+    inside a call still works.
     """
-    switches = []
-    for owner in (torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)):
-        if owner is not None and isinstance(getattr(owner, "fp32_precision", None), str):
-            switches.append((owner, "fp32_precision", "tf32"))
-    if len(switches) < 2:
-        switches = [(torch.backends.cuda.matmul, "allow_tf32", True), (torch.backends.cudnn, "allow_tf32", True)]
-    return switches
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _set(matmul: bool, convolution: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = convolution
 
 
 @contextlib.contextmanager
 def matmul_precision(precision: str, device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Within the block, CUDA float32 products use TF32 if ``precision`` asks for it.
+    """Within the block, CUDA float32 products and convolutions follow ``precision``.
 
-    PyTorch's switches are restored on exit, also when the block raises, so the
-    caller's own code keeps the precision it chose.
+    The switches are restored on exit, also when the block raises, so the
+    caller's own code keeps the precision it chose; the lock makes calls from
+    several threads take turns rather than undo each other's switches.
     """
-    if not uses_tf32(precision, device, dtype):
+    if device.type != "cuda" or dtype != torch.float32:
         yield
         return
-    switches = _switches()
-    saved = [getattr(owner, name) for owner, name, _ in switches]
-    try:
-        for owner, name, value in switches:
-            setattr(owner, name, value)
-        yield
-    finally:
-        for (owner, name, _), value in zip(switches, saved):
-            setattr(owner, name, value)
+    tf32 = precision == "tf32"
+    with _SWITCHES:
+        saved = _state()
+        try:
+            _set(tf32, tf32)
+            yield
+        finally:
+            _set(*saved)
 
 
 def gemm_gram_accumulate(out: torch.Tensor, a1: Sequence[torch.Tensor], a2: Sequence[torch.Tensor],

@@ -74,11 +74,12 @@ def ntk(
         memory_budget: bytes of working memory (the returned kernel is not
             counted); default a quarter of the memory available on the device.
         progress: show a progress bar over chunk pairs (tqdm if installed).
-        precision: ``"highest"``: every product in the inputs' dtype;
+        precision: ``"highest"``: every product in the inputs' dtype (on CUDA
+            this turns off cuDNN's default TF32 convolutions for the call);
             ``"tf32"``: on CUDA, float32 matrix products and convolutions take
             TF32 tensor cores for this call (inputs rounded to 10 mantissa
             bits, float32 accumulation; see ``lazykernel._precision``). On the
-            CPU and in float64 it computes as ``"highest"``.
+            CPU and in float64 both compute the same.
 
     Returns:
         The kernel, on the model's device, in the model's dtype.

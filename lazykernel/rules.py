@@ -145,7 +145,8 @@ class StructuredRule:
     # Cotangents always reach `operands` as ``[O, *y.shape]``. A rule that reads
     # them fastest with the examples outermost sets this; a capture that runs one
     # backward per output then stores them ``[n, O, *y.shape[1:]]`` and passes
-    # the transposed view, so that rule's reshapes copy nothing.
+    # the transposed view (a convolution with one group then reads each
+    # example's ``[O·D, T]`` without a copy).
     examples_first = False
 
     def __init__(self, module: nn.Module, names: Dict[str, str]):

@@ -53,24 +53,54 @@ def test_unknown_precision_is_refused():
 
 
 def _tf32_state():
-    return [getattr(owner, name) for owner, name, _ in _precision._switches()]
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
 
 
-def test_tf32_switches_hold_inside_the_call_only_and_survive_errors():
+def test_switches_follow_the_precision_inside_the_call_only_and_survive_errors():
     before = _tf32_state()
     cuda = torch.device("cuda")
     with matmul_precision("tf32", cuda, torch.float32):
-        assert _tf32_state() == [value for _, _, value in _precision._switches()]
+        assert _tf32_state() == (True, True)
+        # PyTorch's newer precision settings agree: reading them does not raise
+        assert torch.get_float32_matmul_precision() == "high"
+    assert _tf32_state() == before
+    # "highest" turns off cuDNN's default TF32 convolutions for the call
+    with matmul_precision("highest", cuda, torch.float32):
+        assert _tf32_state() == (False, False)
     assert _tf32_state() == before
     with pytest.raises(RuntimeError, match="inside"):
         with matmul_precision("tf32", cuda, torch.float32):
             raise RuntimeError("inside")
     assert _tf32_state() == before
-    # nothing changes for the CPU, float64 or "highest"
-    for args in (("tf32", torch.device("cpu"), torch.float32), ("tf32", cuda, torch.float64),
-                 ("highest", cuda, torch.float32)):
+    # nothing changes for the CPU or float64
+    for args in (("tf32", torch.device("cpu"), torch.float32), ("highest", torch.device("cpu"), torch.float32),
+                 ("tf32", cuda, torch.float64)):
         with matmul_precision(*args):
             assert _tf32_state() == before
+
+
+def test_calls_that_set_the_switches_take_turns():
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    seen = []
+
+    def first():
+        with matmul_precision("tf32", torch.device("cuda"), torch.float32):
+            entered.set()
+            release.wait(5)
+            seen.append(_tf32_state())
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    entered.wait(5)
+    # another thread cannot switch while the first call runs
+    assert not _precision._SWITCHES.acquire(blocking=False)
+    release.set()
+    thread.join(5)
+    assert seen == [(True, True)]
+    with matmul_precision("highest", torch.device("cuda"), torch.float32):
+        assert _tf32_state() == (False, False)
 
 
 class MixedTerms(nn.Module):
