@@ -260,14 +260,13 @@ def _open_or_create(paths: _StorePaths, call: dict, setup, batch_size: Optional[
 
 
 def _check_same_call(paths: _StorePaths, manifest: dict, call: dict) -> None:
-    differing = [field for field in _CALL_FIELDS
-                 if manifest.get(field, _CALL_DEFAULTS.get(field)) != call[field]]
+    stored = {field: manifest.get(field, _CALL_DEFAULTS.get(field)) for field in _CALL_FIELDS}
+    differing = [field for field in _CALL_FIELDS if stored[field] != call[field]]
     if not differing:
         return
     what = {"model_fingerprint": "the model's parameters and buffers",
             "inputs_fingerprint": "the inputs' values"}
-    details = ", ".join(what.get(field, f"{field} (store: {manifest.get(field, _CALL_DEFAULTS.get(field))!r}, "
-                                        f"this call: {call[field]!r})")
+    details = ", ".join(what.get(field, f"{field} (store: {stored[field]!r}, this call: {call[field]!r})")
                         for field in differing)
     raise ValueError(
         f"{paths.data} was made by a different call and cannot be continued: {details} differ. "
