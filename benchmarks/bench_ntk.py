@@ -229,12 +229,13 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1,
 
 @contextlib.contextmanager
 def tf32_products(enabled: bool = True):
-    """CUDA float32 matmuls and convolutions on TF32 tensor cores inside the block (PyTorch's
-    own switches, restored after); the TF32 variants of the MLP methods run under it."""
+    """CUDA float32 matmuls and convolutions on TF32 tensor cores inside the block, or (with
+    ``enabled=False``) in full float32 whatever the defaults, as lazykernel's ``precision``
+    does; PyTorch's own switches, restored after. The baseline and the GEMM yardstick run
+    under it, so each is compared with lazykernel at the same precision."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
-        if enabled:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
