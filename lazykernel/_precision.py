@@ -1,4 +1,5 @@
-"""The ``precision`` option of `ntk`, `plan` and `ntk_to_disk`: exact float32, or TF32 on CUDA.
+"""The ``precision`` option of `ntk`, `plan`, `ntk_to_disk` and the products (`jvp`, `vjp`,
+`ntk_vp`): exact float32, or TF32 on CUDA.
 
 PyTorch decides with process-wide switches whether CUDA float32 matrix
 products and cuDNN convolutions may round their inputs to TF32 (10 explicit

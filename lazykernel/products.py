@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 from lazykernel import _memory
 from lazykernel._model import ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter
+from lazykernel._precision import check_precision, matmul_precision
 from lazykernel.ntk import _probe
 from lazykernel.ops import linear_jvp_stacked
 
@@ -152,6 +153,7 @@ def jvp(
     method: str = "auto",
     batch_size: Optional[int] = None,
     memory_budget: Optional[float] = None,
+    precision: str = "highest",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Outputs and Jacobian-vector product ``(f(x), J(x)·θ̇)``.
 
@@ -173,6 +175,11 @@ def jvp(
             through the result; generic otherwise.
         batch_size: at most this many examples per chunk.
         memory_budget: bytes of working memory; default a quarter of what is free.
+        precision: ``"highest"`` or ``"tf32"``, as in :func:`lazykernel.ntk`:
+            on CUDA in float32, whether PyTorch's matrix products and cuDNN
+            convolutions may use TF32 during the call (the fused ``linear_jvp``
+            kernel is float32 either way). ``"highest"`` turns off the TF32
+            convolutions cuDNN allows by default.
 
     Returns:
         ``(f(x), J(x)·θ̇)``, both shaped like the model's output ``[N, *out]``.
@@ -180,7 +187,14 @@ def jvp(
     """
     if method not in JVP_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {JVP_METHODS}")
-    adapter, _ = _prepare(model, x, params)
+    check_precision(precision)
+    adapter, dtype = _prepare(model, x, params)
+    with matmul_precision(precision, x.device, dtype):
+        return _jvp(adapter, x, tangent, method, batch_size, memory_budget)
+
+
+def _jvp(adapter: ModelAdapter, x: torch.Tensor, tangent: Tangent, method: str, batch_size: Optional[int],
+         memory_budget: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
     values = _tangent_dict(adapter, tangent)
     structured_ok = _is_structured(adapter)
     if method == "structured" and not structured_ok:
@@ -298,21 +312,29 @@ def vjp(
     params: ParamSelection = None,
     batch_size: Optional[int] = None,
     memory_budget: Optional[float] = None,
+    precision: str = "highest",
 ) -> Dict[str, torch.Tensor]:
     """Vector-Jacobian product ``J(x)ᵀ·c = Σ_i J(x_i)ᵀ c_i`` for each parameter.
 
     Args:
-        model, x, params, batch_size, memory_budget: as in :func:`jvp`.
+        model, x, params, batch_size, memory_budget, precision: as in :func:`jvp`.
         cotangent: ``c``, shaped like the model's output ``[N, *out]``.
 
     Returns:
         A dict mapping each selected parameter name to a tensor of its shape:
         the gradient of ``Σ_i ⟨f(x_i), c_i⟩`` with respect to that parameter.
     """
-    adapter, _ = _prepare(model, x, params)
+    check_precision(precision)
+    adapter, dtype = _prepare(model, x, params)
     if not isinstance(cotangent, torch.Tensor):
         raise ValueError(f"cotangent must be a tensor shaped like the model's output, got "
                          f"{type(cotangent).__name__}")
+    with matmul_precision(precision, x.device, dtype):
+        return _vjp(adapter, x, cotangent, batch_size, memory_budget)
+
+
+def _vjp(adapter: ModelAdapter, x: torch.Tensor, cotangent: torch.Tensor, batch_size: Optional[int],
+         memory_budget: Optional[float]) -> Dict[str, torch.Tensor]:
     size = _chunk_size(adapter, x, batch_size, memory_budget, vectors=2)
     primals = adapter.detached_params()
     total: Optional[Dict[str, torch.Tensor]] = None
@@ -349,6 +371,7 @@ def ntk_vp(
     params: ParamSelection = None,
     batch_size: Optional[int] = None,
     memory_budget: Optional[float] = None,
+    precision: str = "highest",
 ) -> torch.Tensor:
     """NTK-vector product ``Θ(x, x2) v`` without forming the ``N × N2`` kernel.
 
@@ -357,7 +380,7 @@ def ntk_vp(
     (``J(x) u``), each over chunks of examples: O(N·P) work, no ``N × N2`` matrix.
 
     Args:
-        model, params, batch_size, memory_budget: as in :func:`lazykernel.ntk`.
+        model, params, batch_size, memory_budget, precision: as in :func:`lazykernel.ntk`.
         x: ``[N, *in]``; x2: ``[N2, *in]``, ``None`` means ``x``.
         output: which kernel multiplies ``v``, with O the number of outputs:
 
@@ -374,6 +397,7 @@ def ntk_vp(
     """
     if output not in NTK_VP_OUTPUTS:
         raise ValueError(f"unknown output {output!r}; expected one of {NTK_VP_OUTPUTS}")
+    check_precision(precision)
     adapter, dtype = _prepare(model, x, params)
     if x2 is not None:
         _check_batch(adapter, x2, "x2")
@@ -383,6 +407,13 @@ def ntk_vp(
     x2_ = x if x2 is None else x2
     if not isinstance(v, torch.Tensor) or not v.is_floating_point():
         raise ValueError(f"v must be a floating-point tensor, got {type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}")
+    with matmul_precision(precision, x.device, dtype):
+        return _ntk_vp(adapter, x, v, x2, x2_, output, dtype, batch_size, memory_budget)
+
+
+def _ntk_vp(adapter: ModelAdapter, x: torch.Tensor, v: torch.Tensor, x2: Optional[torch.Tensor],
+            x2_: torch.Tensor, output: str, dtype: torch.dtype, batch_size: Optional[int],
+            memory_budget: Optional[float]) -> torch.Tensor:
     outputs, _ = _probe(adapter, x2_ if x2_.shape[0] else x, "x2" if x2 is not None else "x")
     n, n2 = x.shape[0], x2_.shape[0]
     # Chunk sizes are planned once here: each plan runs the model on a few examples.

@@ -177,3 +177,63 @@ def test_tf32_on_cuda_is_close_to_the_reference_and_leaves_the_switches(output):
     assert (got - want).abs().max() <= 2e-2 * scale
     exact = lazykernel.ntk(model, x1.cuda(), x2.cuda(), output=output).cpu()
     assert_close_to_reference(exact, want, torch.float32)
+
+
+def _products(model, x, precision):
+    """Every product of `lazykernel.products` on ``model`` (two outputs), with ``precision``."""
+    tangent = {name: torch.ones_like(p) for name, p in model.named_parameters()}
+    return {
+        "jvp": lazykernel.jvp(model, x, tangent, precision=precision)[1],
+        "vjp": lazykernel.vjp(model, x, x.new_ones(x.shape[0], 2), precision=precision),
+        "ntk_vp": lazykernel.ntk_vp(model, x, torch.ones(x.shape[0]), precision=precision),
+    }
+
+
+def test_products_refuse_an_unknown_precision():
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        lazykernel.jvp(model, x, {n: torch.zeros_like(p) for n, p in model.named_parameters()}, precision="fp16")
+    with pytest.raises(ValueError, match="unknown precision"):
+        lazykernel.vjp(model, x, torch.ones(4, 2), precision="TF32")
+    with pytest.raises(ValueError, match="unknown precision"):
+        lazykernel.ntk_vp(model, x, torch.ones(4), precision=None)
+
+
+def test_products_with_tf32_on_the_cpu_compute_as_highest():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 2))
+    x = torch.randn(5, 2, 6)
+    tf32, highest = _products(model, x, "tf32"), _products(model, x, "highest")
+    assert torch.equal(tf32["jvp"], highest["jvp"])
+    assert torch.equal(tf32["ntk_vp"], highest["ntk_vp"])
+    for name, grad in highest["vjp"].items():
+        assert torch.equal(tf32["vjp"][name], grad)
+
+
+class SwitchRecorder(nn.Module):
+    """A convolution and a linear map that note PyTorch's TF32 switches whenever they run."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3)
+        self.head = nn.Linear(12, 2)
+        self.seen = set()
+
+    def forward(self, x):
+        self.seen.add(_tf32_state())
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision, inside", [("highest", (False, False)), ("tf32", (True, True))])
+def test_products_on_cuda_set_the_switches_for_the_call_only(precision, inside):
+    torch.manual_seed(4)
+    model = SwitchRecorder().cuda()
+    x = torch.randn(5, 2, 6, device="cuda")
+    before = _tf32_state()
+    _products(model, x, precision)
+    # every forward of every product ran with the call's switches, and the caller's are back
+    assert model.seen == {inside}
+    assert _tf32_state() == before
