@@ -10,6 +10,7 @@ correctness.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -29,6 +30,8 @@ Operands = Tuple[List[torch.Tensor], List[torch.Tensor], List[TokenRows], List[G
 # Cotangent bytes of one output's backward from which a backward per output
 # pays for its passes, where batching falls back (`_batched_backward_falls_back`)
 _PER_OUTPUT_PASS_BYTES = 8 << 20
+# held while PyTorch's vmap-fallback warnings are on (`_batched_backward_falls_back`)
+_PROBE_LOCK = threading.Lock()
 
 
 class StructuredPlan:
@@ -520,17 +523,22 @@ def _batched_backward_falls_back(f: torch.Tensor, targets: List[torch.Tensor]) -
         return False
     n, o = f.shape
     basis = torch.eye(2, o, dtype=f.dtype, device=f.device).unsqueeze(1).expand(2, n, o)
-    was_on = enabled()
-    toggle(True)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.autograd.grad(f, targets, grad_outputs=basis, is_grads_batched=True,
-                                allow_unused=True, retain_graph=True)
-    except RuntimeError:
-        return True
-    finally:
-        toggle(was_on)
+    # The warning switch and Python's warning filters are process-wide: probes
+    # of two threads take turns, so neither restores the other's state early.
+    # (Warnings other threads raise meanwhile are recorded here, not shown;
+    # the probe runs once per model, `lazykernel._checks`.)
+    with _PROBE_LOCK:
+        was_on = enabled()
+        toggle(True)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.autograd.grad(f, targets, grad_outputs=basis, is_grads_batched=True,
+                                    allow_unused=True, retain_graph=True)
+        except RuntimeError:
+            return True
+        finally:
+            toggle(was_on)
     return any("batching rule" in str(w.message) for w in caught)
 
 

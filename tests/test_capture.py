@@ -76,6 +76,38 @@ def test_the_fallback_probe_tells_convolutions_from_plain_layers():
 
 
 @pytest.mark.skipif(not _HAS_FALLBACK_WARNINGS, reason="this PyTorch has no vmap-fallback warnings to read")
+def test_probes_in_several_threads_each_find_their_own_answer():
+    import threading
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Flatten(), nn.Linear(12, 4))
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    answers, errors = {True: [], False: []}, []
+
+    def probe(expected):
+        try:
+            for _ in range(20):
+                if expected:
+                    x = torch.randn(3, 2, 4, 4)
+                    h = conv[0](x)
+                    answers[True].append(_batched_backward_falls_back(conv[1:](h), [h]))
+                else:
+                    h = mlp[0](torch.randn(3, 4))
+                    answers[False].append(_batched_backward_falls_back(mlp[1:](h), [h]))
+        except Exception as error:  # reported below: a thread's exception would be lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=probe, args=(expected,)) for expected in (True, False, True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert answers[True] == [True] * 40 and answers[False] == [False] * 40
+    assert not torch._C._debug_only_are_vmap_fallback_warnings_enabled()
+
+
+@pytest.mark.skipif(not _HAS_FALLBACK_WARNINGS, reason="this PyTorch has no vmap-fallback warnings to read")
 def test_verification_chooses_one_backward_per_output_for_convolutions_only():
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Flatten(), nn.Linear(12, 4))
