@@ -288,13 +288,6 @@ MLP_METHODS = ("structured", "structured-tf32", "plain-structured", "plain-struc
                "tutorial-jacobian", "tutorial-ntvp")
 
 
-def _clear_checks() -> None:
-    """Forget lazykernel's kept model checks (versions without the cache have nothing to forget)."""
-    clear = getattr(lazykernel, "clear_cache", None)
-    if clear is not None:
-        clear()
-
-
 def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float,
                   gemm_tf32: Optional[float] = None) -> List[dict]:
     """Every MLP size and method. A ``-tf32`` method runs with TF32 products (lazykernel's
@@ -304,8 +297,6 @@ def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float,
               f"{'GFLOP':>7} {'% GEMM':>7}  note")
     print(header)
     print("-" * len(header))
-    # the process's first call loads and warms up the extension: not a cost of any one size
-    lazykernel.ntk(make_mlp(8, 2).to(device), torch.randn(4, 128, device=device))
     records = []
     for width in args.widths:
         for outputs in args.outputs:
@@ -347,9 +338,6 @@ def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float,
                             record.update(status="skipped", note=f"{what} need {need / 2**30:.0f} GiB")
                         else:
                             _reset_peak(device)
-                            if method.startswith("structured"):
-                                # the first call checks the model; later calls on it reuse that
-                                _clear_checks()
                             start = time.perf_counter()
                             try:
                                 kernel = fn()
@@ -358,7 +346,6 @@ def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float,
                             else:
                                 _synchronize(device)
                                 first = time.perf_counter() - start
-                                record["first_s"] = first
                                 peak = _peak_bytes(device)
                                 if peak is not None:
                                     record["peak_bytes"] = peak

@@ -39,13 +39,11 @@ def render_mlp(data: dict, records: List[dict]) -> str:
         f"Machine: {machine['threads']} threads, torch {machine['torch']}, backend "
         f"`{machine['backend']}`, float32 GEMM rate at the start "
         f"{machine['gemm_float32_flops'] / 1e9:.0f} GFLOP/s. Command: `{data['command']}`. "
-        "Median seconds of repeated calls on one model, which reuse the model checks of the first "
-        "call (`structured first call`: that first call, checks included); `% GEMM` is the structured "
-        "method's FLOPs per second (median) over the GEMM rate measured just before and after it; "
+        "Median seconds; `% GEMM` is the structured method's FLOPs per second over the GEMM rate measured just before and after it; "
         "`skip` marks a method whose Jacobians would need more memory than the run allowed.",
         "",
-        "| width | N | O | mode | " + " | ".join(methods) + " | structured first call | structured GFLOP | % GEMM |",
-        "|---:|---:|---:|---|" + "---:|" * len(methods) + "---:|---:|---:|",
+        "| width | N | O | mode | " + " | ".join(methods) + " | structured GFLOP | % GEMM |",
+        "|---:|---:|---:|---|" + "---:|" * len(methods) + "---:|---:|",
     ]
     for (width, n, outputs, mode), by_method in rows.items():
         cells = [_cell(by_method.get(method)) for method in methods]
@@ -53,10 +51,8 @@ def render_mlp(data: dict, records: List[dict]) -> str:
         flops = structured.get("structured_flops", 0) / 1e9
         fraction = structured.get("fraction_of_gemm")
         share = f"{100 * fraction:.0f}%" if fraction is not None else ""
-        first = structured.get("first_s")
-        first_cell = f"{first:.3g}" if first is not None else ""
         lines.append(f"| {width} | {n} | {outputs} | {mode} | " + " | ".join(cells)
-                     + f" | {first_cell} | {flops:.1f} | {share} |")
+                     + f" | {flops:.1f} | {share} |")
     return "\n".join(lines)
 
 

@@ -11,14 +11,12 @@ Public API:
     gram_hadamard_accumulate  the fused structured-NTK kernel
     linear_jvp                the fused forward + tangent kernel of a linear map
     backend                   which compiled backend is in use
-    clear_cache               forget the model checks kept for later calls
     analysis                  regime metrics, RegimeMonitor, parameterizations, width_sweep
     infinite                  analytic infinite-width NNGP and NTK
     RegimeMonitor, width_sweep
 """
 
 from lazykernel import predict
-from lazykernel._checks import clear_cache
 from lazykernel._extension import BackendInfo, backend
 from lazykernel.disk import ntk_to_disk
 from lazykernel.linearize import LinearizedModel, linearize
@@ -33,6 +31,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendInfo", "LinearizedModel", "NTKPlan", "PlanGroup", "RegimeMonitor", "analysis", "backend",
-    "clear_cache", "gram_hadamard_accumulate", "infinite", "jvp", "linear_jvp", "linearize", "ntk", "ntk_to_disk", "ntk_vp",
+    "gram_hadamard_accumulate", "infinite", "jvp", "linear_jvp", "linearize", "ntk", "ntk_to_disk", "ntk_vp",
     "plan", "predict", "vjp", "width_sweep", "__version__",
 ]

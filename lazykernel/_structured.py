@@ -16,7 +16,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lazykernel._checks import STORE, Key
 from lazykernel._jacobian import per_example_jacobian
 from lazykernel._memory import empty_buffer
 from lazykernel._model import ModelAdapter
@@ -50,18 +49,9 @@ class StructuredPlan:
         self.generic = generic
         self.forms: List[Optional[List[str]]] = [None] * len(rules)
         self.outputs: Optional[int] = None
-        # found when the plan is verified (see `per_output_backward`): does the
-        # batched backward fall back to a loop (None: not probed, as it would not pay)
-        self.batched_falls_back: Optional[bool] = None
+        # decided when the plan is verified (see `per_output_backward`)
+        self.falls_back = False
         self.cotangent_bytes_per_example = 0.0
-        # the largest batch `check_taps_at` accepted
-        self.taps_rows = 0
-        # where what the checks found is kept for later calls (`lazykernel._checks`)
-        self.key: Optional[Key] = None
-
-    @property
-    def falls_back(self) -> bool:
-        return self.batched_falls_back is True
 
     def per_output_backward(self, rows: int) -> bool:
         """Does a capture of ``rows`` examples run one plain backward per output?
@@ -74,7 +64,8 @@ class StructuredPlan:
         return self.falls_back and self._pays_per_output(rows)
 
     def _pays_per_output(self, rows: int) -> bool:
-        return _pays_per_output(rows, self.cotangent_bytes_per_example)
+        # below a few MiB per output, one batched pass beats O passes' overhead
+        return rows * self.cotangent_bytes_per_example >= _PER_OUTPUT_PASS_BYTES
 
     def describe(self) -> List[dict]:
         rows = [
@@ -126,31 +117,6 @@ class StructuredPlan:
         order = list(self.adapter.params)
         self.generic = sorted(set(self.generic) | set(rule.names.values()), key=order.index)
 
-    # -- checked once per model structure ----------------------------------------
-    @classmethod
-    def checked(cls, adapter: ModelAdapter, probe: torch.Tensor, rows: int,
-                key: Optional[Key] = None) -> "StructuredPlan":
-        """`build`, then `verify` on ``probe``, or what an earlier verification found.
-
-        A verification is reused when ``key`` (`lazykernel._checks.structure_key`
-        of the model and one example) is the same and it answers everything
-        this call needs: whether a batch of ``rows`` examples takes one
-        backward per output.
-        """
-        plan = cls.build(adapter)
-        plan.key = key
-        found = STORE.get(key, "rules")
-        if found is not None and found.serves(plan, rows):
-            found.restore(plan)
-        else:
-            plan.verify(probe, rows=rows)
-            plan.remember()
-        return plan
-
-    def remember(self) -> None:
-        """Keep what the checks found for later calls on the same model (`checked`)."""
-        STORE.put(self.key, "rules", CheckedRules(self))
-
     # -- running -------------------------------------------------------------------
     def _capture(self, x: torch.Tensor, summed: bool = False, probe_rows: Optional[int] = None
                  ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
@@ -187,8 +153,8 @@ class StructuredPlan:
         elif summed:
             if probe_rows is not None:
                 self.cotangent_bytes_per_example = sum(t.numel() * t.element_size() for t in targets) / n
-                self.batched_falls_back = (_batched_backward_falls_back(f, targets)
-                                           if self._pays_per_output(max(probe_rows, n)) else None)
+                self.falls_back = (self._pays_per_output(max(probe_rows, n))
+                                   and _batched_backward_falls_back(f, targets))
             cotangents = _output_cotangents(f.sum(dim=1, keepdim=True), targets)
         else:
             layouts = [rule.examples_first for rule in self.rules for _ in rule.outputs]
@@ -270,15 +236,9 @@ class StructuredPlan:
         the slice, an error once it is. The probe examples, repeated to the
         largest chunk, show it before any chunk is computed.
         """
-        taps = self._taps()
-        if taps and rows > max(probe.shape[0], self.taps_rows):
+        if self._taps() and rows > probe.shape[0]:
             x = probe[torch.arange(rows, device=probe.device) % probe.shape[0]]
             self._demote_taps_failing_on(x, search_lead=False)
-            if self._taps() == taps:
-                # kept for later calls: batches up to ``rows`` need no check; a
-                # demotion is not, as smaller batches would keep the rule
-                self.taps_rows = rows
-                self.remember()
 
     def _taps(self) -> List[BroadcastParameterRule]:
         return [rule for rule in self.rules if isinstance(rule, BroadcastParameterRule)]
@@ -377,52 +337,6 @@ class StructuredPlan:
             a_list.append(jac.new_ones(n, 1, 1))
             g_list.append(jac.unsqueeze(1))
         return a_list, g_list, tokens, deferred
-
-
-class CheckedRules:
-    """What a plan's checks found, as plain data that holds no reference to the model.
-
-    Per surviving rule (known by the names of its parameters) its term shapes
-    and, for an expanded parameter, its lead axes; the model's number of
-    outputs; what the probe of the batched backward found.
-    """
-
-    def __init__(self, plan: StructuredPlan):
-        self.kept = {frozenset(rule.names.values()): (list(rule.shapes), getattr(rule, "lead", 0))
-                     for rule in plan.rules}
-        self.outputs = plan.outputs
-        self.batched_falls_back = plan.batched_falls_back
-        self.cotangent_bytes_per_example = plan.cotangent_bytes_per_example
-        self.taps_rows = plan.taps_rows
-
-    def serves(self, plan: StructuredPlan, rows: int) -> bool:
-        """Does this describe a fresh `build` of ``plan``, for captures of up to ``rows`` examples?"""
-        built = {frozenset(rule.names.values()) for rule in plan.rules}
-        if not set(self.kept) <= built:
-            return False
-        # a larger batch may need the probe of the batched backward, not run then
-        return (self.batched_falls_back is not None
-                or not _pays_per_output(rows, self.cotangent_bytes_per_example))
-
-    def restore(self, plan: StructuredPlan) -> None:
-        """Make a fresh `build` what the checks left: the failed rules demoted, the rest measured."""
-        for rule in list(plan.rules):
-            found = self.kept.get(frozenset(rule.names.values()))
-            if found is None:
-                plan.demote(rule)
-                continue
-            rule.shapes = list(found[0])
-            if isinstance(rule, BroadcastParameterRule):
-                rule.lead = found[1]
-        plan.outputs = self.outputs
-        plan.batched_falls_back = self.batched_falls_back
-        plan.cotangent_bytes_per_example = self.cotangent_bytes_per_example
-        plan.taps_rows = self.taps_rows
-
-
-def _pays_per_output(rows: int, cotangent_bytes_per_example: float) -> bool:
-    # below a few MiB per output, one batched pass beats O passes' overhead
-    return rows * cotangent_bytes_per_example >= _PER_OUTPUT_PASS_BYTES
 
 
 def term_cost(shape: TermShape, form: str, outputs: int, output: str) -> Tuple[float, float, float]:
@@ -526,7 +440,7 @@ def _batched_backward_falls_back(f: torch.Tensor, targets: List[torch.Tensor]) -
     # The warning switch and Python's warning filters are process-wide: probes
     # of two threads take turns, so neither restores the other's state early.
     # (Warnings other threads raise meanwhile are recorded here, not shown;
-    # the probe runs once per model, `lazykernel._checks`.)
+    # the probe runs once per call, on the verification examples only.)
     with _PROBE_LOCK:
         was_on = enabled()
         toggle(True)

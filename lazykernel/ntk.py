@@ -11,7 +11,6 @@ from typing import Optional, Tuple
 import torch
 
 from lazykernel import _memory
-from lazykernel._checks import STORE, Key, structure_key
 from lazykernel._jacobian import ntk_block_by_ntvp, per_example_jacobian
 from lazykernel._precision import check_precision, gemm_gram_accumulate, matmul_precision, uses_tf32
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite,
@@ -82,12 +81,6 @@ def ntk(
             bits, float32 accumulation; see ``lazykernel._precision``). On the
             CPU and in float64 both compute the same.
 
-    Before computing, the model runs on a few examples of ``x1`` (its number
-    of outputs, and for the structured method a check of every layer rule
-    against autograd). What that finds is kept for later calls on the same
-    model, unchanged in structure, with examples of the same shape, dtype and
-    device (:func:`lazykernel.clear_cache` forgets it).
-
     Returns:
         The kernel, on the model's device, in the model's dtype.
 
@@ -127,8 +120,6 @@ class _Call:
     device: torch.device
     budget: float
     precision: str = "highest"
-    # the model's structure and one example's shape, under which checks are kept (`_checks`)
-    key: Optional[Key] = None
     engine: Optional["_Engine"] = None  # set by `_setup`; None while unset or for an empty kernel
 
     @property
@@ -161,15 +152,14 @@ def _prepare(model, x1, x2, output, method, params, batch_size, memory_budget,
 
     symmetric = x2 is None
     x2_ = x1 if symmetric else x2
-    key = structure_key(adapter, x1)
-    outputs, activations = _probe(adapter, x1, "x1", key)
+    outputs, activations = _probe(adapter, x1, "x1")
     if not symmetric:
         _probe(adapter, x2_, "x2")
     mode = "trace" if outputs == 1 else output
     compute_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     elt = torch.empty((), dtype=compute_dtype).element_size()
     return _Call(adapter, x2_, symmetric, x1.shape[0], x2_.shape[0], mode, outputs, activations,
-                 dtype, compute_dtype, elt, device, budget, precision, key)
+                 dtype, compute_dtype, elt, device, budget, precision)
 
 
 def _setup(model, x1, x2, output: str, method: str, params: ParamSelection,
@@ -179,7 +169,7 @@ def _setup(model, x1, x2, output: str, method: str, params: ParamSelection,
     if call.n1 and call.n2:
         with explicit_attention(call.adapter.module):
             call.engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
-                                       call.n1, call.n2, call.budget, call.elt, call.key)
+                                       call.n1, call.n2, call.budget, call.elt)
         call.engine.gemm_grams = uses_tf32(precision, call.device, call.compute_dtype)
     return call
 
@@ -224,17 +214,11 @@ def _check_inputs(adapter: ModelAdapter, x1, x2) -> Tuple[torch.dtype, torch.dev
     return dtype, device
 
 
-def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, key: Optional[Key] = None) -> Tuple[int, int]:
+def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str) -> Tuple[int, int]:
     """Run the model on a few examples: does it accept ``x``, and how big is it?
 
-    Returns (O, activation elements per example). What it finds is kept for
-    later calls on the same model with examples like ``x`` (`lazykernel._checks`;
-    ``key`` when the caller has it already).
+    Returns (O, activation elements per example).
     """
-    key = structure_key(adapter, x) if key is None else key
-    found = STORE.get(key, "probe")
-    if found is not None:
-        return found
     k = min(x.shape[0], _PROBE_EXAMPLES)
     sample = x[:k] if k else x[:1].new_zeros((1,) + tuple(x.shape[1:]))
     k = sample.shape[0]
@@ -264,9 +248,7 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, key: Optional[Key]
             f"the model's output must have the batch dimension first: for {k} example(s) of {name} "
             f"it returned shape {tuple(y.shape)}"
         )
-    found = (max(1, y[0].numel()), sum(seen) // k)
-    STORE.put(key, "probe", found)
-    return found
+    return max(1, y[0].numel()), sum(seen) // k
 
 
 def _result_shape(n1: int, n2: int, outputs: int, mode: str) -> Tuple[int, ...]:
@@ -490,12 +472,12 @@ class _NtvpEngine(_Engine):
         return self.elt * self.outputs * (2 * p + 3 * other_chunk * self.activations)
 
 
-def _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget, elt,
-                 key: Optional[Key] = None) -> _Engine:
+def _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget, elt) -> _Engine:
     dtype = torch.float64 if elt == 8 else torch.float32
     common = (mode, dtype, outputs, activations, elt, budget)
     if method in ("auto", "structured"):
-        plan = StructuredPlan.checked(adapter, x1[:_PROBE_EXAMPLES], max(n1, n2), key)
+        plan = StructuredPlan.build(adapter)
+        plan.verify(x1[:_PROBE_EXAMPLES], rows=max(n1, n2))
         plan.choose_forms(n1, n2, mode, budget / elt)
         return _StructuredEngine(plan, x1[:_PROBE_EXAMPLES], *common)
     if method == "jacobian":
