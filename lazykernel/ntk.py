@@ -168,7 +168,8 @@ def _setup(model, x1, x2, output: str, method: str, params: ParamSelection,
     call = _prepare(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
     if call.n1 and call.n2:
         with explicit_attention(call.adapter.module):
-            call.engine = _make_engine(method, call.adapter, x1, call.mode, call.outputs, call.activations,
+            probe = _check_examples(x1, None if call.symmetric else call.x2)
+            call.engine = _make_engine(method, call.adapter, probe, call.mode, call.outputs, call.activations,
                                        call.n1, call.n2, call.budget, call.elt)
         call.engine.gemm_grams = uses_tf32(precision, call.device, call.compute_dtype)
     return call
@@ -472,14 +473,34 @@ class _NtvpEngine(_Engine):
         return self.elt * self.outputs * (2 * p + 3 * other_chunk * self.activations)
 
 
-def _make_engine(method, adapter, x1, mode, outputs, activations, n1, n2, budget, elt) -> _Engine:
+def _check_examples(x1: torch.Tensor, x2: Optional[torch.Tensor]) -> torch.Tensor:
+    """The examples every rule is checked on: up to `_PROBE_EXAMPLES` different ones, from x1, then x2.
+
+    A rule that reads another example's rows (a layer applied to a reordered
+    or folded batch) shows only on different examples, and a chunk of x2 can
+    hold several even when x1 has one; x2 often repeats x1's first rows.
+    """
+    probe = x1[:_PROBE_EXAMPLES]
+    if x2 is None or probe.shape[0] == _PROBE_EXAMPLES:
+        return probe
+    chosen = list(probe)
+    for row in x2[:2 * _PROBE_EXAMPLES].to(probe.dtype):
+        if len(chosen) == _PROBE_EXAMPLES:
+            break
+        if not any(torch.equal(row, seen) for seen in chosen):
+            chosen.append(row)
+    return torch.stack(chosen)
+
+
+def _make_engine(method, adapter, probe, mode, outputs, activations, n1, n2, budget, elt) -> _Engine:
+    """The engine of ``method``; the structured one has its rules checked on ``probe`` (`_check_examples`)."""
     dtype = torch.float64 if elt == 8 else torch.float32
     common = (mode, dtype, outputs, activations, elt, budget)
     if method in ("auto", "structured"):
         plan = StructuredPlan.build(adapter)
-        plan.verify(x1[:_PROBE_EXAMPLES], rows=max(n1, n2))
+        plan.verify(probe, rows=max(n1, n2))
         plan.choose_forms(n1, n2, mode, budget / elt)
-        return _StructuredEngine(plan, x1[:_PROBE_EXAMPLES], *common)
+        return _StructuredEngine(plan, probe, *common)
     if method == "jacobian":
         return _JacobianEngine(adapter, *common)
     return _NtvpEngine(adapter, *common)

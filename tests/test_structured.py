@@ -61,6 +61,31 @@ def test_rule_that_disagrees_with_autograd_is_demoted_and_result_stays_exact():
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+class _Reordered(nn.Module):
+    """Runs its first Linear on the batch in reverse order, then restores the order."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x.flip(0))).flip(0))
+
+
+@pytest.mark.parametrize("n1", [1, 2])
+def test_rules_are_checked_on_examples_of_x2_too_when_x1_has_few(n1):
+    # the Linear rule reads the rows of a reversed batch as its own: wrong for every chunk
+    # of two or more examples, which only a check on two different examples shows
+    torch.manual_seed(5)
+    model = _Reordered().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    report = lazykernel.plan(model, x[:n1], x, method="structured")
+    assert {g.rule for g in report.groups if "fc.weight" in g.params} == {"PerExampleJacobian"}, str(report)
+    got = lazykernel.ntk(model, x[:n1], x, output="full", method="structured")
+    torch.testing.assert_close(got, reference_ntk(model, x[:n1], x, "full"), rtol=1e-10, atol=1e-12)
+
+
 def test_tied_weights_go_to_the_generic_rule():
     first, second = nn.Linear(4, 4), nn.Linear(4, 4)
     second.weight = first.weight
