@@ -10,7 +10,10 @@ the model with the selected parameters replaced by ``values``.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional, Union
+import functools
+import threading
+import weakref
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -175,3 +178,43 @@ def model_tensors(adapter: ModelAdapter) -> Dict[str, torch.Tensor]:
     tensors = dict(adapter.module.named_parameters())
     tensors.update(dict(adapter.module.named_buffers()))
     return tensors
+
+
+# -- one call per module at a time ---------------------------------------------------
+
+# id(module) -> (a weak reference to it, its lock); an entry leaves with its module
+_LOCKS: Dict[int, Tuple[weakref.ref, threading.RLock]] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_of(module: nn.Module) -> threading.RLock:
+    key = id(module)
+    with _LOCKS_GUARD:
+        entry = _LOCKS.get(key)
+        if entry is not None and entry[0]() is module:
+            return entry[1]
+        lock = threading.RLock()
+        _LOCKS[key] = (weakref.ref(module, lambda _, key=key: _LOCKS.pop(key, None)), lock)
+        return lock
+
+
+def one_call_per_model(fn: Callable) -> Callable:
+    """Calls of ``fn(model, ...)`` on one ``nn.Module`` take turns across threads.
+
+    Computing a kernel or a product swaps the module's parameters for other
+    tensors and back (``torch.func.functional_call``, the expanded parameters
+    of the broadcast rule) and attaches hooks: two threads doing that at once
+    on the same module restore each other's swaps wrongly and can leave it
+    without its parameters. The lock is re-entrant, so a call may make others
+    on the same module (``linearize`` calls ``jvp``). Functional models
+    ``fn(params, x)`` are not locked: nothing of theirs is modified.
+    """
+
+    @functools.wraps(fn)
+    def locked(model, *args, **kwargs):
+        if not isinstance(model, nn.Module):
+            return fn(model, *args, **kwargs)
+        with _lock_of(model):
+            return fn(model, *args, **kwargs)
+
+    return locked

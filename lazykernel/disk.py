@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from lazykernel import distributed
-from lazykernel._model import ParamSelection, model_tensors
+from lazykernel._model import ParamSelection, model_tensors, one_call_per_model
 from lazykernel._precision import matmul_precision
 from lazykernel.ntk import _Engine, _features_bytes, _setup, _tile_bytes, _tile_sizes
 from lazykernel.rules import explicit_attention
@@ -46,6 +46,7 @@ _CALL_DEFAULTS = {"precision": "highest"}
 _HASH_CHUNK_BYTES = 1 << 24
 
 
+@one_call_per_model
 def ntk_to_disk(
     model,
     x1: torch.Tensor,

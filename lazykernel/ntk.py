@@ -13,8 +13,8 @@ import torch
 from lazykernel import _memory
 from lazykernel._jacobian import ntk_block_by_ntvp, per_example_jacobian
 from lazykernel._precision import check_precision, gemm_gram_accumulate, matmul_precision, uses_tf32
-from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite,
-                               make_adapter, model_tensors)
+from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter,
+                               model_tensors, one_call_per_model)
 from lazykernel._structured import StructuredPlan
 from lazykernel.rules import explicit_attention
 from lazykernel.ops import OUTPUTS, gram_hadamard_accumulate, token_gram_accumulate
@@ -23,6 +23,7 @@ METHODS = ("auto", "structured", "jacobian", "ntvp")
 _PROBE_EXAMPLES = 3
 
 
+@one_call_per_model
 def ntk(
     model,
     x1: torch.Tensor,

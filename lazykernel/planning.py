@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from lazykernel import _memory
-from lazykernel._model import ParamSelection
+from lazykernel._model import ParamSelection, one_call_per_model
 from lazykernel._structured import is_deferred, term_cost
 from lazykernel.rules import explicit_attention
 from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _StructuredEngine, _setup,
@@ -108,6 +108,7 @@ class NTKPlan:
         return "\n".join(lines)
 
 
+@one_call_per_model
 def plan(
     model,
     x1: torch.Tensor,

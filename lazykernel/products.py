@@ -21,7 +21,8 @@ from torch import nn
 from torch.func import functional_call
 
 from lazykernel import _memory
-from lazykernel._model import ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter
+from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter,
+                               one_call_per_model)
 from lazykernel._precision import check_precision, matmul_precision
 from lazykernel.ntk import _probe
 from lazykernel.ops import linear_jvp_stacked
@@ -144,6 +145,7 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 
 # -- jvp ---------------------------------------------------------------------------
 
+@one_call_per_model
 def jvp(
     model,
     x: torch.Tensor,
@@ -304,6 +306,7 @@ def _generic_layer(leaf: nn.Module, own: Mapping[str, torch.Tensor], xs: torch.T
 
 # -- vjp ---------------------------------------------------------------------------
 
+@one_call_per_model
 def vjp(
     model,
     x: torch.Tensor,
@@ -361,6 +364,7 @@ def _accumulate(total: Optional[Dict[str, torch.Tensor]], grads: Dict[str, torch
 
 # -- ntk_vp ------------------------------------------------------------------------
 
+@one_call_per_model
 def ntk_vp(
     model,
     x: torch.Tensor,
