@@ -32,9 +32,7 @@ import torch
 
 from lazykernel import distributed
 from lazykernel._model import ParamSelection, model_tensors, one_call_per_model
-from lazykernel._precision import matmul_precision
 from lazykernel.ntk import _Engine, _features_bytes, _setup, _tile_bytes, _tile_sizes
-from lazykernel.rules import explicit_attention
 
 _FORMAT = "lazykernel.ntk_to_disk/1"
 IF_EXISTS = ("resume", "overwrite", "error")
@@ -148,8 +146,7 @@ def ntk_to_disk(
         owned = sum(1 for k in range(grid.count) if k % world == rank)
         if mine:
             bar = _TileProgress(owned, owned - len(mine), rank, world, progress)
-            with explicit_attention(setup.adapter.module), \
-                    matmul_precision(setup.precision, setup.device, setup.compute_dtype):
+            with setup.running():
                 _compute_tiles(setup.engine, x1, setup.x2, grid, mine, paths, setup.budget, bar, rank)
         distributed.barrier()
         missing = None

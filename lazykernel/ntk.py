@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import sys
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -94,8 +95,7 @@ def ntk(
     setup = _setup(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
     result = torch.zeros(setup.shape, dtype=setup.compute_dtype, device=setup.device)
     if setup.engine is not None:
-        with explicit_attention(setup.adapter.module), \
-                matmul_precision(setup.precision, setup.device, setup.compute_dtype):
+        with setup.running():
             _run_tiles(setup.engine, x1, setup.x2, setup.symmetric, result, setup.mode, setup.budget,
                        setup.elt, batch_size, progress)
     return result.to(setup.dtype)
@@ -126,6 +126,13 @@ class _Call:
     @property
     def shape(self) -> Tuple[int, ...]:
         return _result_shape(self.n1, self.n2, self.outputs, self.mode)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """What the kernel's tiles are computed under: explicit attention, and the call's precision."""
+        with explicit_attention(self.adapter.module), \
+                matmul_precision(self.precision, self.device, self.compute_dtype):
+            yield
 
 
 def _prepare(model, x1, x2, output, method, params, batch_size, memory_budget,
