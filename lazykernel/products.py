@@ -37,7 +37,8 @@ _ACTIVATION_COPIES = 4
 
 # -- argument handling -------------------------------------------------------------
 
-def _prepare(model, x: torch.Tensor, params: ParamSelection) -> Tuple[ModelAdapter, torch.dtype]:
+def _prepare(model, x: torch.Tensor, params: ParamSelection, precision: str) -> Tuple[ModelAdapter, torch.dtype]:
+    check_precision(precision)
     adapter = make_adapter(model, params)
     if adapter.module is not None:
         check_eval_mode(adapter.module)
@@ -189,8 +190,7 @@ def jvp(
     """
     if method not in JVP_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {JVP_METHODS}")
-    check_precision(precision)
-    adapter, dtype = _prepare(model, x, params)
+    adapter, dtype = _prepare(model, x, params, precision)
     with matmul_precision(precision, x.device, dtype):
         return _jvp(adapter, x, tangent, method, batch_size, memory_budget)
 
@@ -327,8 +327,7 @@ def vjp(
         A dict mapping each selected parameter name to a tensor of its shape:
         the gradient of ``Σ_i ⟨f(x_i), c_i⟩`` with respect to that parameter.
     """
-    check_precision(precision)
-    adapter, dtype = _prepare(model, x, params)
+    adapter, dtype = _prepare(model, x, params, precision)
     if not isinstance(cotangent, torch.Tensor):
         raise ValueError(f"cotangent must be a tensor shaped like the model's output, got "
                          f"{type(cotangent).__name__}")
@@ -401,8 +400,7 @@ def ntk_vp(
     """
     if output not in NTK_VP_OUTPUTS:
         raise ValueError(f"unknown output {output!r}; expected one of {NTK_VP_OUTPUTS}")
-    check_precision(precision)
-    adapter, dtype = _prepare(model, x, params)
+    adapter, dtype = _prepare(model, x, params, precision)
     if x2 is not None:
         _check_batch(adapter, x2, "x2")
         if tuple(x.shape[1:]) != tuple(x2.shape[1:]):
