@@ -55,19 +55,29 @@ def test_per_output_cotangents_of_an_unused_target_are_zeros():
         torch.testing.assert_close(got[0][1], 2 * x.detach())
 
 
+def _cnn_and_mlp():
+    """A CNN whose backward batched over outputs falls back (the second convolution's
+    backward has no batching rule) and an MLP whose backward batches (linear maps, ReLU)."""
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Flatten(), nn.Linear(12, 4))
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    return (cnn, torch.randn(3, 2, 4, 4)), (mlp, torch.randn(3, 4))
+
+
+def _after_first_layer(model, x):
+    """(the model's outputs, its first layer's outputs): a probe's f and target."""
+    h = model[0](x)
+    return model[1:](h), h
+
+
 @pytest.mark.skipif(not _HAS_FALLBACK_WARNINGS, reason="this PyTorch has no vmap-fallback warnings to read")
 def test_the_fallback_probe_tells_convolutions_from_plain_layers():
-    torch.manual_seed(0)
+    cnn, mlp = _cnn_and_mlp()
     # the backward from the output to the first convolution's output runs the second one's
-    conv = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Flatten(), nn.Linear(12, 4))
-    x = torch.randn(3, 2, 4, 4)
-    h = conv[0](x)
-    y = conv[1:](h)
+    y, h = _after_first_layer(*cnn)
     assert _batched_backward_falls_back(y, [h])
     # linear maps and ReLU have batching rules
-    lin1, lin2 = nn.Linear(4, 5), nn.Linear(5, 3)
-    h1 = lin1(torch.randn(3, 4))
-    f = lin2(torch.relu(h1))
+    f, h1 = _after_first_layer(*mlp)
     assert not _batched_backward_falls_back(f, [h1, f])
     # one output has nothing to batch
     assert not _batched_backward_falls_back(y[:, :1], [h])
@@ -79,21 +89,14 @@ def test_the_fallback_probe_tells_convolutions_from_plain_layers():
 def test_probes_in_several_threads_each_find_their_own_answer():
     import threading
 
-    torch.manual_seed(0)
-    conv = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Flatten(), nn.Linear(12, 4))
-    mlp = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    models = dict(zip((True, False), _cnn_and_mlp()))
     answers, errors = {True: [], False: []}, []
 
     def probe(expected):
         try:
             for _ in range(20):
-                if expected:
-                    x = torch.randn(3, 2, 4, 4)
-                    h = conv[0](x)
-                    answers[True].append(_batched_backward_falls_back(conv[1:](h), [h]))
-                else:
-                    h = mlp[0](torch.randn(3, 4))
-                    answers[False].append(_batched_backward_falls_back(mlp[1:](h), [h]))
+                f, h = _after_first_layer(*models[expected])
+                answers[expected].append(_batched_backward_falls_back(f, [h]))
         except Exception as error:  # reported below: a thread's exception would be lost
             errors.append(error)
 
@@ -109,10 +112,8 @@ def test_probes_in_several_threads_each_find_their_own_answer():
 
 @pytest.mark.skipif(not _HAS_FALLBACK_WARNINGS, reason="this PyTorch has no vmap-fallback warnings to read")
 def test_verification_chooses_one_backward_per_output_for_convolutions_only():
-    torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Flatten(), nn.Linear(12, 4))
-    mlp = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
-    for model, x, expected in ((cnn, torch.randn(3, 2, 4, 4), True), (mlp, torch.randn(3, 4), False)):
+    cnn, mlp = _cnn_and_mlp()
+    for (model, x), expected in ((cnn, True), (mlp, False)):
         plan = StructuredPlan.build(make_adapter(model, None))
         plan.verify(x, rows=1 << 20)
         assert plan.falls_back is expected
