@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from lazykernel._chain import LayerChain
 from lazykernel._jacobian import per_example_jacobian
 from lazykernel._memory import empty_buffer
 from lazykernel._model import ModelAdapter
@@ -52,6 +53,16 @@ class StructuredPlan:
         # decided when the plan is verified (see `per_output_backward`)
         self.falls_back = False
         self.cotangent_bytes_per_example = 0.0
+        # a plain nn.Sequential's own backward (`LayerChain`), once verified against autograd
+        self.chain: Optional[LayerChain] = None
+
+    def capture_name(self, rows: int) -> str:
+        """How a capture of ``rows`` examples takes the cotangents of the outputs."""
+        if self.chain is not None:
+            return "one backward of the layer chain, batched over outputs"
+        if self.per_output_backward(rows):
+            return "one backward per output"
+        return "one backward batched over outputs"
 
     def per_output_backward(self, rows: int) -> bool:
         """Does a capture of ``rows`` examples run one plain backward per output?
@@ -126,8 +137,15 @@ class StructuredPlan:
         ``summed=True`` the single cotangent of ``Σ_o f_o``, ``[1, *y.shape]``.
         With ``probe_rows`` (the largest batch later captures will see) it also
         finds how those take the per-output cotangents (`per_output_backward`).
-        Runs with autograd on even when the caller has it off.
+        Runs with autograd on even when the caller has it off; a verified
+        layer chain (`LayerChain`) takes the per-output cotangents without it.
         """
+        if self.chain is not None and not summed:
+            f, per_rule = self.chain.capture(x, self.rules, summed=False)
+            if self.outputs is not None and f.shape[1] != self.outputs:
+                raise RuleDoesNotApply(f"lazykernel: the model returned {f.shape[1]} outputs per example, "
+                                       f"not {self.outputs}")
+            return f, per_rule
         with torch.enable_grad():
             return self._capture_with_grad(x, summed, probe_rows)
 
@@ -219,6 +237,13 @@ class StructuredPlan:
         for rule in rules:
             if rule not in checked:
                 self.demote(rule)
+        # Where a rule reads its cotangents examples-first (convolutions), PyTorch's
+        # batched backward would loop over the outputs: a plain layer chain takes
+        # them itself. Elsewhere autograd's batched backward is as fast.
+        if self.outputs > 1 and any(rule.examples_first for rule in self.rules) and not self._taps():
+            chain = LayerChain.of(self.adapter.module)
+            if chain is not None and _chain_agrees(chain, self.rules, dict(zip(rules, per_rule)), x, tol):
+                self.chain = chain
         return f
 
     def _drop_failing_taps(self, x: torch.Tensor) -> None:
@@ -492,6 +517,30 @@ def _agrees_along_random_direction(adapter: ModelAdapter, rules: List[Structured
     actual = actual.detach().double()
     scale = max(float(torch.linalg.vector_norm(actual)), float(torch.linalg.vector_norm(predicted)), 1e-30)
     return float(torch.linalg.vector_norm(actual - predicted)) <= tol * scale * 10
+
+
+def _chain_agrees(chain: LayerChain, rules: List[StructuredRule],
+                  reference: Dict[StructuredRule, List[torch.Tensor]], x: torch.Tensor, tol: float) -> bool:
+    """Does the layer chain reproduce autograd's cotangents of ``Σ_o f_o`` (``reference``) at every rule?"""
+    try:
+        _, per_rule = chain.capture(x, rules, summed=True)
+    except Exception:
+        # shapes the chain does not cover, or a layer that fails outside autograd
+        return False
+    finally:
+        for rule in rules:
+            rule.clear()
+    for rule, cotangents in zip(rules, per_rule):
+        expected = reference[rule]
+        if len(expected) != len(cotangents):
+            return False
+        for want, got in zip(expected, cotangents):
+            if want.shape != got.shape:
+                return False
+            scale = max(float(torch.linalg.vector_norm(want)), 1e-30)
+            if float(torch.linalg.vector_norm(got - want)) > tol * scale * 10:
+                return False
+    return True
 
 
 def _rank_one_direction(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

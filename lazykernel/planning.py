@@ -68,10 +68,13 @@ class NTKPlan:
         peak_bytes: predicted peak working memory plus the result, in bytes.
         result_bytes: bytes of the returned kernel.
         capture: for the structured method, how the cotangents of the O outputs
-            are taken: ``"one backward batched over outputs"``, or ``"one
+            are taken: ``"one backward batched over outputs"``, ``"one
             backward per output"`` where PyTorch's batched backward would loop
             over the outputs anyway (convolutions, pooling, normalisation,
-            attention) and the chunks are large enough for that to pay.
+            attention) and the chunks are large enough for that to pay, or
+            ``"one backward of the layer chain, batched over outputs"`` for an
+            ``nn.Sequential`` of standard layers whose backward lazykernel
+            runs itself (checked against autograd on the probe examples).
 
     FLOPs are those of matrix products and convolutions (counted by
     ``torch.utils.flop_counter`` where measured; one multiply-add is 2 FLOPs);
@@ -157,8 +160,7 @@ def plan(
                                 b1 + b2, call.elt, report.forward_flops)
         report.flops = report.operand_flops + sum(g.flops for g in report.groups)
         if isinstance(engine, _StructuredEngine) and call.outputs > 1:
-            report.capture = ("one backward per output" if engine.plan.per_output_backward(max(b1, b2))
-                              else "one backward batched over outputs")
+            report.capture = engine.plan.capture_name(max(b1, b2))
     working = _working_bytes(engine, n1, b1, b2, call.symmetric, cell * call.elt)
     if isinstance(engine, _StructuredEngine):
         # gradients formed a slab at a time beside the chunks' operands, in what the budget leaves

@@ -466,7 +466,12 @@ def build(arch: Arch) -> nn.Module:
     trunk = nn.Sequential(*blocks).double().eval()
     with torch.no_grad():
         features = trunk(example_inputs(arch, 1, arch.seed)).flatten(1).shape[1]
-    model = nn.Sequential(trunk, Head(features, arch.outputs, arch.head_bias, arch.out_shape))
+    if tuple(arch.out_shape) == (arch.outputs,):
+        # plain layers only: a trunk of them is a layer chain lazykernel differentiates itself
+        head = nn.Sequential(nn.Flatten(), nn.Linear(features, arch.outputs, bias=arch.head_bias))
+    else:
+        head = Head(features, arch.outputs, arch.head_bias, arch.out_shape)
+    model = nn.Sequential(trunk, head)
     for index in arch.frozen:
         for p in trunk[index].parameters():
             p.requires_grad_(False)

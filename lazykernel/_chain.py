@@ -1,0 +1,477 @@
+"""Cotangents of a plain layer chain, taken layer by layer without autograd.
+
+For an ``nn.Sequential`` of standard layers (linear maps, convolutions,
+elementwise activations, average pooling, flattening, eval-mode batch norm
+and dropout) the backward of the O output cotangents is a fixed sequence of
+linear maps, and `LayerChain` runs it directly, batched over outputs:
+
+* PyTorch's batched backward has no batching rule for convolution or pooling
+  backward; it loops over the outputs and stacks, and one plain backward per
+  output then copies every cotangent into the layout the rules read. Here a
+  convolution backward takes a chunk of examples with all their outputs as
+  one batch, and each cotangent is written once, in the rules' layout, by
+  the multiply with the activation's derivative.
+* The head's backward ``W_o`` is the same for every example: it stays a
+  broadcast view until the activation's derivative multiplies it, and an
+  average pool's backward is folded into that multiply the same way.
+* On a CPU the chunks are small enough (a few MiB per layer) for each
+  layer's backward to find its cotangents still in the cache.
+
+Autograd remains the reference: `StructuredPlan.verify` compares the chain's
+cotangents with autograd's on the verification examples and uses the chain
+only where every one agrees.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import nn
+
+from lazykernel._memory import empty_buffer
+from lazykernel.rules import StructuredRule
+
+# Cotangent bytes per layer that one chunk of the chain's backward handles: on
+# a CPU a chunk whose cotangents stay in the cache while every layer's backward
+# reads them runs faster than one big batch; a GPU wants large batches.
+_CHUNK_BYTES_CPU = 4 << 20
+_CHUNK_BYTES_CUDA = 256 << 20
+
+# layers whose derivative is elementwise: the chain takes it from autograd, on
+# one batch of examples, once per capture
+_ELEMENTWISE: Tuple[Type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+)
+_DROPOUT: Tuple[Type[nn.Module], ...] = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)
+_CONV: Tuple[Type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_AVG_POOL: Tuple[Type[nn.Module], ...] = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE_AVG_POOL: Tuple[Type[nn.Module], ...] = (
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
+_BATCH_NORM: Tuple[Type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class ChainDoesNotApply(RuntimeError):
+    """Raised by a capture whose shapes the chain does not cover (autograd takes over)."""
+
+
+class _Cotangent:
+    """``∂f_b/∂y`` of one layer's output y for a chunk of k examples and every seed b.
+
+    ``shape`` is ``[k, B, *y.shape[1:]]``, the examples first. ``values`` holds
+    them, either in that shape or in a finer one (some axes split in two, as
+    an average pool's backward leaves them), and may be a broadcast view.
+    ``owned`` marks values that are a fresh contiguous tensor nobody else
+    reads, safe to scale in place.
+    """
+
+    def __init__(self, values: torch.Tensor, shape: Sequence[int], owned: bool = False):
+        self.values, self.shape, self.owned = values, tuple(shape), owned
+
+    def is_split(self) -> bool:
+        return tuple(self.values.shape) != self.shape
+
+    def materialised(self) -> torch.Tensor:
+        """The values as one contiguous tensor of ``shape``."""
+        values = self.values.reshape(self.shape) if self.is_split() else self.values
+        return values.contiguous()
+
+    def scaled(self, factor: torch.Tensor, out: Optional[torch.Tensor]) -> "_Cotangent":
+        """Multiplied elementwise by ``factor``, one value per example's element.
+
+        ``factor`` broadcasts to ``[k, *y.shape[1:]]`` (its first axis is k or 1);
+        it is shared by the B seeds. With ``out`` (contiguous, of ``shape``) the
+        product is written there.
+        """
+        factor = factor.expand((factor.shape[0],) + self.shape[2:]).unsqueeze(1)
+        values = self.values
+        if self.is_split():
+            factor = factor.reshape(factor.shape[:2] + tuple(values.shape[2:]))
+        if out is not None:
+            torch.mul(values, factor, out=out.view(torch.broadcast_shapes(values.shape, factor.shape)))
+            return _Cotangent(out, self.shape, owned=False)
+        if self.owned and not self.is_split() and torch.result_type(values, factor) == values.dtype:
+            return _Cotangent(values.mul_(factor), self.shape, owned=True)
+        return _Cotangent(torch.mul(values, factor).view(self.shape), self.shape, owned=True)
+
+    def reshaped(self, example_shape: Sequence[int]) -> "_Cotangent":
+        shape = self.shape[:2] + tuple(example_shape)
+        values = self.materialised() if self.is_split() else self.values
+        return _Cotangent(values.reshape(shape), shape, owned=self.owned)
+
+
+# -- one step per layer ---------------------------------------------------------------
+
+class _Step:
+    """One layer: what its forward keeps, and its input's cotangent from its output's.
+
+    `backward` takes the cotangents of a chunk of examples (``rows`` of the
+    batch) and may write its result into ``out``, the store of the layer
+    before when that one has a rule; it returns what it computed either way.
+    """
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self.input_shape: Tuple[int, ...] = ()
+
+    def forward(self, x: torch.Tensor, needs_backward: bool) -> torch.Tensor:
+        self.input_shape = tuple(x.shape)
+        return self.layer(x)
+
+    def backward(self, g: _Cotangent, rows: slice, out: Optional[torch.Tensor]) -> _Cotangent:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop what the forward kept, once the capture is done."""
+
+
+class _IdentityStep(_Step):
+    def backward(self, g, rows, out):
+        return g
+
+
+class _LinearStep(_Step):
+    """``y = x Wᵀ + b`` on the last axis: ``∂/∂x = g W``."""
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self._common: Optional[Tuple[tuple, torch.Tensor]] = None
+
+    def backward(self, g, rows, out):
+        weight = self.layer.weight
+        shape = g.shape[:-1] + (weight.shape[1],)
+        if not g.is_split() and g.values.stride(0) == 0:
+            # the same for every example (the seeds): one product, broadcast again,
+            # and the same for every chunk
+            common = g.values[0]
+            key = (common.data_ptr(), tuple(common.shape), tuple(common.stride()))
+            if self._common is None or self._common[0] != key:
+                self._common = (key, torch.matmul(common, weight))
+            one = self._common[1].expand(shape)
+            if out is not None:
+                return _Cotangent(out.copy_(one), shape, owned=False)
+            return _Cotangent(one, shape, owned=False)
+        if out is not None:
+            return _Cotangent(torch.matmul(g.materialised(), weight, out=out), shape, owned=False)
+        return _Cotangent(torch.matmul(g.materialised(), weight), shape, owned=True)
+
+    def release(self):
+        self._common = None
+
+
+class _ConvStep(_Step):
+    """A convolution's input gradient: one convolution backward over the chunk's ``k·B`` cotangents."""
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        spatial = len(layer.kernel_size)
+        padding = layer.padding
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = (0,) * spatial
+            else:
+                total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+                if any(t % 2 for t in total):
+                    # "same" with an even kernel pads one side more: not a plain padding
+                    raise ChainDoesNotApply("asymmetric 'same' padding")
+                padding = tuple(t // 2 for t in total)
+        self.padding = list(padding)
+        self._shape_only: Optional[torch.Tensor] = None
+
+    def backward(self, g, rows, out):
+        layer = self.layer
+        batch = g.shape[0] * g.shape[1]
+        grad_out = g.materialised().view((batch,) + g.shape[2:])
+        spatial = len(layer.kernel_size)
+        # Only the input's shape is read, but oneDNN makes the input contiguous:
+        # an unfilled buffer of that shape costs no copy (and is kept for the next chunk).
+        size = (batch,) + self.input_shape[1:]
+        if self._shape_only is None or self._shape_only.shape[0] < batch \
+                or self._shape_only.dtype != grad_out.dtype or self._shape_only.device != grad_out.device:
+            self._shape_only = torch.empty(size, dtype=grad_out.dtype, device=grad_out.device)
+        grad_in = torch.ops.aten.convolution_backward(
+            grad_out, self._shape_only[:batch], layer.weight, None, list(layer.stride), self.padding,
+            list(layer.dilation), False, [0] * spatial, layer.groups, [True, False, False])[0]
+        shape = g.shape[:2] + self.input_shape[1:]
+        return _Cotangent(grad_in.view(shape), shape, owned=True)
+
+    def release(self) -> None:
+        self._shape_only = None
+
+
+class _ElementwiseStep(_Step):
+    """An activation: its derivative at this batch, taken from autograd once, then a multiply."""
+
+    def forward(self, x, needs_backward):
+        self.input_shape = tuple(x.shape)
+        self.derivative = None
+        if needs_backward and type(self.layer) is not nn.ReLU:
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_()
+                # a clone, so an in-place activation does not write into a leaf
+                out = self.layer(leaf.clone())
+                self.derivative, = torch.autograd.grad(out, leaf, torch.ones_like(out))
+        y = self.layer(x)
+        if needs_backward and type(self.layer) is nn.ReLU:
+            # autograd's ReLU backward passes the cotangent where the output is positive
+            # (in the cotangents' dtype: a mask of bools would be converted chunk by chunk)
+            self.derivative = (y > 0).to(y.dtype)
+        return y
+
+    def backward(self, g, rows, out):
+        return g.scaled(self.derivative[rows], out)
+
+    def release(self) -> None:
+        self.derivative = None
+
+
+class _AvgPoolStep(_Step):
+    """Average pooling in non-overlapping windows that tile the input exactly.
+
+    Its backward spreads each cotangent over its window, divided by the
+    window's size. Along the last axis a small matrix product does it (a
+    broadcast copy with an inner axis of 2 runs many times slower); along the
+    others the result stays a broadcast view, each axis split into (windows,
+    window), until the next multiply writes it out.
+    """
+
+    def forward(self, x, needs_backward):
+        y = super().forward(x, needs_backward)
+        self.window = self._window()
+        self._spread_matrix: Optional[torch.Tensor] = None
+        return y
+
+    def _window(self) -> Tuple[int, ...]:
+        layer = self.layer
+        spatial = len(self.input_shape) - 2
+        if isinstance(layer, _ADAPTIVE_AVG_POOL):
+            size = layer.output_size
+            size = (size,) * spatial if isinstance(size, int) else tuple(size)
+            out = [s if o is None else o for s, o in zip(self.input_shape[2:], size)]
+            if any(s % o for s, o in zip(self.input_shape[2:], out)):
+                raise ChainDoesNotApply("adaptive pooling with uneven windows")
+            return tuple(s // o for s, o in zip(self.input_shape[2:], out))
+        kernel = _tuple(layer.kernel_size, spatial)
+        stride = _tuple(layer.stride if layer.stride else layer.kernel_size, spatial)
+        if (kernel != stride or any(_tuple(layer.padding, spatial)) or layer.ceil_mode
+                or getattr(layer, "divisor_override", None) is not None
+                or any(s % k for s, k in zip(self.input_shape[2:], kernel))):
+            raise ChainDoesNotApply("average pooling with overlapping or partial windows")
+        return kernel
+
+    def backward(self, g, rows, out):
+        pooled = g.materialised() if g.is_split() else g.values
+        spread = self._spread(pooled)
+        split, expanded = list(g.shape[:3]), list(g.shape[:3])
+        for size, k in zip(g.shape[3:-1], self.window[:-1]):
+            split += [size, 1]
+            expanded += [size, k]
+        last = self.input_shape[-1]
+        split.append(last)
+        expanded.append(last)
+        shape = g.shape[:2] + self.input_shape[1:]
+        values = torch.matmul(pooled, spread).reshape(split).expand(expanded)
+        return _Cotangent(values, shape, owned=False)
+
+    def _spread(self, like: torch.Tensor) -> torch.Tensor:
+        """``[W_out, W]``: each pooled position to its window on the last axis, over the window's size."""
+        if self._spread_matrix is not None:
+            return self._spread_matrix
+        width, k = self.input_shape[-1], self.window[-1]
+        columns = torch.arange(width, device=like.device)
+        spread = torch.zeros(width // k, width, dtype=like.dtype, device=like.device)
+        spread[columns // k, columns] = 1.0 / math.prod(self.window)
+        self._spread_matrix = spread
+        return spread
+
+    def release(self):
+        self._spread_matrix = None
+
+
+class _BatchNormStep(_Step):
+    """Eval-mode batch norm: per channel, ``∂/∂x = g · w / √(running_var + eps)``."""
+
+    def backward(self, g, rows, out):
+        layer = self.layer
+        scale = torch.rsqrt(layer.running_var + layer.eps)
+        if layer.weight is not None:
+            scale = scale * layer.weight
+        dims = len(self.input_shape) - 2
+        return g.scaled(scale.to(g.values.dtype).reshape((1, -1) + (1,) * dims), out)
+
+
+class _FlattenStep(_Step):
+    """``nn.Flatten`` or ``nn.Unflatten`` of axes after the batch axis: the cotangents are reshaped back."""
+
+    def forward(self, x, needs_backward):
+        layer = self.layer
+        axis = layer.start_dim if isinstance(layer, nn.Flatten) else layer.dim
+        if x.dim() == 0 or axis % x.dim() == 0:
+            raise ChainDoesNotApply("a reshape of the batch axis")
+        return super().forward(x, needs_backward)
+
+    def backward(self, g, rows, out):
+        return g.reshaped(self.input_shape[1:])
+
+
+def _tuple(value, size: int) -> Tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * size
+
+
+def _step_for(layer: nn.Module) -> Optional[_Step]:
+    kind = type(layer)
+    if kind is nn.Linear:
+        return _LinearStep(layer)
+    if kind in _CONV:
+        if layer.padding_mode != "zeros":
+            return None
+        try:
+            return _ConvStep(layer)
+        except ChainDoesNotApply:
+            return None
+    if kind in _ELEMENTWISE:
+        return _ElementwiseStep(layer)
+    if kind is nn.Identity or (kind in _DROPOUT and not layer.training):
+        return _IdentityStep(layer)
+    if kind in _AVG_POOL or kind in _ADAPTIVE_AVG_POOL:
+        return _AvgPoolStep(layer)
+    if kind in _BATCH_NORM and not layer.training and layer.running_var is not None:
+        return _BatchNormStep(layer)
+    if kind is nn.Flatten or kind is nn.Unflatten:
+        return _FlattenStep(layer)
+    return None
+
+
+def _leaves(module: nn.Module) -> List[nn.Module]:
+    """The layers of nested ``nn.Sequential`` containers, in call order."""
+    if type(module) is not nn.Sequential:
+        return [module]
+    return [layer for child in module for layer in _leaves(child)]
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in vars(module))
+
+
+def _global_hooks() -> bool:
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+
+
+class LayerChain:
+    """The layers of an ``nn.Sequential`` whose backward the chain can take itself."""
+
+    def __init__(self, steps: List[_Step]):
+        self.steps = steps
+
+    @classmethod
+    def of(cls, module: Optional[nn.Module]) -> Optional["LayerChain"]:
+        """The chain of ``module``, or None where it is anything but a plain chain of known layers.
+
+        Refused: other containers or models with their own ``forward``, a layer
+        of an unknown or subclassed type, a hook anywhere (the model must run
+        as written), a layer with parameters that appears twice.
+        """
+        if module is None or type(module) is not nn.Sequential or _global_hooks():
+            return None
+        if any(_has_hooks(m) for m in module.modules()):
+            return None
+        steps, seen = [], set()
+        for layer in _leaves(module):
+            step = _step_for(layer)
+            if step is None:
+                return None
+            stateful = next(layer.parameters(recurse=False), None) is not None \
+                or next(layer.buffers(recurse=False), None) is not None
+            if stateful:
+                if id(layer) in seen:
+                    return None
+                seen.add(id(layer))
+            steps.append(step)
+        return cls(steps) if steps else None
+
+    def capture(self, x: torch.Tensor, rules: Sequence[StructuredRule], summed: bool
+                ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
+        """Forward, recording what ``rules`` read, then every rule's output cotangents.
+
+        Returns ``f: [n, O]`` and, per rule, one cotangent ``[B, *y.shape]``
+        (B = O, or 1 with ``summed``: the cotangent of ``Σ_o f_o``), stored
+        ``[n, B, ...]`` and seen through a transpose, the layout the
+        convolution rule reads without a copy (`StructuredRule.examples_first`).
+        """
+        # the parameters require grad, but nothing here is differentiated again
+        with torch.no_grad():
+            try:
+                return self._capture(x, rules, summed)
+            finally:
+                for step in self.steps:
+                    step.release()
+
+    def _capture(self, x, rules, summed):
+        at = {id(rule.module): rule for rule in rules}
+        targets = {i for i, step in enumerate(self.steps) if id(step.layer) in at}
+        if len(targets) != len(at):
+            raise ChainDoesNotApply("a rule's module is not a layer of the chain")
+        first = min(targets, default=len(self.steps))
+        n = x.shape[0]
+        h = x
+        shapes: Dict[int, Tuple[int, ...]] = {}
+        for i, step in enumerate(self.steps):
+            rule = at.get(id(step.layer))
+            if rule is not None:
+                rule.clear()
+                rule.inputs.append(h.detach())
+            h = step.forward(h, needs_backward=i > first)
+            shapes[i] = tuple(h.shape[1:])
+            if rule is not None:
+                rule.outputs.append(h.detach())
+        f = h.reshape(n, -1)
+        o = f.shape[1]
+        b = 1 if summed else o
+        stores = {i: empty_buffer((n, b) + shapes[i], f.dtype, f.device) for i in targets}
+        # Every example's backward is its own: a chunk of examples runs the whole
+        # chain while its cotangents are still in the cache.
+        widest = max((math.prod(shapes[i]) for i in range(first, len(self.steps))), default=1)
+        chunk = _chunk_examples(widest * b * f.element_size(), f.device, n)
+        basis = torch.ones(1, o, dtype=f.dtype, device=f.device) if summed \
+            else torch.eye(o, dtype=f.dtype, device=f.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, min(n, start + chunk))
+            g = _seed(basis, rows.stop - rows.start, shapes[len(self.steps) - 1])
+            for i in range(len(self.steps) - 1, first - 1, -1):
+                if i in targets:
+                    store = stores[i][rows]
+                    if g.values is store:
+                        # written in place by the step after: it must stay as it is
+                        g.owned = False
+                    else:
+                        store.copy_(g.values.reshape(g.shape) if g.is_split() else g.values)
+                if i > first:
+                    out = stores[i - 1][rows] if i - 1 in targets else None
+                    g = self.steps[i].backward(g, rows, out)
+        per_rule = []
+        for rule in rules:
+            index = next(i for i in targets if self.steps[i].layer is rule.module)
+            per_rule.append([stores[index].transpose(0, 1)])
+        return f.detach(), per_rule
+
+
+def _chunk_examples(bytes_per_example: int, device: torch.device, n: int) -> int:
+    """Examples per chunk of the chain's backward: a few MiB of cotangents per layer on a CPU."""
+    budget = _CHUNK_BYTES_CUDA if device.type == "cuda" else _CHUNK_BYTES_CPU
+    return max(1, min(n, budget // max(bytes_per_example, 1)))
+
+
+def _seed(basis: torch.Tensor, k: int, example_shape: Tuple[int, ...]) -> _Cotangent:
+    """The cotangents of the model's output for ``k`` examples: the rows of ``basis`` (one-hot, or ones)."""
+    b, o = basis.shape
+    full = (k, b) + example_shape
+    return _Cotangent(basis.unsqueeze(0).expand(k, b, o).reshape(full), full)
