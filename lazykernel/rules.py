@@ -431,8 +431,9 @@ class _ConvRule(StructuredRule):
             k *= size
         return (m.in_channels // m.groups) * k
 
-    def _unfold(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N, C_in, *spatial]`` -> patches ``[N, C_in·∏kernel, T]``."""
+    def _windows(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C_in, *spatial]`` -> every patch as a strided window of the padded input,
+        ``[N, C_in, *kernel, *out]`` (F.unfold's order: channel, then kernel offsets)."""
         m = self.module
         if x.dim() != self.spatial + 2:
             raise RuleDoesNotApply(f"lazykernel: {type(m).__name__} input of shape {tuple(x.shape)} "
@@ -441,8 +442,6 @@ class _ConvRule(StructuredRule):
         if any(pad):
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
             x = F.pad(x, pad, mode=mode)
-        # every patch is a strided window of the padded input: one copy gathers them,
-        # in F.unfold's order (channel, then kernel offsets), into a buffer of its own
         n, c, size = x.shape[0], x.shape[1], x.shape[2:]
         kernel, steps = tuple(m.kernel_size), x.stride()[2:]
         out = tuple((size[i] - m.dilation[i] * (kernel[i] - 1) - 1) // m.stride[i] + 1
@@ -450,11 +449,18 @@ class _ConvRule(StructuredRule):
         if min(out) < 1:
             raise RuleDoesNotApply(f"lazykernel: {type(m).__name__} input of shape {tuple(x.shape)} "
                                    "is smaller than its kernel")
-        windows = x.as_strided(
+        return x.as_strided(
             (n, c) + kernel + out,
             x.stride()[:2] + tuple(steps[i] * m.dilation[i] for i in range(self.spatial))
             + tuple(steps[i] * m.stride[i] for i in range(self.spatial)))
-        patches = empty_buffer((n, c * math.prod(kernel), math.prod(out)), x.dtype, x.device)
+
+    def _unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C_in, *spatial]`` -> patches ``[N, C_in·∏kernel, T]``, gathered by one copy
+        into a buffer of their own."""
+        windows = self._windows(x)
+        n, c = windows.shape[:2]
+        patches = empty_buffer((n, c * math.prod(self.module.kernel_size), math.prod(windows.shape[2 + self.spatial:])),
+                               windows.dtype, windows.device)
         patches.view(windows.shape).copy_(windows)
         return patches
 
@@ -497,43 +503,49 @@ class _ConvRule(StructuredRule):
         return terms
 
     def _gradients(self, cotangents, n) -> List[Pairwise]:
-        """Per-example gradients of every group, one batched GEMM per group and call.
+        """Per-example gradients of every group, one batched GEMM per group, call and chunk.
 
-        ``[O·D, T] × [T, K]`` per example reads the cotangent in its own layout
-        (outputs, channels, positions) and the patches as unfolded, so neither
-        is copied into the pairwise layout first.
+        ``[O·D, T] × [T, K+1]`` per example reads the cotangent in its own layout
+        (outputs, channels, positions) and the patches with a row of ones, whose
+        column of the product is the bias gradient ``Σ_t g_t``. The patches are
+        gathered a chunk of examples at a time into one small buffer that stays
+        in the cache for the GEMM, not all at once into fresh memory.
         """
         m = self.module
         groups, k = m.groups, self._patch_features()
         d = m.out_channels // groups
-        use_bias = self._use()[1]
-        total, bias = [None] * groups, [None] * groups
-        for x, g in zip(self.inputs, cotangents):
+        width = k + int(self._use()[1])
+        o = cotangents[0].shape[0]
+        total: List[Optional[torch.Tensor]] = [None] * groups
+        for call, (x, g) in enumerate(zip(self.inputs, cotangents)):
             if x.shape[0] != n or g.shape[1] != n:
                 raise RuleDoesNotApply(f"lazykernel: a {type(m).__name__} saw a batch of {x.shape[0]} "
                                        f"rows for {n} examples; its rule needs the batch axis first")
-            o = g.shape[0]
-            patches = self._unfold(x)                                   # [n, G·K, T]
-            t = patches.shape[2]
+            windows = self._windows(x)                                  # [n, C_in, *kernel, *out]
+            t = math.prod(windows.shape[2 + self.spatial:])
             cot = g.reshape(o, n, groups, d, t).permute(2, 1, 0, 3, 4)   # [G, n, O, D, T]
-            for c in range(groups):
-                gc = cot[c].reshape(n, o * d, t)
-                rows = patches[:, c * k:(c + 1) * k].transpose(1, 2)                   # [n, T, K]
-                if total[c] is None:
-                    total[c] = torch.bmm(gc, rows, out=empty_buffer((n, o * d, k), gc.dtype, gc.device))
-                else:
-                    total[c].baddbmm_(gc, rows)                                        # [n, O·D, K]
-                if use_bias:
-                    part = gc.sum(dim=2)                                            # [n, O·D]
-                    bias[c] = part if bias[c] is None else bias[c].add_(part)
-        o = cotangents[0].shape[0]
+            chunk = _patch_chunk(groups * width * t * x.element_size(), x.device, n)
+            rows = empty_buffer((chunk, groups, width, t), x.dtype, x.device)
+            if width > k:
+                rows[:, :, k].fill_(1.0)
+            for start in range(0, n, chunk):
+                part = slice(start, min(n, start + chunk))
+                size = part.stop - part.start
+                by_group = (size, groups, windows.shape[1] // groups) + tuple(windows.shape[2:])
+                rows[:size, :, :k].view(by_group).copy_(windows[part].view(by_group))
+                for c in range(groups):
+                    if total[c] is None:
+                        total[c] = empty_buffer((n, o * d, width), x.dtype, x.device)
+                    gc = cot[c, part].reshape(size, o * d, t)
+                    patches = rows[:size, c].transpose(1, 2)                           # [size, T, K+1]
+                    if call == 0:
+                        torch.bmm(gc, patches, out=total[c][part])
+                    else:
+                        total[c][part].baddbmm_(gc, patches)                           # [size, O·D, K+1]
         ones = total[0].new_ones(n, 1, 1)
-        # the weight and bias gradients are separate terms, as Grams add over
-        # parameter blocks: no copy joins them
-        terms = [Pairwise(ones, grad.reshape(n, 1, o, -1)) for grad in total]
-        if use_bias:
-            terms += [Pairwise(ones, grad.reshape(n, 1, o, -1)) for grad in bias]
-        return terms
+        # per group, the weight and bias gradients of an example side by side:
+        # a Gram over them is the sum of the weight's and the bias's Grams
+        return [Pairwise(ones, grad.view(n, 1, o, -1)) for grad in total]
 
     def per_example_gradients(self, terms):
         use_weight, use_bias = self._use()
@@ -550,6 +562,12 @@ class _ConvRule(StructuredRule):
         if use_bias:
             grads[self.names["bias"]] = torch.cat(biases, 1)
         return grads
+
+
+def _patch_chunk(bytes_per_example: int, device: torch.device, n: int) -> int:
+    """Examples whose patches one chunk of `_ConvRule._gradients` gathers: a few MiB on a CPU."""
+    budget = (256 << 20) if device.type == "cuda" else (8 << 20)
+    return max(1, min(n, budget // max(bytes_per_example, 1)))
 
 
 @register_rule(nn.Conv1d)

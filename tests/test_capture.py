@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lazykernel
-from lazykernel import _memory, _structured
+from lazykernel import _memory, _structured, rules
 from lazykernel._model import make_adapter
 from lazykernel._structured import StructuredPlan, _batched_backward_falls_back, _output_cotangents
 
@@ -145,9 +145,14 @@ def _without_chain(monkeypatch):
 @pytest.mark.parametrize("output", OUTPUTS)
 @pytest.mark.parametrize("capture", ["batched", "per_output", "chain"])
 @pytest.mark.parametrize("model_name", ["sequential", "twice", "grouped"])
-def test_convolution_gradient_form_is_exact_with_every_capture(output, capture, model_name, monkeypatch):
+@pytest.mark.parametrize("patch_chunk", [None, 2])
+def test_convolution_gradient_form_is_exact_with_every_capture(output, capture, model_name, patch_chunk,
+                                                               monkeypatch):
     if capture == "chain" and model_name == "twice":
         pytest.skip("a module with its own forward is not a layer chain")
+    if patch_chunk:
+        # patches gathered two examples at a time, the last chunk ragged (5 examples)
+        monkeypatch.setattr(rules, "_patch_chunk", lambda nbytes, device, n: patch_chunk)
     per_output = capture == "per_output"
     if capture != "chain":
         _without_chain(monkeypatch)
