@@ -398,24 +398,26 @@ class LayerChain:
             steps.append(step)
         return cls(steps) if steps else None
 
-    def capture(self, x: torch.Tensor, rules: Sequence[StructuredRule], summed: bool
-                ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
+    def capture(self, x: torch.Tensor, rules: Sequence[StructuredRule], summed: bool,
+                chunked: Sequence[StructuredRule] = ()) -> Tuple[torch.Tensor, List[Optional[List[torch.Tensor]]]]:
         """Forward, recording what ``rules`` read, then every rule's output cotangents.
 
         Returns ``f: [n, O]`` and, per rule, one cotangent ``[B, *y.shape]``
         (B = O, or 1 with ``summed``: the cotangent of ``Σ_o f_o``), stored
         ``[n, B, ...]`` and seen through a transpose, the layout the
         convolution rule reads without a copy (`StructuredRule.examples_first`).
+        The rules in ``chunked`` (begun with `StructuredRule.start_chunks`)
+        take their cotangents chunk by chunk instead (`add_chunk`), and get None.
         """
         # the parameters require grad, but nothing here is differentiated again
         with torch.no_grad():
             try:
-                return self._capture(x, rules, summed)
+                return self._capture(x, rules, summed, chunked)
             finally:
                 for step in self.steps:
                     step.release()
 
-    def _capture(self, x, rules, summed):
+    def _capture(self, x, rules, summed, chunked):
         at = {id(rule.module): rule for rule in rules}
         targets = {i for i, step in enumerate(self.steps) if id(step.layer) in at}
         if len(targets) != len(at):
@@ -436,31 +438,36 @@ class LayerChain:
         f = h.reshape(n, -1)
         o = f.shape[1]
         b = 1 if summed else o
-        stores = {i: empty_buffer((n, b) + shapes[i], f.dtype, f.device) for i in targets}
         # Every example's backward is its own: a chunk of examples runs the whole
         # chain while its cotangents are still in the cache.
         widest = max((math.prod(shapes[i]) for i in range(first, len(self.steps))), default=1)
         chunk = _chunk_examples(widest * b * f.element_size(), f.device, n)
+        # a chunked rule's cotangents pass through one buffer of a chunk; the others are kept
+        streamed = {i for i in targets if at[id(self.steps[i].layer)] in chunked}
+        stores = {i: empty_buffer(((chunk if i in streamed else n), b) + shapes[i], f.dtype, f.device)
+                  for i in targets}
         basis = torch.ones(1, o, dtype=f.dtype, device=f.device) if summed \
             else torch.eye(o, dtype=f.dtype, device=f.device)
         for start in range(0, n, chunk):
             rows = slice(start, min(n, start + chunk))
-            g = _seed(basis, rows.stop - rows.start, shapes[len(self.steps) - 1])
+            size = rows.stop - rows.start
+            held = {i: store[:size] if i in streamed else store[rows] for i, store in stores.items()}
+            g = _seed(basis, size, shapes[len(self.steps) - 1])
             for i in range(len(self.steps) - 1, first - 1, -1):
                 if i in targets:
-                    store = stores[i][rows]
-                    if g.values is store:
+                    if g.values is held[i]:
                         # written in place by the step after: it must stay as it is
                         g.owned = False
                     else:
-                        store.copy_(g.values.reshape(g.shape) if g.is_split() else g.values)
+                        held[i].copy_(g.values.reshape(g.shape) if g.is_split() else g.values)
+                    if i in streamed:
+                        at[id(self.steps[i].layer)].add_chunk(held[i], rows)
                 if i > first:
-                    out = stores[i - 1][rows] if i - 1 in targets else None
-                    g = self.steps[i].backward(g, rows, out)
+                    g = self.steps[i].backward(g, rows, held.get(i - 1))
         per_rule = []
         for rule in rules:
             index = next(i for i in targets if self.steps[i].layer is rule.module)
-            per_rule.append([stores[index].transpose(0, 1)])
+            per_rule.append(None if index in streamed else [stores[index].transpose(0, 1)])
         return f.detach(), per_rule
 
 

@@ -129,8 +129,8 @@ class StructuredPlan:
         self.generic = sorted(set(self.generic) | set(rule.names.values()), key=order.index)
 
     # -- running -------------------------------------------------------------------
-    def _capture(self, x: torch.Tensor, summed: bool = False, probe_rows: Optional[int] = None
-                 ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
+    def _capture(self, x: torch.Tensor, summed: bool = False, probe_rows: Optional[int] = None,
+                 chunked: Sequence[StructuredRule] = ()) -> Tuple[torch.Tensor, List[Optional[List[torch.Tensor]]]]:
         """Forward with the rules' hooks, then cotangents at every hooked output.
 
         The cotangents are ``[O, *y.shape]``, one per output, or with
@@ -138,10 +138,12 @@ class StructuredPlan:
         With ``probe_rows`` (the largest batch later captures will see) it also
         finds how those take the per-output cotangents (`per_output_backward`).
         Runs with autograd on even when the caller has it off; a verified
-        layer chain (`LayerChain`) takes the per-output cotangents without it.
+        layer chain (`LayerChain`) takes the per-output cotangents without it,
+        and hands those of the rules in ``chunked`` to them chunk by chunk
+        (their entry is then None).
         """
         if self.chain is not None and not summed:
-            f, per_rule = self.chain.capture(x, self.rules, summed=False)
+            f, per_rule = self.chain.capture(x, self.rules, summed=False, chunked=chunked)
             if self.outputs is not None and f.shape[1] != self.outputs:
                 raise RuleDoesNotApply(f"lazykernel: the model returned {f.shape[1]} outputs per example, "
                                        f"not {self.outputs}")
@@ -344,11 +346,20 @@ class StructuredPlan:
         n = x.shape[0]
         a_list, g_list, tokens, deferred = [], [], [], []
         if self.rules:
-            _, per_rule = self._capture(x)
+            chunked = []
+            if self.chain is not None:
+                chunked = [rule for rule, forms in zip(self.rules, self.forms) if rule.takes_chunks(forms)]
+                for rule in chunked:
+                    rule.start_chunks(n, self.outputs)
+            _, per_rule = self._capture(x, chunked=chunked)
             for rule, forms, cotangents in zip(self.rules, self.forms, per_rule):
-                if not cotangents:
+                if cotangents is None:
+                    terms = rule.chunk_terms()
+                elif not cotangents:
                     continue
-                for term in rule.operands(cotangents, n, forms):
+                else:
+                    terms = rule.operands(cotangents, n, forms)
+                for term in terms:
                     if isinstance(term, TokenRows):
                         tokens.append(term)
                     elif isinstance(term, GradientOf):

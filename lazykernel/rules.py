@@ -209,6 +209,26 @@ class StructuredRule:
         """
         raise NotImplementedError
 
+    # A rule whose terms in ``forms`` add up over chunks of examples can take its
+    # cotangents a chunk at a time while they are still in the cache, and then
+    # needs no store of them for the whole batch (`lazykernel._chain`).
+    def takes_chunks(self, forms: Optional[Sequence[str]]) -> bool:
+        """Can the terms in ``forms`` be built from the cotangents one chunk of examples at a time?"""
+        return False
+
+    def start_chunks(self, n: int, outputs: int) -> None:
+        """Begin the terms of ``n`` examples with ``outputs`` outputs, built by `add_chunk`."""
+        raise NotImplementedError
+
+    def add_chunk(self, g: torch.Tensor, rows: slice, call: int = 0) -> None:
+        """Add the examples ``rows`` (of the batch) from the cotangents of recorded call ``call``,
+        ``g: [k, O, *y.shape[1:]]``, examples first."""
+        raise NotImplementedError
+
+    def chunk_terms(self) -> List[tuple]:
+        """The terms `add_chunk` built, as `operands` would return them; the chunk state is dropped."""
+        raise NotImplementedError
+
     def per_example_gradients(self, terms: List[tuple]) -> Dict[str, torch.Tensor]:
         """``Σ_o ∂f_o(x_i)/∂θ`` for each example i and parameter, from terms in the first form.
 
@@ -495,57 +515,74 @@ class _ConvRule(StructuredRule):
 
     def operands(self, cotangents, n, forms):
         use = self._use()
-        if forms and use[0] and all(form == GRADIENT for form in forms):
-            return self._gradients(cotangents, n)
+        if self.takes_chunks(forms):
+            self.start_chunks(n, cotangents[0].shape[0])
+            for call, (x, g) in enumerate(zip(self.inputs, cotangents)):
+                if x.shape[0] != n or g.shape[1] != n:
+                    raise RuleDoesNotApply(f"lazykernel: a {type(self.module).__name__} saw a batch of "
+                                           f"{x.shape[0]} rows for {n} examples; its rule needs the batch axis first")
+                self.add_chunk(g.transpose(0, 1), slice(0, n), call)
+            return self.chunk_terms()
         terms = []
         for c, (a, g) in enumerate(self._groups(cotangents, n)):
             terms.append(_linear_term(a, g, *use, forms[c] if forms else PAIRWISE))
         return terms
 
-    def _gradients(self, cotangents, n) -> List[Pairwise]:
-        """Per-example gradients of every group, one batched GEMM per group, call and chunk.
+    # -- the gradient form, built a chunk of examples at a time ---------------------
+    def takes_chunks(self, forms):
+        return bool(forms) and self._use()[0] and all(form == GRADIENT for form in forms)
 
-        ``[O·D, T] × [T, K+1]`` per example reads the cotangent in its own layout
+    def start_chunks(self, n, outputs):
+        self._chunk_state = (n, outputs)
+        self._totals: List[Optional[torch.Tensor]] = [None] * self.module.groups
+        self._patches: Optional[torch.Tensor] = None
+
+    def add_chunk(self, g, rows, call=0):
+        """``[O·D, T] × [T, K+1]`` per example reads the cotangent in its own layout
         (outputs, channels, positions) and the patches with a row of ones, whose
         column of the product is the bias gradient ``Σ_t g_t``. The patches are
-        gathered a chunk of examples at a time into one small buffer that stays
-        in the cache for the GEMM, not all at once into fresh memory.
+        gathered a few MiB of examples at a time into one buffer that is reused,
+        so the gather writes memory the GEMM then finds in the cache.
         """
         m = self.module
+        n, o = self._chunk_state
         groups, k = m.groups, self._patch_features()
         d = m.out_channels // groups
         width = k + int(self._use()[1])
-        o = cotangents[0].shape[0]
-        total: List[Optional[torch.Tensor]] = [None] * groups
-        for call, (x, g) in enumerate(zip(self.inputs, cotangents)):
-            if x.shape[0] != n or g.shape[1] != n:
-                raise RuleDoesNotApply(f"lazykernel: a {type(m).__name__} saw a batch of {x.shape[0]} "
-                                       f"rows for {n} examples; its rule needs the batch axis first")
-            windows = self._windows(x)                                  # [n, C_in, *kernel, *out]
-            t = math.prod(windows.shape[2 + self.spatial:])
-            cot = g.reshape(o, n, groups, d, t).permute(2, 1, 0, 3, 4)   # [G, n, O, D, T]
-            chunk = _patch_chunk(groups * width * t * x.element_size(), x.device, n)
-            rows = empty_buffer((chunk, groups, width, t), x.dtype, x.device)
+        x = self.inputs[call]
+        windows = self._windows(x[rows])                            # [size, C_in, *kernel, *out]
+        size, t = windows.shape[0], math.prod(windows.shape[2 + self.spatial:])
+        cot = g.reshape(size, o, groups, d, t)                      # [size, O, G, D, T]
+        chunk = _patch_chunk(groups * width * t * x.element_size(), x.device, size)
+        if self._patches is None or self._patches.shape[0] < chunk or self._patches.shape[3] != t:
+            self._patches = empty_buffer((chunk, groups, width, t), g.dtype, g.device)
             if width > k:
-                rows[:, :, k].fill_(1.0)
-            for start in range(0, n, chunk):
-                part = slice(start, min(n, start + chunk))
-                size = part.stop - part.start
-                by_group = (size, groups, windows.shape[1] // groups) + tuple(windows.shape[2:])
-                rows[:size, :, :k].view(by_group).copy_(windows[part].view(by_group))
-                for c in range(groups):
-                    if total[c] is None:
-                        total[c] = empty_buffer((n, o * d, width), x.dtype, x.device)
-                    gc = cot[c, part].reshape(size, o * d, t)
-                    patches = rows[:size, c].transpose(1, 2)                           # [size, T, K+1]
-                    if call == 0:
-                        torch.bmm(gc, patches, out=total[c][part])
-                    else:
-                        total[c][part].baddbmm_(gc, patches)                           # [size, O·D, K+1]
-        ones = total[0].new_ones(n, 1, 1)
+                self._patches[:, :, k].fill_(1.0)
+        for c in range(groups):
+            if self._totals[c] is None:
+                self._totals[c] = empty_buffer((n, o * d, width), g.dtype, g.device)
+        by_group = (groups, windows.shape[1] // groups) + tuple(windows.shape[2:])
+        for start in range(0, size, chunk):
+            part = slice(start, min(size, start + chunk))
+            count = part.stop - part.start
+            self._patches[:count, :, :k].view((count,) + by_group).copy_(windows[part].view((count,) + by_group))
+            target = slice(rows.start + part.start, rows.start + part.stop)
+            for c in range(groups):
+                gc = cot[part, :, c].reshape(count, o * d, t)
+                patches = self._patches[:count, c].transpose(1, 2)                 # [count, T, K+1]
+                if call == 0:
+                    torch.bmm(gc, patches, out=self._totals[c][target])
+                else:
+                    self._totals[c][target].baddbmm_(gc, patches)                  # [count, O·D, K+1]
+
+    def chunk_terms(self):
+        n, o = self._chunk_state
+        totals = self._totals
+        self._chunk_state, self._totals, self._patches = None, [], None
+        ones = totals[0].new_ones(n, 1, 1)
         # per group, the weight and bias gradients of an example side by side:
         # a Gram over them is the sum of the weight's and the bias's Grams
-        return [Pairwise(ones, grad.view(n, 1, o, -1)) for grad in total]
+        return [Pairwise(ones, grad.view(n, 1, o, -1)) for grad in totals]
 
     def per_example_gradients(self, terms):
         use_weight, use_bias = self._use()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lazykernel
-from lazykernel import _memory, _structured, rules
+from lazykernel import _chain, _memory, _structured, rules
 from lazykernel._model import make_adapter
 from lazykernel._structured import StructuredPlan, _batched_backward_falls_back, _output_cotangents
 
@@ -151,8 +151,10 @@ def test_convolution_gradient_form_is_exact_with_every_capture(output, capture, 
     if capture == "chain" and model_name == "twice":
         pytest.skip("a module with its own forward is not a layer chain")
     if patch_chunk:
-        # patches gathered two examples at a time, the last chunk ragged (5 examples)
-        monkeypatch.setattr(rules, "_patch_chunk", lambda nbytes, device, n: patch_chunk)
+        # patches gathered two examples at a time, the last chunk ragged (5 examples);
+        # the chain's backward in chunks of three, so the gradients are built 2+1, 2
+        monkeypatch.setattr(rules, "_patch_chunk", lambda nbytes, device, n: min(n, patch_chunk))
+        monkeypatch.setattr(_chain, "_chunk_examples", lambda nbytes, device, n: min(n, 3))
     per_output = capture == "per_output"
     if capture != "chain":
         _without_chain(monkeypatch)
@@ -177,7 +179,16 @@ def test_convolution_gradient_form_is_exact_with_every_capture(output, capture, 
     assert conv_rules
     for i, rule in enumerate(plan.rules):
         plan.forms[i] = ["gradient" if i in conv_rules else "pairwise"] * len(rule.shapes)
+    if capture == "chain":
+        # the convolutions' gradients are built from the chain's chunks, no cotangents kept
+        chunks = []
+        monkeypatch.setattr(rules._ConvRule, "add_chunk",
+                            lambda self, g, rows, call=0, add=rules._ConvRule.add_chunk:
+                            chunks.append((rows.start, rows.stop)) or add(self, g, rows, call))
     a, g, tokens, deferred = plan.operands(x)
+    if capture == "chain":
+        sizes = [(0, 3), (3, 5)] if patch_chunk else [(0, 5)]
+        assert chunks == [size for size in sizes for _ in conv_rules]
     assert not tokens and not deferred
     out = torch.zeros(reference_ntk(model, x, output=output).shape, dtype=torch.float64)
     lazykernel.gram_hadamard_accumulate(out, a, a, g, g, output)
