@@ -434,7 +434,7 @@ class _ConvRule(StructuredRule):
     """
 
     spatial = 0
-    # `_gradients` reads each example's cotangent as one [O·D, T] matrix
+    # `add_chunk` reads each example's cotangent as one [O·D, T] matrix
     examples_first = True
 
     @classmethod
@@ -508,7 +508,7 @@ class _ConvRule(StructuredRule):
     def term_shapes(self):
         m = self.module
         positions = sum(y[0].numel() // m.out_channels for y in self.outputs)
-        # a convolution builds its gradients with its operands, whatever their size (`_gradients`)
+        # a convolution builds its gradients with its operands, whatever their size (`add_chunk`)
         shape = _linear_shape(positions, self._patch_features(), m.out_channels // m.groups, *self._use(),
                               kind="conv")
         return [shape] * m.groups
@@ -602,7 +602,7 @@ class _ConvRule(StructuredRule):
 
 
 def _patch_chunk(bytes_per_example: int, device: torch.device, n: int) -> int:
-    """Examples whose patches one chunk of `_ConvRule._gradients` gathers: a few MiB on a CPU."""
+    """Examples whose patches one chunk of `_ConvRule.add_chunk` gathers: a few MiB on a CPU."""
     budget = (256 << 20) if device.type == "cuda" else (8 << 20)
     return max(1, min(n, budget // max(bytes_per_example, 1)))
 
