@@ -229,8 +229,10 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str) -> Tuple[int, int]
     Returns (O, activation elements per example).
     """
     k = min(x.shape[0], _PROBE_EXAMPLES)
-    sample = x[:k] if k else x[:1].new_zeros((1,) + tuple(x.shape[1:]))
+    # a copy: a model that writes into its input must not write into the caller's
+    sample = x[:k].clone() if k else x[:1].new_zeros((1,) + tuple(x.shape[1:]))
     k = sample.shape[0]
+    version = _version_of(sample)
     seen = [int(sample.numel())]
     handles = []
     if adapter.module is not None:
@@ -250,6 +252,13 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str) -> Tuple[int, int]
     finally:
         for handle in handles:
             handle.remove()
+    if version is not None and _version_of(sample) != version:
+        raise ValueError(
+            f"the model changed its input in place (on the first examples of {name}), for example with an "
+            "activation built with inplace=True applied to the input itself: every evaluation lazykernel "
+            f"makes would then see altered inputs and {name} itself would be overwritten. Make that "
+            "operation out-of-place (inplace=False), or clone the input at the start of forward."
+        )
     if not isinstance(y, torch.Tensor):
         raise ValueError(f"the model must return a tensor, got {type(y).__name__}")
     if y.dim() == 0 or y.shape[0] != k:
@@ -258,6 +267,15 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str) -> Tuple[int, int]
             f"it returned shape {tuple(y.shape)}"
         )
     return max(1, y[0].numel()), sum(seen) // k
+
+
+def _version_of(x: torch.Tensor) -> Optional[int]:
+    """How many in-place writes ``x`` has seen, or None for tensors that do not count them."""
+    try:
+        return x._version
+    except RuntimeError:
+        # inference-mode tensors keep no version counter
+        return None
 
 
 def _result_shape(n1: int, n2: int, outputs: int, mode: str) -> Tuple[int, ...]:

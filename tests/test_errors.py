@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lazykernel
-from conftest import METHODS, reference_ntk
+from conftest import METHODS, assert_close_to_reference, reference_ntk
 
 
 def _mlp(dtype=torch.float32):
@@ -264,3 +264,21 @@ def test_bad_batch_size_or_memory_budget_values_raise(kwargs, phrase):
     model = nn.Sequential(nn.Linear(3, 2))
     with pytest.raises(ValueError, match=phrase):
         lazykernel.ntk(model, torch.randn(2, 3), **kwargs)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_model_that_writes_into_its_input_is_refused_and_the_input_kept(method):
+    # LeakyReLU in place on the raw input: each forward would shrink the negative inputs again
+    model = nn.Sequential(nn.LeakyReLU(0.2, inplace=True), nn.Linear(3, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    before = x.clone()
+    with pytest.raises(ValueError, match="changed its input in place.*x1.*inplace=False"):
+        lazykernel.ntk(model, x, method=method)
+    assert torch.equal(x, before)
+    with pytest.raises(ValueError, match="changed its input in place"):
+        lazykernel.jvp(model, x, {name: torch.ones_like(p) for name, p in model.named_parameters()})
+    assert torch.equal(x, before)
+    # an in-place activation after the first layer writes into the model's own tensors: fine
+    model = nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.2, inplace=True), nn.Linear(4, 2)).double()
+    assert_close_to_reference(lazykernel.ntk(model, x, method=method), reference_ntk(model, x), torch.float64)
+    assert torch.equal(x, before)
