@@ -182,27 +182,20 @@ class _ConvStep(_Step):
                     raise ChainDoesNotApply("asymmetric 'same' padding")
                 padding = tuple(t // 2 for t in total)
         self.padding = list(padding)
-        self._shape_only: Optional[torch.Tensor] = None
 
     def backward(self, g, rows, out):
         layer = self.layer
         batch = g.shape[0] * g.shape[1]
         grad_out = g.materialised().view((batch,) + g.shape[2:])
         spatial = len(layer.kernel_size)
-        # Only the input's shape is read, but oneDNN makes the input contiguous:
-        # an unfilled buffer of that shape costs no copy (and is kept for the next chunk).
-        size = (batch,) + self.input_shape[1:]
-        if self._shape_only is None or self._shape_only.shape[0] < batch \
-                or self._shape_only.dtype != grad_out.dtype or self._shape_only.device != grad_out.device:
-            self._shape_only = torch.empty(size, dtype=grad_out.dtype, device=grad_out.device)
+        # Only the input's shape is read, but oneDNN would copy a broadcast stand-in
+        # to make it contiguous: an unfilled buffer of that shape is never touched.
+        shape_only = torch.empty((batch,) + self.input_shape[1:], dtype=grad_out.dtype, device=grad_out.device)
         grad_in = torch.ops.aten.convolution_backward(
-            grad_out, self._shape_only[:batch], layer.weight, None, list(layer.stride), self.padding,
+            grad_out, shape_only, layer.weight, None, list(layer.stride), self.padding,
             list(layer.dilation), False, [0] * spatial, layer.groups, [True, False, False])[0]
         shape = g.shape[:2] + self.input_shape[1:]
         return _Cotangent(grad_in.view(shape), shape, owned=True)
-
-    def release(self) -> None:
-        self._shape_only = None
 
 
 class _ElementwiseStep(_Step):
@@ -398,26 +391,28 @@ class LayerChain:
             steps.append(step)
         return cls(steps) if steps else None
 
-    def capture(self, x: torch.Tensor, rules: Sequence[StructuredRule], summed: bool,
+    def capture(self, x: torch.Tensor, rules: Sequence[StructuredRule], weights: Optional[torch.Tensor] = None,
                 chunked: Sequence[StructuredRule] = ()) -> Tuple[torch.Tensor, List[Optional[List[torch.Tensor]]]]:
         """Forward, recording what ``rules`` read, then every rule's output cotangents.
 
         Returns ``f: [n, O]`` and, per rule, one cotangent ``[B, *y.shape]``
-        (B = O, or 1 with ``summed``: the cotangent of ``Σ_o f_o``), stored
+        (B = O, one per output, or with ``weights: [O]`` B = 1, the cotangent
+        of ``Σ_o weights_o f_o``), stored
         ``[n, B, ...]`` and seen through a transpose, the layout the
         convolution rule reads without a copy (`StructuredRule.examples_first`).
         The rules in ``chunked`` (begun with `StructuredRule.start_chunks`)
         take their cotangents chunk by chunk instead (`add_chunk`), and get None.
         """
-        # the parameters require grad, but nothing here is differentiated again
-        with torch.no_grad():
+        # the parameters require grad, but nothing here is differentiated again (the
+        # activations' derivatives are taken with autograd, so inference mode is off)
+        with torch.inference_mode(False), torch.no_grad():
             try:
-                return self._capture(x, rules, summed, chunked)
+                return self._capture(x.clone() if x.is_inference() else x, rules, weights, chunked)
             finally:
                 for step in self.steps:
                     step.release()
 
-    def _capture(self, x, rules, summed, chunked):
+    def _capture(self, x, rules, weights, chunked):
         at = {id(rule.module): rule for rule in rules}
         targets = {i for i, step in enumerate(self.steps) if id(step.layer) in at}
         if len(targets) != len(at):
@@ -437,7 +432,7 @@ class LayerChain:
                 rule.outputs.append(h.detach())
         f = h.reshape(n, -1)
         o = f.shape[1]
-        b = 1 if summed else o
+        b = o if weights is None else 1
         # Every example's backward is its own: a chunk of examples runs the whole
         # chain while its cotangents are still in the cache.
         widest = max((math.prod(shapes[i]) for i in range(first, len(self.steps))), default=1)
@@ -446,8 +441,8 @@ class LayerChain:
         streamed = {i for i in targets if at[id(self.steps[i].layer)] in chunked}
         stores = {i: empty_buffer(((chunk if i in streamed else n), b) + shapes[i], f.dtype, f.device)
                   for i in targets}
-        basis = torch.ones(1, o, dtype=f.dtype, device=f.device) if summed \
-            else torch.eye(o, dtype=f.dtype, device=f.device)
+        basis = torch.eye(o, dtype=f.dtype, device=f.device) if weights is None \
+            else weights.to(dtype=f.dtype, device=f.device).reshape(1, o)
         for start in range(0, n, chunk):
             rows = slice(start, min(n, start + chunk))
             size = rows.stop - rows.start
@@ -478,7 +473,7 @@ def _chunk_examples(bytes_per_example: int, device: torch.device, n: int) -> int
 
 
 def _seed(basis: torch.Tensor, k: int, example_shape: Tuple[int, ...]) -> _Cotangent:
-    """The cotangents of the model's output for ``k`` examples: the rows of ``basis`` (one-hot, or ones)."""
+    """The cotangents of the model's output for ``k`` examples: the rows of ``basis`` (one-hot, or weights)."""
     b, o = basis.shape
     full = (k, b) + example_shape
     return _Cotangent(basis.unsqueeze(0).expand(k, b, o).reshape(full), full)

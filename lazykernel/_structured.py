@@ -134,7 +134,8 @@ class StructuredPlan:
         """Forward with the rules' hooks, then cotangents at every hooked output.
 
         The cotangents are ``[O, *y.shape]``, one per output, or with
-        ``summed=True`` the single cotangent of ``Σ_o f_o``, ``[1, *y.shape]``.
+        ``summed=True`` the single cotangent of ``Σ_o w_o f_o``, ``[1, *y.shape]``
+        (`check_weights`: fixed random weights, so that no output cancels another).
         With ``probe_rows`` (the largest batch later captures will see) it also
         finds how those take the per-output cotangents (`per_output_backward`).
         Runs with autograd on even when the caller has it off; a verified
@@ -143,13 +144,14 @@ class StructuredPlan:
         (their entry is then None).
         """
         if self.chain is not None and not summed:
-            f, per_rule = self.chain.capture(x, self.rules, summed=False, chunked=chunked)
+            f, per_rule = self.chain.capture(x, self.rules, chunked=chunked)
             if self.outputs is not None and f.shape[1] != self.outputs:
                 raise RuleDoesNotApply(f"lazykernel: the model returned {f.shape[1]} outputs per example, "
                                        f"not {self.outputs}")
             return f, per_rule
-        with torch.enable_grad():
-            return self._capture_with_grad(x, summed, probe_rows)
+        # autograd needs inference mode off, and inputs that are not inference tensors
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._capture_with_grad(x.clone() if x.is_inference() else x, summed, probe_rows)
 
     def _capture_with_grad(self, x: torch.Tensor, summed: bool, probe_rows: Optional[int]
                            ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
@@ -175,7 +177,7 @@ class StructuredPlan:
                 self.cotangent_bytes_per_example = sum(t.numel() * t.element_size() for t in targets) / n
                 self.falls_back = (self._pays_per_output(max(probe_rows, n))
                                    and _batched_backward_falls_back(f, targets))
-            cotangents = _output_cotangents(f.sum(dim=1, keepdim=True), targets)
+            cotangents = _output_cotangents(f @ check_weights(f.shape[1], f), targets)
         else:
             layouts = [rule.examples_first for rule in self.rules for _ in rule.outputs]
             cotangents = _output_cotangents(f, targets, self.per_output_backward(n), layouts)
@@ -189,9 +191,9 @@ class StructuredPlan:
     def verify(self, x: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
         """Check every rule against autograd on ``x``; demote the ones that disagree.
 
-        The check is per example: each example's gradient ``Σ_o ∂f_o(x_i)/∂θ``
+        The check is per example: each example's gradient ``Σ_o w_o ∂f_o(x_i)/∂θ``
         implied by the rule's operands must match autograd's (along a random
-        direction, see `_agrees_along_random_direction`). A rule that
+        direction, see `_agrees_along_random_direction`; w: `check_weights`). A rule that
         misreads which rows belong to which example (a layer applied to a
         sequence-first or folded batch) or that misses uses of its parameters
         outside the hooked call fails it and is replaced by the generic rule.
@@ -244,7 +246,7 @@ class StructuredPlan:
         # them itself. Elsewhere autograd's batched backward is as fast.
         if self.outputs > 1 and any(rule.examples_first for rule in self.rules) and not self._taps():
             chain = LayerChain.of(self.adapter.module)
-            if chain is not None and _chain_agrees(chain, self.rules, dict(zip(rules, per_rule)), x, tol):
+            if chain is not None and _chain_agrees(chain, self.rules, dict(zip(rules, per_rule)), x, f, tol):
                 self.chain = chain
         return f
 
@@ -497,7 +499,7 @@ def _agrees_along_random_direction(adapter: ModelAdapter, rules: List[Structured
                                    x: torch.Tensor, tol: float) -> bool:
     """Do the rules' per-example gradients match autograd along a random direction V?
 
-    For every example i, ``Σ_o ∂f_o(x_i)/∂θ · V`` from forward-mode AD (one JVP
+    For every example i, ``Σ_o w_o ∂f_o(x_i)/∂θ · V`` from forward-mode AD (one JVP
     through the model) is compared with what the rules' operands predict. V is
     a random rank-one tensor per parameter: ``uᵀ E v`` vanishes for a nonzero
     error E with probability zero, and V costs a few random numbers, not P.
@@ -517,7 +519,8 @@ def _agrees_along_random_direction(adapter: ModelAdapter, rules: List[Structured
     def f(diff):
         merged = dict(values)
         merged.update(diff)
-        return adapter.call(merged, x).reshape(n, -1).sum(1)
+        out = adapter.call(merged, x).reshape(n, -1)
+        return out @ check_weights(out.shape[1], out).squeeze(1)
 
     primal = {name: values[name] for name in full}
     try:
@@ -531,10 +534,14 @@ def _agrees_along_random_direction(adapter: ModelAdapter, rules: List[Structured
 
 
 def _chain_agrees(chain: LayerChain, rules: List[StructuredRule],
-                  reference: Dict[StructuredRule, List[torch.Tensor]], x: torch.Tensor, tol: float) -> bool:
-    """Does the layer chain reproduce autograd's cotangents of ``Σ_o f_o`` (``reference``) at every rule?"""
+                  reference: Dict[StructuredRule, List[torch.Tensor]], x: torch.Tensor, f: torch.Tensor,
+                  tol: float) -> bool:
+    """Does the layer chain reproduce autograd's cotangents of ``Σ_o w_o f_o`` (``reference``) at every rule?
+
+    ``f: [n, O]`` are the model's outputs on ``x``.
+    """
     try:
-        _, per_rule = chain.capture(x, rules, summed=True)
+        _, per_rule = chain.capture(x, rules, weights=check_weights(f.shape[1], f).squeeze(1))
     except Exception:
         # shapes the chain does not cover, or a layer that fails outside autograd
         return False
@@ -554,6 +561,18 @@ def _chain_agrees(chain: LayerChain, rules: List[StructuredRule],
     return True
 
 
+def check_weights(outputs: int, like: torch.Tensor) -> torch.Tensor:
+    """``[O, 1]``: the fixed weights of the outputs in the checks, uniform in [0.5, 1.5).
+
+    The checks compare gradients of ``Σ_o w_o f_o``: with all weights 1, outputs
+    that sum to a constant (a head with rows w and −w) would leave nothing to
+    compare, and an error that swaps outputs would not show.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    weights = torch.rand(outputs, 1, generator=gen, dtype=torch.float64) + 0.5
+    return weights.to(dtype=like.dtype, device=like.device)
+
+
 def _rank_one_direction(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A random tensor shaped like ``like``: the outer product of one uniform vector per axis."""
     direction = torch.ones((), dtype=like.dtype, device=like.device)
@@ -568,7 +587,8 @@ def _directional_by_backward(adapter: ModelAdapter, names: List[str],
     n = x.shape[0]
     params = [adapter.params[name] for name in names]
     with torch.enable_grad():
-        y = adapter.forward(x).reshape(n, -1).sum(1)
+        out = adapter.forward(x).reshape(n, -1)
+        y = out @ check_weights(out.shape[1], out).squeeze(1)
         values = []
         for i in range(n):
             grads = torch.autograd.grad(y[i], params, allow_unused=True, retain_graph=True)

@@ -154,6 +154,10 @@ def plan(
         report.chunks = (b1, b2)
         pairs, square_pairs, featurised, block_examples = _schedule(n1, n2, b1, b2, call.symmetric)
         probe = x1[:_PROBE_EXAMPLES]
+        # counted with autograd on (`_counted_flops`), which cannot save inference tensors
+        if probe.is_inference():
+            with torch.inference_mode(False):
+                probe = probe.clone()
         report.forward_flops = _counted_flops(lambda: call.adapter.forward(probe)) / probe.shape[0]
         report.operand_flops = featurised * _counted_flops(lambda: engine.features(probe)) / probe.shape[0]
         report.groups = _groups(engine, call.mode, call.outputs, pairs, square_pairs, block_examples,
@@ -253,6 +257,6 @@ def _counted_flops(run) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.enable_grad(), counter:
+    with torch.inference_mode(False), torch.enable_grad(), counter:
         run()
     return float(counter.get_total_flops())

@@ -14,7 +14,7 @@ import lazykernel
 from lazykernel import _chain, _structured
 from lazykernel._chain import LayerChain
 from lazykernel._model import make_adapter
-from lazykernel._structured import StructuredPlan
+from lazykernel._structured import StructuredPlan, check_weights
 
 from conftest import OUTPUTS, assert_close_to_reference, reference_ntk
 
@@ -70,7 +70,9 @@ def test_chain_cotangents_equal_autograd(name, summed, chunk_bytes, monkeypatch)
         rule.clear()
     chain = LayerChain.of(model)
     assert chain is not None
-    f, got = chain.capture(x, plan.rules, summed)
+    # the summed capture weights the outputs as the checks do
+    weights = check_weights(f_ref.shape[1], f_ref).squeeze(1) if summed else None
+    f, got = chain.capture(x, plan.rules, weights)
     torch.testing.assert_close(f, f_ref, rtol=1e-13, atol=1e-13)
     assert len(got) == len(expected) == len(plan.rules)
     outputs = 1 if summed else f.shape[1]
@@ -197,6 +199,22 @@ def test_a_chain_that_disagrees_with_autograd_is_not_used(monkeypatch):
     assert_close_to_reference(got, reference_ntk(model, x, output="full"), torch.float64)
 
 
+def test_a_wrong_chain_is_caught_when_the_outputs_sum_to_a_constant(monkeypatch):
+    # head rows w and -w: the cotangents of the plain sum of outputs are all zero,
+    # so only weighted outputs (`check_weights`) show the forgotten derivative
+    monkeypatch.setattr(_chain._ElementwiseStep, "backward", lambda self, g, rows, out: g)
+    torch.manual_seed(3)
+    model = _cnn(nn.Tanh()).double()
+    with torch.no_grad():
+        model[-1].weight[1] = -model[-1].weight[0]
+        model[-1].weight[2] = 2 * model[-1].weight[0]
+        model[-1].weight[0] *= -1
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    assert _verified_plan(model, x).chain is None
+    got = lazykernel.ntk(model, x, output="full")
+    assert_close_to_reference(got, reference_ntk(model, x, output="full"), torch.float64)
+
+
 def test_a_chain_that_fails_is_not_used(monkeypatch):
     def broken(self, g, rows, out):
         raise RuntimeError("no backward here")
@@ -216,10 +234,9 @@ def test_the_chain_keeps_nothing_after_a_capture():
     model = model.eval()
     chain = LayerChain.of(model)
     plan = StructuredPlan.build(make_adapter(model, None))
-    chain.capture(torch.randn((3,) + shape), plan.rules, summed=False)
+    chain.capture(torch.randn((3,) + shape), plan.rules)
     for step in chain.steps:
         assert getattr(step, "derivative", None) is None
-        assert getattr(step, "_shape_only", None) is None
         assert getattr(step, "_common", None) is None
         assert getattr(step, "_spread_matrix", None) is None
 

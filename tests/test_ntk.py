@@ -644,3 +644,24 @@ def test_progress_reports_tiles_on_stderr_and_leaves_result_unchanged(capsys):
     torch.testing.assert_close(loud, quiet, rtol=0, atol=0)
     # 3 chunks of 2 examples, upper triangle of chunk pairs: 6 tiles
     assert "6/6" in err
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("inside", [True, False])
+def test_inference_mode_and_inference_tensors_are_accepted(method, inside):
+    # the structured capture differentiates the model: it turns inference mode off for
+    # itself and copies inputs created under it, which autograd cannot save
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)).double()
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    expected = reference_ntk(model, x, output="full")
+    with torch.inference_mode():
+        x_inference = x.clone()
+        if inside:
+            got = lazykernel.ntk(model, x_inference, output="full", method=method)
+            capture = lazykernel.plan(model, x_inference).capture
+    if not inside:
+        got = lazykernel.ntk(model, x_inference, output="full", method=method)
+        capture = lazykernel.plan(model, x_inference).capture
+    assert_close_to_reference(got, expected, torch.float64)
+    assert capture == "one backward of the layer chain, batched over outputs"

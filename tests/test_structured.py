@@ -86,6 +86,20 @@ def test_rules_are_checked_on_examples_of_x2_too_when_x1_has_few(n1):
     torch.testing.assert_close(got, reference_ntk(model, x[:n1], x, "full"), rtol=1e-10, atol=1e-12)
 
 
+def test_rules_are_checked_when_the_outputs_sum_to_a_constant():
+    # head rows w and -w: f_0 + f_1 is constant, so the gradient of the plain sum of
+    # outputs is zero everywhere and could not tell a wrong rule from a right one
+    torch.manual_seed(6)
+    model = _Reordered().double()
+    with torch.no_grad():
+        model.out.weight[1] = -model.out.weight[0]
+    x = torch.randn(5, 4, dtype=torch.float64)
+    report = lazykernel.plan(model, x, method="structured")
+    assert {g.rule for g in report.groups if "fc.weight" in g.params} == {"PerExampleJacobian"}, str(report)
+    got = lazykernel.ntk(model, x, output="full", method="structured")
+    torch.testing.assert_close(got, reference_ntk(model, x, output="full"), rtol=1e-10, atol=1e-12)
+
+
 def test_tied_weights_go_to_the_generic_rule():
     first, second = nn.Linear(4, 4), nn.Linear(4, 4)
     second.weight = first.weight
