@@ -1,8 +1,8 @@
 """Cotangents of a plain layer chain, taken layer by layer without autograd.
 
 For an ``nn.Sequential`` of standard layers (linear maps, convolutions,
-elementwise activations, average pooling, flattening, eval-mode batch norm
-and dropout) the backward of the O output cotangents is a fixed sequence of
+elementwise activations, average and max pooling, flattening, eval-mode batch
+norm and dropout) the backward of the O output cotangents is a fixed sequence of
 linear maps, and `LayerChain` runs it directly, batched over outputs:
 
 * PyTorch's batched backward has no batching rule for convolution or pooling
@@ -28,6 +28,7 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lazykernel._memory import empty_buffer
@@ -54,6 +55,7 @@ _AVG_POOL: Tuple[Type[nn.Module], ...] = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool
 _ADAPTIVE_AVG_POOL: Tuple[Type[nn.Module], ...] = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
 )
+_MAX_POOL: Tuple[Type[nn.Module], ...] = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _BATCH_NORM: Tuple[Type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -287,6 +289,38 @@ class _AvgPoolStep(_Step):
         self._spread_matrix = None
 
 
+class _MaxPoolStep(_Step):
+    """Max pooling: its backward adds each cotangent at the input position its window took.
+
+    The forward records those positions (``return_indices``), as autograd's
+    backward uses them, ties included.
+    """
+
+    def forward(self, x, needs_backward):
+        self.input_shape = tuple(x.shape)
+        layer = self.layer
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[x.dim() - 3] if 3 <= x.dim() <= 5 else None
+        if pool is None:
+            raise ChainDoesNotApply("max pooling of an input that is not batched [N, C, *spatial]")
+        y, self.indices = pool(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                               ceil_mode=layer.ceil_mode, return_indices=True)
+        if not needs_backward:
+            self.indices = None
+        return y
+
+    def backward(self, g, rows, out):
+        k, b, c = g.shape[:3]
+        pooled = g.materialised().view(k, b, c, -1)
+        indices = self.indices[rows].reshape(k, 1, c, -1).expand(k, b, c, pooled.shape[3])
+        grad_in = pooled.new_zeros((k, b, c, math.prod(self.input_shape[2:])))
+        grad_in.scatter_add_(3, indices, pooled)
+        shape = g.shape[:2] + self.input_shape[1:]
+        return _Cotangent(grad_in.view(shape), shape, owned=True)
+
+    def release(self):
+        self.indices = None
+
+
 class _BatchNormStep(_Step):
     """Eval-mode batch norm: per channel, ``∂/∂x = g · w / √(running_var + eps)``."""
 
@@ -334,6 +368,8 @@ def _step_for(layer: nn.Module) -> Optional[_Step]:
         return _IdentityStep(layer)
     if kind in _AVG_POOL or kind in _ADAPTIVE_AVG_POOL:
         return _AvgPoolStep(layer)
+    if kind in _MAX_POOL and not layer.return_indices:
+        return _MaxPoolStep(layer)
     if kind in _BATCH_NORM and not layer.training and layer.running_var is not None:
         return _BatchNormStep(layer)
     if kind is nn.Flatten or kind is nn.Unflatten:

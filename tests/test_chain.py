@@ -33,16 +33,19 @@ def _models():
     return {
         "conv2d": (nn.Sequential(
             nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=True), nn.AvgPool2d(2),
+            nn.MaxPool2d(3, stride=1, padding=1),
             nn.Conv2d(4, 4, 3, padding="same"), bn2, nn.GELU(), nn.Dropout(0.3),
             nn.Conv2d(4, 6, 2, stride=2, dilation=1, groups=2), nn.Tanh(), nn.AdaptiveAvgPool2d(1),
             nn.Flatten(), nn.Identity(), nn.Linear(6, 5)), (2, 8, 8)),
         "conv1d": (nn.Sequential(
-            nn.Conv1d(3, 6, 3, dilation=2, padding="valid"), nn.SiLU(), nn.AvgPool1d(3),
+            nn.Conv1d(3, 6, 3, dilation=2, padding="valid"), nn.SiLU(), nn.MaxPool1d(3, stride=1, ceil_mode=True),
+            nn.AvgPool1d(2),
             bn1, nn.Sequential(nn.Conv1d(6, 4, 1), nn.Softplus()),
             nn.Linear(2, 3), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(12, 4), nn.Sigmoid()), (3, 10)),
         # Conv3d has no rule of its own (its parameters would be taps): frozen here
         "conv3d": (nn.Sequential(
             nn.Conv3d(1, 3, 2, stride=(1, 2, 1)).requires_grad_(False), nn.ELU(),
+            nn.MaxPool3d((1, 1, 2), stride=1, dilation=(1, 1, 2)),
             nn.AdaptiveAvgPool3d((1, 2, 1)), nn.Flatten(), nn.Unflatten(1, (3, 2)), nn.Linear(2, 4),
             nn.Hardswish(), nn.Flatten(), nn.Linear(12, 3)), (1, 3, 5, 4)),
     }
@@ -129,7 +132,8 @@ def test_the_chain_refuses_what_it_does_not_describe():
     # a model with a forward of its own, or a layer of a subclassed or unknown type
     assert LayerChain.of(_Net()) is None
     assert LayerChain.of(_cnn(_MyReLU())) is None
-    assert LayerChain.of(_cnn(nn.MaxPool2d(1))) is None
+    assert LayerChain.of(_cnn(nn.MaxPool2d(1, return_indices=True))) is None
+    assert LayerChain.of(_cnn(nn.LPPool2d(2, 1))) is None
     assert LayerChain.of(_cnn(nn.PReLU())) is None
     assert LayerChain.of(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"))) is None
     # "same" padding with an even kernel pads one side more
