@@ -202,6 +202,11 @@ class StructuredPlan:
 
         Returns the model's outputs on ``x`` as ``[n, O]``.
         """
+        # every check differentiates the model: inference mode off, and no inference tensors
+        with torch.inference_mode(False):
+            return self._verify(x.clone() if x.is_inference() else x, rows)
+
+    def _verify(self, x: torch.Tensor, rows: Optional[int]) -> torch.Tensor:
         if x.shape[0] == 1:
             # with one example, a batch axis mixed up with another axis cannot show
             x = torch.cat([x, x])

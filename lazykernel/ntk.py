@@ -229,8 +229,12 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str) -> Tuple[int, int]
     Returns (O, activation elements per example).
     """
     k = min(x.shape[0], _PROBE_EXAMPLES)
-    # a copy: a model that writes into its input must not write into the caller's
-    sample = x[:k].clone() if k else x[:1].new_zeros((1,) + tuple(x.shape[1:]))
+    # A copy, so a model that writes into its input does not write into the
+    # caller's; made outside inference mode, so that its writes are counted; and
+    # seen through a view, as the chunks of x will be.
+    with torch.inference_mode(False):
+        copy = x[:k].clone() if k else x[:1].new_zeros((1,) + tuple(x.shape[1:]))
+    sample = copy[:]
     k = sample.shape[0]
     version = _version_of(sample)
     seen = [int(sample.numel())]

@@ -267,18 +267,35 @@ def test_bad_batch_size_or_memory_budget_values_raise(kwargs, phrase):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_a_model_that_writes_into_its_input_is_refused_and_the_input_kept(method):
+@pytest.mark.parametrize("inference", [False, True])
+def test_a_model_that_writes_into_its_input_is_refused_and_the_input_kept(method, inference):
     # LeakyReLU in place on the raw input: each forward would shrink the negative inputs again
+    # (inside inference mode too, where the probe's copy must still count writes)
     model = nn.Sequential(nn.LeakyReLU(0.2, inplace=True), nn.Linear(3, 2)).double()
     x = torch.randn(5, 3, dtype=torch.float64)
     before = x.clone()
-    with pytest.raises(ValueError, match="changed its input in place.*x1.*inplace=False"):
-        lazykernel.ntk(model, x, method=method)
-    assert torch.equal(x, before)
-    with pytest.raises(ValueError, match="changed its input in place"):
-        lazykernel.jvp(model, x, {name: torch.ones_like(p) for name, p in model.named_parameters()})
-    assert torch.equal(x, before)
+    with torch.inference_mode(inference):
+        with pytest.raises(ValueError, match="changed its input in place.*x1.*inplace=False"):
+            lazykernel.ntk(model, x, method=method)
+        assert torch.equal(x, before)
+        with pytest.raises(ValueError, match="changed its input in place"):
+            lazykernel.jvp(model, x, {name: torch.ones_like(p) for name, p in model.named_parameters()})
+        assert torch.equal(x, before)
     # an in-place activation after the first layer writes into the model's own tensors: fine
     model = nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.2, inplace=True), nn.Linear(4, 2)).double()
     assert_close_to_reference(lazykernel.ntk(model, x, method=method), reference_ntk(model, x), torch.float64)
     assert torch.equal(x, before)
+
+
+def test_a_model_that_detaches_its_input_in_place_is_refused_by_the_probe():
+    # the probe's copy is seen through a view, as the chunks of x1 are
+    class Detaching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x.detach_())
+
+    with pytest.raises(ValueError, match="could not be applied to x1.*detach"):
+        lazykernel.ntk(Detaching(), torch.randn(5, 3))

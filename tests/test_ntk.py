@@ -665,3 +665,46 @@ def test_inference_mode_and_inference_tensors_are_accepted(method, inside):
         capture = lazykernel.plan(model, x_inference).capture
     assert_close_to_reference(got, expected, torch.float64)
     assert capture == "one backward of the layer chain, batched over outputs"
+
+
+class _SquareWithoutJvp(torch.autograd.Function):
+    """x², with a backward but no forward-mode rule: the rule check falls back to reverse mode."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _SquaredHidden(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(_SquareWithoutJvp.apply(self.a(x)))
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_inference_mode_with_an_op_without_forward_mode_ad(inside):
+    torch.manual_seed(8)
+    model = _SquaredHidden().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    expected = reference_ntk(model, x, output="full")
+    with torch.inference_mode():
+        x_inference = x.clone()
+        if inside:
+            got = lazykernel.ntk(model, x_inference, output="full", method="structured")
+    if not inside:
+        got = lazykernel.ntk(model, x_inference, output="full", method="structured")
+    assert_close_to_reference(got, expected, torch.float64)
