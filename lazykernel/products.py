@@ -26,6 +26,7 @@ from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, ch
 from lazykernel._precision import check_precision, matmul_precision
 from lazykernel.ntk import _probe
 from lazykernel.ops import linear_jvp_stacked
+from lazykernel.rules import explicit_attention
 
 Tangent = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 JVP_METHODS = ("auto", "structured", "generic")
@@ -191,7 +192,7 @@ def jvp(
     if method not in JVP_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {JVP_METHODS}")
     adapter, dtype = _prepare(model, x, params, precision)
-    with matmul_precision(precision, x.device, dtype):
+    with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype):
         return _jvp(adapter, x, tangent, method, batch_size, memory_budget)
 
 
@@ -331,7 +332,7 @@ def vjp(
     if not isinstance(cotangent, torch.Tensor):
         raise ValueError(f"cotangent must be a tensor shaped like the model's output, got "
                          f"{type(cotangent).__name__}")
-    with matmul_precision(precision, x.device, dtype):
+    with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype):
         return _vjp(adapter, x, cotangent, batch_size, memory_budget)
 
 
@@ -409,7 +410,7 @@ def ntk_vp(
     x2_ = x if x2 is None else x2
     if not isinstance(v, torch.Tensor) or not v.is_floating_point():
         raise ValueError(f"v must be a floating-point tensor, got {type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}")
-    with matmul_precision(precision, x.device, dtype):
+    with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype):
         return _ntk_vp(adapter, x, v, x2, x2_, output, dtype, batch_size, memory_budget)
 
 

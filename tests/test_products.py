@@ -259,3 +259,35 @@ def test_ntk_vp_errors():
         lazykernel.ntk_vp(model, x, torch.randn(2), torch.randn(2, 6))
     with pytest.raises(ValueError, match="floating-point"):
         lazykernel.ntk_vp(model, x, torch.ones(4, dtype=torch.int64))
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(self.embed(x)).mean(1))
+
+
+def test_products_of_a_transformer_layer_in_eval_mode():
+    # an eval-mode encoder layer takes PyTorch's fused path where it can, which has no
+    # forward-mode rule: the products run the layer's unfused path, as ntk does
+    torch.manual_seed(11)
+    model = _Encoder().double().eval()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    jac, names = _reference_jacobian(model, x)
+    tangent = _random_like_params(model, names, torch.float64)
+    cot = torch.randn(5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        _, y_dot = lazykernel.jvp(model, x, tangent)
+        grads = lazykernel.vjp(model, x, cot)
+        v = torch.randn(5, dtype=torch.float64)
+        kv = lazykernel.ntk_vp(model, x, v)
+    torch.testing.assert_close(y_dot.reshape(-1), jac.reshape(-1, jac.shape[2]) @ _flat(tangent, names),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(_flat(grads, names), torch.einsum("nop,no->p", jac, cot), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(kv, reference_ntk(model, x) @ v, rtol=1e-10, atol=1e-10)
+    assert torch.backends.mha.get_fastpath_enabled()
