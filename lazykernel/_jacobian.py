@@ -16,7 +16,7 @@ from torch.func import jacrev, jvp, vjp, vmap
 from lazykernel._model import ModelAdapter
 
 
-def per_example_jacobian(adapter: ModelAdapter, names: List[str], x: torch.Tensor
+def per_example_jacobian(adapter: ModelAdapter, names: List[str], x: torch.Tensor, by_loop: bool = False
                          ) -> torch.Tensor:
     """Jacobian of each example's outputs with respect to the parameters ``names``.
 
@@ -24,10 +24,14 @@ def per_example_jacobian(adapter: ModelAdapter, names: List[str], x: torch.Tenso
         adapter: the model.
         names: selected parameter names (a subset of ``adapter.params``).
         x: ``[N, *in]`` inputs.
+        by_loop: one plain backward per example and output instead of torch.func's
+            vmap, for models whose batched backward PyTorch gets wrong.
 
     Returns:
         ``[N, O, P]`` with P the total size of ``names`` in the given order.
     """
+    if by_loop:
+        return _per_example_jacobian_by_backward(adapter, names, x)
     values = {name: adapter.params[name].detach() for name in names}
     others = {name: p.detach() for name, p in adapter.params.items() if name not in values}
 
@@ -42,6 +46,24 @@ def per_example_jacobian(adapter: ModelAdapter, names: List[str], x: torch.Tenso
     except Exception:
         jac = _per_example_jacobian_loop(f_single, values, x)
     return torch.cat([jac[name].reshape(n, jac[name].shape[1], -1) for name in names], dim=2)
+
+
+def _per_example_jacobian_by_backward(adapter: ModelAdapter, names: List[str], x: torch.Tensor) -> torch.Tensor:
+    values = {name: p.detach() for name, p in adapter.params.items()}
+    leaves = {name: values[name].clone().requires_grad_() for name in names}
+    values.update(leaves)
+    params = [leaves[name] for name in names]
+    rows = []
+    with torch.enable_grad():
+        for i in range(x.shape[0]):
+            y = adapter.call(values, x[i:i + 1]).reshape(-1)
+            for o in range(y.numel()):
+                grads = torch.autograd.grad(y[o], params, retain_graph=o + 1 < y.numel(), allow_unused=True)
+                rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                       for g, p in zip(grads, params)]))
+    o = len(rows) // max(x.shape[0], 1)
+    p = sum(leaf.numel() for leaf in params)
+    return torch.stack(rows).reshape(x.shape[0], o, p) if rows else x.new_zeros(0, 0, p)
 
 
 def _per_example_jacobian_loop(f_single, values, x):

@@ -55,6 +55,11 @@ class StructuredPlan:
         self.cotangent_bytes_per_example = 0.0
         # a plain nn.Sequential's own backward (`LayerChain`), once verified against autograd
         self.chain: Optional[LayerChain] = None
+        # Set by `verify` where PyTorch's vmap got the batched backward or the generic
+        # group's per-example Jacobians wrong on the probe examples (it does for some
+        # ops' backward): those then loop over outputs, or examples and outputs.
+        self.batched_is_wrong = False
+        self.generic_by_loop = False
 
     def capture_name(self, rows: int) -> str:
         """How a capture of ``rows`` examples takes the cotangents of the outputs."""
@@ -72,7 +77,7 @@ class StructuredPlan:
         verified) and one output's cotangents are large enough to pay for a
         pass of their own.
         """
-        return self.falls_back and self._pays_per_output(rows)
+        return (self.falls_back and self._pays_per_output(rows)) or self.batched_is_wrong
 
     def _pays_per_output(self, rows: int) -> bool:
         # below a few MiB per output, one batched pass beats O passes' overhead
@@ -177,7 +182,15 @@ class StructuredPlan:
                 self.cotangent_bytes_per_example = sum(t.numel() * t.element_size() for t in targets) / n
                 self.falls_back = (self._pays_per_output(max(probe_rows, n))
                                    and _batched_backward_falls_back(f, targets))
-            cotangents = _output_cotangents(f @ check_weights(f.shape[1], f), targets)
+            weights = check_weights(f.shape[1], f)
+            grads = torch.autograd.grad((f @ weights).sum(), targets, allow_unused=True, retain_graph=f.shape[1] > 1)
+            cotangents = [_zeros_if_none(g, t).unsqueeze(0) for g, t in zip(grads, targets)]
+            if probe_rows is not None and f.shape[1] > 1:
+                # the batched backward the chunks will take, against the plain one
+                batched = _output_cotangents(f, targets)
+                self.batched_is_wrong = not all(
+                    _close(torch.tensordot(weights.squeeze(1), b, dims=1), c[0], _tolerance(f.dtype))
+                    for b, c in zip(batched, cotangents))
         else:
             layouts = [rule.examples_first for rule in self.rules for _ in rule.outputs]
             cotangents = _output_cotangents(f, targets, self.per_output_backward(n), layouts)
@@ -225,10 +238,12 @@ class StructuredPlan:
                 self.demote(rule)
             f, per_rule = self._capture(x, summed=True, probe_rows=rows)
         self.outputs = f.shape[1]
+        if self.generic:
+            self.generic_by_loop = not jacobians_agree(self.adapter, self.generic, x)
         if not self.rules:
             return f
         rules = list(self.rules)
-        tol = 1e-4 if f.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        tol = _tolerance(f.dtype)
         operands: Dict[StructuredRule, Optional[list]] = {}
         for rule, cotangents in zip(rules, per_rule):
             try:
@@ -376,7 +391,7 @@ class StructuredPlan:
                         g_list.append(term.g)
                 rule.clear()
         if self.generic:
-            jac = per_example_jacobian(self.adapter, self.generic, x)
+            jac = per_example_jacobian(self.adapter, self.generic, x, by_loop=self.generic_by_loop)
             a_list.append(jac.new_ones(n, 1, 1))
             g_list.append(jac.unsqueeze(1))
         return a_list, g_list, tokens, deferred
@@ -499,6 +514,60 @@ def _batched_backward_falls_back(f: torch.Tensor, targets: List[torch.Tensor]) -
     return any("batching rule" in str(w.message) for w in caught)
 
 
+def _tolerance(dtype: torch.dtype) -> float:
+    """Relative error the checks allow: round-off of the dtype, with room to spare."""
+    return 1e-4 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
+    scale = max(float(torch.linalg.vector_norm(want)), float(torch.linalg.vector_norm(got)), 1e-30)
+    return float(torch.linalg.vector_norm(got - want)) <= tol * scale * 10
+
+
+def jacobians_agree(adapter: ModelAdapter, names: List[str], x: torch.Tensor) -> bool:
+    """Do the per-example Jacobians of ``names`` (torch.func's vmap) match autograd on ``x``?
+
+    Along a random direction V of those parameters, ``Σ_o w_o J_o(x_i) V`` from
+    the Jacobians is compared with the directional derivative of
+    ``Σ_o w_o f_o(x_i)`` (forward mode, or one backward per example). Where they
+    differ, PyTorch's batched backward is wrong for some op of the model, and the
+    Jacobians must come from one backward per example and output.
+    """
+    with torch.inference_mode(False):
+        return _jacobians_agree(adapter, names, x.clone() if x.is_inference() else x)
+
+
+def _jacobians_agree(adapter: ModelAdapter, names: List[str], x: torch.Tensor) -> bool:
+    jac = per_example_jacobian(adapter, names, x)                          # [n, O, P]
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    values = adapter.detached_params()
+    direction = {name: _rank_one_direction(values[name], gen) for name in names}
+    flat = torch.cat([direction[name].reshape(-1) for name in names]).to(jac.dtype)
+    predicted = (jac @ flat) @ check_weights(jac.shape[1], jac).squeeze(1)
+    actual = _weighted_directional(adapter, names, direction, x)
+    return _close(predicted.detach().double(), actual, _tolerance(jac.dtype))
+
+
+def _weighted_directional(adapter: ModelAdapter, names: List[str], direction: Dict[str, torch.Tensor],
+                          x: torch.Tensor) -> torch.Tensor:
+    """``[n]`` float64: ``Σ_o w_o ∂f_o(x_i)/∂θ · V`` for V = ``direction`` on the parameters ``names``."""
+    n = x.shape[0]
+    values = adapter.detached_params()
+
+    def f(diff):
+        merged = dict(values)
+        merged.update(diff)
+        out = adapter.call(merged, x).reshape(n, -1)
+        return out @ check_weights(out.shape[1], out).squeeze(1)
+
+    try:
+        _, actual = torch.func.jvp(f, ({name: values[name] for name in names},), (direction,))
+    except Exception:
+        # an op without forward-mode AD: per-example reverse mode instead
+        actual = _directional_by_backward(adapter, names, direction, x)
+    return actual.detach().double()
+
+
 def _agrees_along_random_direction(adapter: ModelAdapter, rules: List[StructuredRule],
                                    operands: Dict[StructuredRule, tuple],
                                    x: torch.Tensor, tol: float) -> bool:
@@ -520,22 +589,7 @@ def _agrees_along_random_direction(adapter: ModelAdapter, rules: List[Structured
     for rule in rules:
         if operands[rule]:
             predicted += rule.directional(operands[rule], n, direction).double()
-
-    def f(diff):
-        merged = dict(values)
-        merged.update(diff)
-        out = adapter.call(merged, x).reshape(n, -1)
-        return out @ check_weights(out.shape[1], out).squeeze(1)
-
-    primal = {name: values[name] for name in full}
-    try:
-        _, actual = torch.func.jvp(f, (primal,), (direction,))
-    except Exception:
-        # an op without forward-mode AD: per-example reverse mode instead
-        actual = _directional_by_backward(adapter, full, direction, x)
-    actual = actual.detach().double()
-    scale = max(float(torch.linalg.vector_norm(actual)), float(torch.linalg.vector_norm(predicted)), 1e-30)
-    return float(torch.linalg.vector_norm(actual - predicted)) <= tol * scale * 10
+    return _close(predicted, _weighted_directional(adapter, full, direction, x), tol)
 
 
 def _chain_agrees(chain: LayerChain, rules: List[StructuredRule],
@@ -558,10 +612,7 @@ def _chain_agrees(chain: LayerChain, rules: List[StructuredRule],
         if len(expected) != len(cotangents):
             return False
         for want, got in zip(expected, cotangents):
-            if want.shape != got.shape:
-                return False
-            scale = max(float(torch.linalg.vector_norm(want)), 1e-30)
-            if float(torch.linalg.vector_norm(got - want)) > tol * scale * 10:
+            if want.shape != got.shape or not _close(got, want, tol):
                 return False
     return True
 

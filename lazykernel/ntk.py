@@ -16,7 +16,7 @@ from lazykernel._jacobian import ntk_block_by_ntvp, per_example_jacobian
 from lazykernel._precision import check_precision, gemm_gram_accumulate, matmul_precision, uses_tf32
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter,
                                model_tensors, one_call_per_model)
-from lazykernel._structured import StructuredPlan
+from lazykernel._structured import StructuredPlan, jacobians_agree
 from lazykernel.rules import explicit_attention
 from lazykernel.ops import OUTPUTS, gram_hadamard_accumulate, token_gram_accumulate
 
@@ -461,9 +461,11 @@ def _gradient_gram(out: torch.Tensor, grad1: torch.Tensor, grad2: torch.Tensor, 
 
 class _JacobianEngine(_Engine):
     name = "jacobian"
+    # one backward per example and output, where torch.func's vmap was found wrong (`jacobians_agree`)
+    by_loop = False
 
     def features(self, x):
-        return per_example_jacobian(self.adapter, list(self.adapter.params), x).to(self.dtype)
+        return per_example_jacobian(self.adapter, list(self.adapter.params), x, by_loop=self.by_loop).to(self.dtype)
 
     def block(self, f1, f2, same, out):
         n1, o, p = f1.shape
@@ -532,7 +534,9 @@ def _make_engine(method, adapter, probe, mode, outputs, activations, n1, n2, bud
         plan.choose_forms(n1, n2, mode, budget / elt)
         return _StructuredEngine(plan, probe, *common)
     if method == "jacobian":
-        return _JacobianEngine(adapter, *common)
+        engine = _JacobianEngine(adapter, *common)
+        engine.by_loop = not jacobians_agree(adapter, list(adapter.params), probe)
+        return engine
     return _NtvpEngine(adapter, *common)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 import lazykernel
 from conftest import reference_ntk
 from lazykernel._model import make_adapter
+from lazykernel import _structured
 from lazykernel._structured import StructuredPlan
 from lazykernel.rules import LinearRule, Pairwise, StructuredRule, TermShape, register_rule, rule_for
 
@@ -209,3 +210,58 @@ def test_linear_directional_matches_its_per_example_gradients(chosen):
     fast = rule.directional(terms, 5, direction)
     slow = StructuredRule.directional(rule, terms, 5, direction)
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+class _RadialBasis(nn.Module):
+    """Distances to learnable centres (torch.cdist), whose batched backward torch 2.13's vmap gets wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.centres = nn.Parameter(torch.randn(5, 4))
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.exp(-torch.cdist(self.embed(x), self.centres) ** 2))
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian"])
+def test_a_model_whose_batched_backward_pytorch_gets_wrong_is_exact(method):
+    torch.manual_seed(9)
+    model = _RadialBasis().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    got = lazykernel.ntk(model, x, output="full", method=method)
+    torch.testing.assert_close(got, reference_ntk(model, x, output="full"), rtol=1e-10, atol=1e-12)
+
+
+def test_a_wrong_batched_backward_is_found_and_replaced_by_one_per_output(monkeypatch):
+    real = _structured._output_cotangents
+
+    def wrong_when_batched(f, targets, per_output=False, examples_first=None):
+        got = real(f, targets, per_output, examples_first)
+        return got if per_output or f.shape[1] == 1 else [1.5 * g for g in got]
+
+    monkeypatch.setattr(_structured, "_output_cotangents", wrong_when_batched)
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    plan = _plan(model, x)
+    assert plan.batched_is_wrong and plan.per_output_backward(1)
+    got = lazykernel.ntk(model, x, output="full", method="structured")
+    torch.testing.assert_close(got, reference_ntk(model, x, output="full"), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian"])
+def test_wrong_per_example_jacobians_are_found_and_taken_by_backward(method, monkeypatch):
+    from lazykernel import _jacobian
+
+    real = _jacobian.vmap
+    monkeypatch.setattr(_jacobian, "vmap", lambda fn, **kw: (lambda *a: {
+        name: 1.5 * value for name, value in real(fn, **kw)(*a).items()}))
+    # tied weights: the generic group of the structured method
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    got = lazykernel.ntk(model, x, output="full", method=method)
+    torch.testing.assert_close(got, reference_ntk(model, x, output="full"), rtol=1e-10, atol=1e-12)
