@@ -440,10 +440,11 @@ class LayerChain:
         take their cotangents chunk by chunk instead (`add_chunk`), and get None.
         """
         # the parameters require grad, but nothing here is differentiated again (the
-        # activations' derivatives are taken with autograd, so inference mode is off)
-        with torch.inference_mode(False), torch.no_grad():
+        # activations' derivatives are taken with autograd: the plan's captures run
+        # this outside inference mode)
+        with torch.no_grad():
             try:
-                return self._capture(x.clone() if x.is_inference() else x, rules, weights, chunked)
+                return self._capture(x, rules, weights, chunked)
             finally:
                 for step in self.steps:
                     step.release()

@@ -10,9 +10,10 @@ correctness.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -148,15 +149,15 @@ class StructuredPlan:
         and hands those of the rules in ``chunked`` to them chunk by chunk
         (their entry is then None).
         """
-        if self.chain is not None and not summed:
-            f, per_rule = self.chain.capture(x, self.rules, chunked=chunked)
-            if self.outputs is not None and f.shape[1] != self.outputs:
-                raise RuleDoesNotApply(f"lazykernel: the model returned {f.shape[1]} outputs per example, "
-                                       f"not {self.outputs}")
-            return f, per_rule
-        # autograd needs inference mode off, and inputs that are not inference tensors
-        with torch.inference_mode(False), torch.enable_grad():
-            return self._capture_with_grad(x.clone() if x.is_inference() else x, summed, probe_rows)
+        with _differentiable(x) as x:
+            if self.chain is not None and not summed:
+                f, per_rule = self.chain.capture(x, self.rules, chunked=chunked)
+                if self.outputs is not None and f.shape[1] != self.outputs:
+                    raise RuleDoesNotApply(f"lazykernel: the model returned {f.shape[1]} outputs per example, "
+                                           f"not {self.outputs}")
+                return f, per_rule
+            with torch.enable_grad():
+                return self._capture_with_grad(x, summed, probe_rows)
 
     def _capture_with_grad(self, x: torch.Tensor, summed: bool, probe_rows: Optional[int]
                            ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
@@ -183,9 +184,9 @@ class StructuredPlan:
                 self.falls_back = (self._pays_per_output(max(probe_rows, n))
                                    and _batched_backward_falls_back(f, targets))
             weights = check_weights(f.shape[1], f)
-            grads = torch.autograd.grad((f @ weights).sum(), targets, allow_unused=True, retain_graph=f.shape[1] > 1)
-            cotangents = [_zeros_if_none(g, t).unsqueeze(0) for g, t in zip(grads, targets)]
-            if probe_rows is not None and f.shape[1] > 1:
+            checks_batched = probe_rows is not None and f.shape[1] > 1
+            cotangents = _output_cotangents(f @ weights, targets, retain_graph=checks_batched)
+            if checks_batched:
                 # the batched backward the chunks will take, against the plain one
                 batched = _output_cotangents(f, targets)
                 self.batched_is_wrong = not all(
@@ -215,9 +216,8 @@ class StructuredPlan:
 
         Returns the model's outputs on ``x`` as ``[n, O]``.
         """
-        # every check differentiates the model: inference mode off, and no inference tensors
-        with torch.inference_mode(False):
-            return self._verify(x.clone() if x.is_inference() else x, rows)
+        with _differentiable(x) as x:
+            return self._verify(x, rows)
 
     def _verify(self, x: torch.Tensor, rows: Optional[int]) -> torch.Tensor:
         if x.shape[0] == 1:
@@ -439,7 +439,8 @@ def _block_flops(cost: Tuple[float, float, float], n1: int, n2: int) -> float:
 
 
 def _output_cotangents(f: torch.Tensor, targets: List[torch.Tensor], per_output: bool = False,
-                       examples_first: Optional[Sequence[bool]] = None) -> List[torch.Tensor]:
+                       examples_first: Optional[Sequence[bool]] = None, retain_graph: bool = False
+                       ) -> List[torch.Tensor]:
     """``∂f_o/∂target`` for every output o, stacked: ``[O, *target.shape]`` each.
 
     One backward pass batched over the O one-hot output cotangents, unless
@@ -451,7 +452,7 @@ def _output_cotangents(f: torch.Tensor, targets: List[torch.Tensor], per_output:
     n, o = f.shape
     if o == 1:
         grads = torch.autograd.grad(f, targets, grad_outputs=torch.ones_like(f),
-                                    allow_unused=True)
+                                    allow_unused=True, retain_graph=retain_graph)
         return [(_zeros_if_none(g, t)).unsqueeze(0) for g, t in zip(grads, targets)]
     basis = torch.eye(o, dtype=f.dtype, device=f.device).unsqueeze(1).expand(o, n, o)
     if not per_output:
@@ -514,6 +515,17 @@ def _batched_backward_falls_back(f: torch.Tensor, targets: List[torch.Tensor]) -
     return any("batching rule" in str(w.message) for w in caught)
 
 
+@contextlib.contextmanager
+def _differentiable(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Inference mode off for the block, and ``x`` as a tensor autograd can save.
+
+    Every capture and check differentiates the model, also when the caller runs
+    under ``torch.inference_mode()`` or passes tensors made there (copied here).
+    """
+    with torch.inference_mode(False):
+        yield x.clone() if x.is_inference() else x
+
+
 def _tolerance(dtype: torch.dtype) -> float:
     """Relative error the checks allow: round-off of the dtype, with room to spare."""
     return 1e-4 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
@@ -533,8 +545,8 @@ def jacobians_agree(adapter: ModelAdapter, names: List[str], x: torch.Tensor) ->
     differ, PyTorch's batched backward is wrong for some op of the model, and the
     Jacobians must come from one backward per example and output.
     """
-    with torch.inference_mode(False):
-        return _jacobians_agree(adapter, names, x.clone() if x.is_inference() else x)
+    with _differentiable(x) as x:
+        return _jacobians_agree(adapter, names, x)
 
 
 def _jacobians_agree(adapter: ModelAdapter, names: List[str], x: torch.Tensor) -> bool:

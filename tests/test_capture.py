@@ -255,9 +255,9 @@ def test_ntk_with_one_backward_per_output_matches_the_reference(output, monkeypa
     x1, x2 = torch.randn(5, 2, 4, 4), torch.randn(3, 2, 4, 4)
     modes = []
 
-    def spy(f, targets, per_output=False, examples_first=None):
+    def spy(f, targets, per_output=False, examples_first=None, **options):
         modes.append(per_output)
-        return _output_cotangents(f, targets, per_output, examples_first)
+        return _output_cotangents(f, targets, per_output, examples_first, **options)
 
     monkeypatch.setattr(_structured, "_output_cotangents", spy)
     got = lazykernel.ntk(model, x1, x2, output=output, method="structured")
