@@ -71,32 +71,56 @@ def _per_example_jacobian_loop(f_single, values, x):
     return {name: torch.stack([row[name] for row in rows]) for name in values}
 
 
-def ntk_block_by_ntvp(adapter: ModelAdapter, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+def ntk_block_by_ntvp(adapter: ModelAdapter, x1: torch.Tensor, x2: torch.Tensor, by_loop: bool = False
+                      ) -> torch.Tensor:
     """``Θ(x1, x2)`` as ``[N1, O, N2, O]`` from NTK-vector products.
 
     One VJP through ``x1`` per basis vector of the ``N1·O`` outputs gives a row of
     ``J1ᵀ``; a JVP through ``x2`` with it gives that row of ``J2 J1ᵀ``. This is
     the second method of the torch.func NTK tutorial.
+
+    Args:
+        by_loop: one plain VJP and JVP per row instead of torch.func's vmap, for
+            models whose batched backward PyTorch gets wrong (`ntvp_agrees`).
+
+    A model with an op that has no forward-mode AD takes the products with
+    ``x2``'s per-example Jacobians instead (reverse mode, ``[N2, O, P]``).
     """
     values = adapter.detached_params()
     n1, n2 = x1.shape[0], x2.shape[0]
+    y1, vjp_fn = vjp(lambda p: adapter.call(p, x1).reshape(-1), values)
+    basis = torch.eye(y1.numel(), dtype=y1.dtype, device=y1.device)
+    rows = ntvp_rows(adapter, values, vjp_fn, x2, basis, by_loop)
+    return rows.reshape(n1, y1.numel() // n1, n2, -1)
 
-    def f1(p):
-        return adapter.call(p, x1).reshape(-1)
+
+def ntvp_rows(adapter: ModelAdapter, values: Dict[str, torch.Tensor], vjp_fn, x2: torch.Tensor,
+              seeds: torch.Tensor, by_loop: bool) -> torch.Tensor:
+    """``[S, N2·O]``: ``J2 (J1ᵀ s)`` for each of the ``S`` rows ``s`` of ``seeds``,
+    where ``vjp_fn`` is the VJP of ``x1``'s flattened outputs."""
 
     def f2(p):
         return adapter.call(p, x2).reshape(-1)
-
-    y1, vjp_fn = vjp(f1, values)
-    basis = torch.eye(y1.numel(), dtype=y1.dtype, device=y1.device)
 
     def row(v):
         (tangent,) = vjp_fn(v)
         return jvp(f2, (values,), (tangent,))[1]
 
+    if not by_loop:
+        try:
+            return vmap(row)(seeds)
+        except Exception:
+            pass
     try:
-        rows = vmap(row)(basis)
-    except Exception:
-        rows = torch.stack([row(v) for v in basis])
-    o = y1.numel() // n1
-    return rows.reshape(n1, o, n2, -1)
+        return torch.stack([row(v) for v in seeds])
+    except NotImplementedError:
+        # an op without forward-mode AD: J2 from reverse mode, then one product
+        names = list(values)
+        jac = per_example_jacobian(adapter, names, x2, by_loop=by_loop)          # [N2, O, P]
+        if by_loop:
+            tangents = [vjp_fn(v)[0] for v in seeds]
+            flat = torch.stack([torch.cat([t[name].reshape(-1) for name in names]) for t in tangents])
+        else:
+            batched = vmap(vjp_fn)(seeds)[0]
+            flat = torch.cat([batched[name].reshape(seeds.shape[0], -1) for name in names], 1)
+        return flat.to(jac.dtype) @ jac.reshape(-1, jac.shape[2]).T

@@ -18,7 +18,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from lazykernel._chain import LayerChain
-from lazykernel._jacobian import per_example_jacobian
+from lazykernel._jacobian import ntvp_rows, per_example_jacobian
 from lazykernel._memory import empty_buffer
 from lazykernel._model import ModelAdapter
 from lazykernel.rules import (GRADIENT, BroadcastParameterRule, PAIRWISE, TOKENS, GradientOf, RuleDoesNotApply,
@@ -558,6 +558,31 @@ def _jacobians_agree(adapter: ModelAdapter, names: List[str], x: torch.Tensor) -
     predicted = (jac @ flat) @ check_weights(jac.shape[1], jac).squeeze(1)
     actual = _weighted_directional(adapter, names, direction, x)
     return _close(predicted.detach().double(), actual, _tolerance(jac.dtype))
+
+
+def ntvp_agrees(adapter: ModelAdapter, x: torch.Tensor) -> bool:
+    """Do the ``ntvp`` method's products (torch.func's vmap) match autograd on ``x``?
+
+    With random weights w over the ``n·O`` outputs of ``x`` as one side and u
+    over them as the other, ``wᵀ (J Jᵀ) u`` from the batched products is
+    compared with ``(Jᵀ w)·(Jᵀ u)``, two plain backward passes. A wrong row
+    shows unless it is orthogonal to random weights (probability zero).
+    """
+    with _differentiable(x) as x:
+        values = adapter.detached_params()
+        y, vjp_fn = torch.func.vjp(lambda p: adapter.call(p, x).reshape(-1), values)
+        basis = torch.eye(y.numel(), dtype=y.dtype, device=y.device)
+        rows = ntvp_rows(adapter, values, vjp_fn, x, basis, by_loop=False)      # [n·O, n·O]
+        gen = torch.Generator(device="cpu").manual_seed(3)
+        w, u = (torch.rand(y.numel(), generator=gen, dtype=torch.float64).add_(0.5).to(y)
+                for _ in range(2))
+        predicted = float(w.double() @ rows.detach().double() @ u.double())
+        (tw,), (tu,) = vjp_fn(w), vjp_fn(u)
+        left = torch.cat([t.detach().reshape(-1) for t in tw.values()]).double()
+        right = torch.cat([t.detach().reshape(-1) for t in tu.values()]).double()
+        actual = float(left @ right)
+        scale = max(float(left.norm() * right.norm()), 1e-30)
+        return abs(predicted - actual) <= _tolerance(y.dtype) * scale * 10
 
 
 def _weighted_directional(adapter: ModelAdapter, names: List[str], direction: Dict[str, torch.Tensor],

@@ -16,7 +16,7 @@ from lazykernel._jacobian import ntk_block_by_ntvp, per_example_jacobian
 from lazykernel._precision import check_precision, gemm_gram_accumulate, matmul_precision, uses_tf32
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter,
                                model_tensors, one_call_per_model)
-from lazykernel._structured import StructuredPlan, jacobians_agree
+from lazykernel._structured import StructuredPlan, jacobians_agree, ntvp_agrees
 from lazykernel.rules import explicit_attention
 from lazykernel.ops import OUTPUTS, gram_hadamard_accumulate, token_gram_accumulate
 
@@ -485,12 +485,14 @@ class _JacobianEngine(_Engine):
 
 class _NtvpEngine(_Engine):
     name = "ntvp"
+    # one plain VJP and JVP per row, where torch.func's vmap was found wrong (`ntvp_agrees`)
+    by_loop = False
 
     def features(self, x):
         return x
 
     def block(self, f1, f2, same, out):
-        rows = ntk_block_by_ntvp(self.adapter, f1, f2).to(self.dtype)  # [n1, O, n2, O]
+        rows = ntk_block_by_ntvp(self.adapter, f1, f2, self.by_loop).to(self.dtype)  # [n1, O, n2, O]
         if self.mode == "trace":
             out.copy_(rows.diagonal(dim1=1, dim2=3).sum(-1))
         elif self.mode == "diagonal":
@@ -537,7 +539,9 @@ def _make_engine(method, adapter, probe, mode, outputs, activations, n1, n2, bud
         engine = _JacobianEngine(adapter, *common)
         engine.by_loop = not jacobians_agree(adapter, list(adapter.params), probe)
         return engine
-    return _NtvpEngine(adapter, *common)
+    engine = _NtvpEngine(adapter, *common)
+    engine.by_loop = not ntvp_agrees(adapter, probe)
+    return engine
 
 
 # -- tiling ----------------------------------------------------------------------

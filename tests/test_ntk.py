@@ -708,3 +708,14 @@ def test_inference_mode_with_an_op_without_forward_mode_ad(inside):
     if not inside:
         got = lazykernel.ntk(model, x_inference, output="full", method="structured")
     assert_close_to_reference(got, expected, torch.float64)
+
+
+@pytest.mark.parametrize("output", ["trace", "full"])
+def test_ntvp_with_an_op_without_forward_mode_ad(output):
+    # no JVP through the model: the products take x2's per-example Jacobians from reverse mode
+    torch.manual_seed(11)
+    model = _SquaredHidden().double()
+    x1 = torch.randn(5, 3, dtype=torch.float64)
+    x2 = torch.randn(4, 3, dtype=torch.float64)
+    got = lazykernel.ntk(model, x1, x2, output=output, method="ntvp")
+    assert_close_to_reference(got, reference_ntk(model, x1, x2, output=output), torch.float64)

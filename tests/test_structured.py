@@ -225,7 +225,7 @@ class _RadialBasis(nn.Module):
         return self.head(torch.exp(-torch.cdist(self.embed(x), self.centres) ** 2))
 
 
-@pytest.mark.parametrize("method", ["structured", "jacobian"])
+@pytest.mark.parametrize("method", ["structured", "jacobian", "ntvp"])
 def test_a_model_whose_batched_backward_pytorch_gets_wrong_is_exact(method):
     torch.manual_seed(9)
     model = _RadialBasis().double()
@@ -251,13 +251,21 @@ def test_a_wrong_batched_backward_is_found_and_replaced_by_one_per_output(monkey
     torch.testing.assert_close(got, reference_ntk(model, x, output="full"), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["structured", "jacobian"])
+def _scaled(result):
+    """1.5 × every tensor of a vmap result (a tensor, or dicts and tuples of them)."""
+    if isinstance(result, dict):
+        return {name: _scaled(value) for name, value in result.items()}
+    if isinstance(result, tuple):
+        return tuple(_scaled(value) for value in result)
+    return 1.5 * result
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian", "ntvp"])
 def test_wrong_per_example_jacobians_are_found_and_taken_by_backward(method, monkeypatch):
     from lazykernel import _jacobian
 
     real = _jacobian.vmap
-    monkeypatch.setattr(_jacobian, "vmap", lambda fn, **kw: (lambda *a: {
-        name: 1.5 * value for name, value in real(fn, **kw)(*a).items()}))
+    monkeypatch.setattr(_jacobian, "vmap", lambda fn, **kw: (lambda *a: _scaled(real(fn, **kw)(*a))))
     # tied weights: the generic group of the structured method
     first, second = nn.Linear(4, 4), nn.Linear(4, 4)
     second.weight = first.weight
