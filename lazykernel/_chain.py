@@ -91,16 +91,27 @@ class _Cotangent:
         it is shared by the B seeds. With ``out`` (contiguous, of ``shape``) the
         product is written there.
         """
+        return self._combined(torch.mul, factor, out)
+
+    def passed_where_positive(self, y: torch.Tensor, out: Optional[torch.Tensor]) -> "_Cotangent":
+        """Kept where ``y > 0`` and zero elsewhere (a ReLU's backward, as autograd's
+        ``threshold_backward`` takes it from the output); ``y`` broadcasts as ``factor``
+        does in `scaled`."""
+        return self._combined(lambda g, y, out=None: torch.ops.aten.threshold_backward.grad_input(
+            g, y, 0, grad_input=out) if out is not None else torch.ops.aten.threshold_backward(g, y, 0), y, out)
+
+    def _combined(self, op, factor: torch.Tensor, out: Optional[torch.Tensor]) -> "_Cotangent":
         factor = factor.expand((factor.shape[0],) + self.shape[2:]).unsqueeze(1)
         values = self.values
         if self.is_split():
             factor = factor.reshape(factor.shape[:2] + tuple(values.shape[2:]))
         if out is not None:
-            torch.mul(values, factor, out=out.view(torch.broadcast_shapes(values.shape, factor.shape)))
+            broadcast = tuple(max(a, b) for a, b in zip(values.shape, factor.shape))
+            op(values, factor, out=out.view(broadcast))
             return _Cotangent(out, self.shape, owned=False)
         if self.owned and not self.is_split() and torch.result_type(values, factor) == values.dtype:
-            return _Cotangent(values.mul_(factor), self.shape, owned=True)
-        return _Cotangent(torch.mul(values, factor).view(self.shape), self.shape, owned=True)
+            return _Cotangent(op(values, factor, out=values), self.shape, owned=True)
+        return _Cotangent(op(values, factor).view(self.shape), self.shape, owned=True)
 
     def reshaped(self, example_shape: Sequence[int]) -> "_Cotangent":
         shape = self.shape[:2] + tuple(example_shape)
@@ -205,7 +216,7 @@ class _ElementwiseStep(_Step):
 
     def forward(self, x, needs_backward):
         self.input_shape = tuple(x.shape)
-        self.derivative = None
+        self.derivative = self.output = None
         if needs_backward and type(self.layer) is not nn.ReLU:
             with torch.enable_grad():
                 leaf = x.detach().requires_grad_()
@@ -214,16 +225,19 @@ class _ElementwiseStep(_Step):
                 self.derivative, = torch.autograd.grad(out, leaf, torch.ones_like(out))
         y = self.layer(x)
         if needs_backward and type(self.layer) is nn.ReLU:
-            # autograd's ReLU backward passes the cotangent where the output is positive
-            # (in the cotangents' dtype: a mask of bools would be converted chunk by chunk)
-            self.derivative = (y > 0).to(y.dtype)
+            # autograd's ReLU backward passes the cotangent where the output is
+            # positive, reading the output itself (the next layer keeps it anyway;
+            # autograd saves it too and refuses a model that writes into it later)
+            self.output = y
         return y
 
     def backward(self, g, rows, out):
-        return g.scaled(self.derivative[rows], out)
+        if self.output is None:
+            return g.scaled(self.derivative[rows], out)
+        return g.passed_where_positive(self.output[rows], out)
 
     def release(self) -> None:
-        self.derivative = None
+        self.derivative = self.output = None
 
 
 class _AvgPoolStep(_Step):
