@@ -41,7 +41,7 @@ class ModelAdapter:
     def call(self, values: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Apply the model to a batch ``x`` with the selected parameters set to ``values``."""
         if self.module is not None:
-            return functional_call(self.module, dict(values), (x,))
+            return _functional_call(self.module, values, x)
         merged = dict(self._constants)
         merged.update(values)
         return self._fn(merged, x)
@@ -51,7 +51,7 @@ class ModelAdapter:
         if not replaced:
             return self.forward(x)
         if self.module is not None:
-            return functional_call(self.module, dict(replaced), (x,), strict=False)
+            return _functional_call(self.module, replaced, x, strict=False)
         merged = dict(self.params)
         merged.update(replaced)
         return self.call(merged, x)
@@ -68,6 +68,36 @@ class ModelAdapter:
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
+
+
+def _functional_call(module: nn.Module, values: Mapping[str, torch.Tensor], x: torch.Tensor,
+                     strict: bool = True) -> torch.Tensor:
+    """``torch.func.functional_call``, leaving ``module`` with its own tensors afterwards.
+
+    With a submodule reachable under two names (one layer listed twice in an
+    ``nn.Sequential``), PyTorch puts back the swapped-in values instead of the
+    module's parameters for one of the names, and the model would keep plain
+    tensors in place of its ``nn.Parameter``s. Such models have their tensors
+    restored here.
+    """
+    if not _reachable_twice(module):
+        return functional_call(module, dict(values), (x,), strict=strict)
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    try:
+        return functional_call(module, dict(values), (x,), strict=strict)
+    finally:
+        for m, parameters, buffers in saved:
+            m._parameters.update(parameters)
+            m._buffers.update(buffers)
+
+
+def _reachable_twice(module: nn.Module) -> bool:
+    seen = set()
+    for _, m in module.named_modules(remove_duplicate=False):
+        if id(m) in seen:
+            return True
+        seen.add(id(m))
+    return False
 
 
 def _select_module_parameters(module: nn.Module, params: ParamSelection) -> Dict[str, torch.Tensor]:

@@ -719,3 +719,23 @@ def test_ntvp_with_an_op_without_forward_mode_ad(output):
     x2 = torch.randn(4, 3, dtype=torch.float64)
     got = lazykernel.ntk(model, x1, x2, output=output, method="ntvp")
     assert_close_to_reference(got, reference_ntk(model, x1, x2, output=output), torch.float64)
+
+
+def _module_listed_twice():
+    torch.manual_seed(12)
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    return nn.Sequential(conv, nn.Tanh(), conv, nn.Flatten(), nn.Linear(2 * 5 * 5, 3)).double().eval()
+
+
+@pytest.mark.parametrize("method", ["auto", "structured", "jacobian", "ntvp"])
+def test_a_module_listed_twice_is_exact_and_keeps_its_parameters(method):
+    # torch.func.functional_call does not restore a module reachable under two names
+    model = _module_listed_twice()
+    x1 = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    x2 = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    expected = reference_ntk(_module_listed_twice(), x1, x2, output="full")
+    for _ in range(2):                       # a second call sees what the first left
+        got = lazykernel.ntk(model, x1, x2, output="full", method=method)
+        assert_close_to_reference(got, expected, torch.float64)
+    assert all(type(p) is nn.Parameter and p.requires_grad for p in model.parameters())
+    model.float()                             # a damaged module refuses to move

@@ -291,3 +291,16 @@ def test_products_of_a_transformer_layer_in_eval_mode():
     torch.testing.assert_close(_flat(grads, names), torch.einsum("nop,no->p", jac, cot), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(kv, reference_ntk(model, x) @ v, rtol=1e-10, atol=1e-10)
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_products_leave_a_module_listed_twice_with_its_parameters():
+    torch.manual_seed(4)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    tangent = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    lazykernel.jvp(model, x, tangent, method="generic")
+    lazykernel.vjp(model, x, torch.randn(5, 4, dtype=torch.float64))
+    lazykernel.ntk_vp(model, x, torch.randn(5, dtype=torch.float64))
+    assert all(type(p) is nn.Parameter and p.requires_grad for p in model.parameters())
+    model.float()
