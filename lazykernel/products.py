@@ -14,13 +14,15 @@ full-size temporaries are parameter-space vectors (P numbers each).
 from __future__ import annotations
 
 import numbers
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from lazykernel import _memory
+from lazykernel._chain import _global_hooks, _has_hooks
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter,
                                one_call_per_model)
 from lazykernel._precision import check_precision, matmul_precision
@@ -174,9 +176,11 @@ def jvp(
             ``nn.Linear`` layers computed by the fused ``linear_jvp`` kernel (value
             and tangent in one pass over each weight) and every other layer by
             ``torch.func.jvp``; ``"generic"``: one ``torch.func.jvp`` of the whole
-            model; ``"auto"``: structured for an ``nn.Sequential`` whose layers
-            with parameters are all ``nn.Linear``, when no gradient has to flow
-            through the result; generic otherwise.
+            model; ``"auto"``: structured for a plain ``nn.Sequential`` (no
+            hooks, no parametrized layers, no layer with parameters listed
+            twice) whose layers with parameters are all ``nn.Linear`` itself,
+            not a subclass, when no gradient has to flow through the result;
+            generic otherwise.
         batch_size: at most this many examples per chunk.
         memory_budget: bytes of working memory; default a quarter of what is free.
         precision: ``"highest"`` or ``"tf32"``, as in :func:`lazykernel.ntk`:
@@ -201,7 +205,8 @@ def _jvp(adapter: ModelAdapter, x: torch.Tensor, tangent: Tangent, method: str, 
     values = _tangent_dict(adapter, tangent)
     structured_ok = _is_structured(adapter)
     if method == "structured" and not structured_ok:
-        raise ValueError("method='structured' needs an nn.Sequential model with at least one nn.Linear "
+        raise ValueError("method='structured' needs a plain nn.Sequential model (no hooks, no parametrized "
+                         "layers, no layer with parameters listed twice) with at least one nn.Linear "
                          "layer; use method='generic' (or 'auto') for this model")
     needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in values.values())
     if method == "structured" and needs_grad:
@@ -232,10 +237,8 @@ def _generic_jvp(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x: torc
 
 
 def _is_structured(adapter: ModelAdapter) -> bool:
-    module = adapter.module
-    if not isinstance(module, nn.Sequential):
-        return False
-    return any(isinstance(leaf, nn.Linear) for _, leaf in _sequential_leaves(module))
+    leaves = _plain_leaves(adapter.module)
+    return leaves is not None and any(type(leaf) is nn.Linear for _, leaf in leaves)
 
 
 def _prefers_structured(adapter: ModelAdapter) -> bool:
@@ -247,18 +250,39 @@ def _prefers_structured(adapter: ModelAdapter) -> bool:
     """
     if not _is_structured(adapter):
         return False
-    return all(isinstance(leaf, nn.Linear) or not any(True for _ in leaf.parameters())
-               for _, leaf in _sequential_leaves(adapter.module))
+    return all(type(leaf) is nn.Linear or not any(True for _ in leaf.parameters())
+               for _, leaf in _plain_leaves(adapter.module))
 
 
-def _sequential_leaves(module: nn.Sequential, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
-    """Modules applied in turn by a (nested) ``nn.Sequential``, with their name prefixes."""
-    for name, child in module.named_children():
-        path = f"{prefix}{name}."
-        if isinstance(child, nn.Sequential):
-            yield from _sequential_leaves(child, path)
-        else:
-            yield path, child
+def _plain_leaves(module: Optional[nn.Module]) -> Optional[List[Tuple[str, nn.Module]]]:
+    """The layers a plain (nested) ``nn.Sequential`` applies in turn, with their name
+    prefixes; None where walking them would not be the model's forward.
+
+    Refused: a subclass or another container, a hook anywhere (or a ``forward`` set
+    on an instance), a parametrized layer (its weight is computed), a layer with
+    parameters listed twice or parameters shared between layers (the tangent is
+    found by each layer's own names).
+    """
+    if module is None or type(module) is not nn.Sequential or _global_hooks():
+        return None
+    if any(_has_hooks(m) or parametrize.is_parametrized(m) for m in module.modules()):
+        return None
+    leaves: List[Tuple[str, nn.Module]] = []
+
+    def walk(container: nn.Sequential, prefix: str) -> None:
+        for name, child in container._modules.items():
+            if type(child) is nn.Sequential:
+                walk(child, f"{prefix}{name}.")
+            elif child is not None:
+                leaves.append((f"{prefix}{name}.", child))
+
+    walk(module, "")
+    owners: Dict[int, int] = {}
+    for index, (_, leaf) in enumerate(leaves):
+        for p in leaf.parameters():
+            if owners.setdefault(id(p), index) != index:
+                return None
+    return leaves
 
 
 def _structured_jvp(module: nn.Sequential, selected: Mapping[str, torch.Tensor],
@@ -268,11 +292,11 @@ def _structured_jvp(module: nn.Sequential, selected: Mapping[str, torch.Tensor],
     # tangent is still zero (before the first selected parameter), then S = 2
     # (value, tangent), which is what the fused kernel multiplies by W at once.
     xs = x.unsqueeze(0)
-    for prefix, leaf in _sequential_leaves(module):
+    for prefix, leaf in _plain_leaves(module):
         own = {name[len(prefix):]: value for name, value in tangent.items() if name.startswith(prefix)}
-        if isinstance(leaf, nn.Linear) and xs.is_floating_point():
+        if type(leaf) is nn.Linear and xs.is_floating_point():
             xs = _linear_layer(leaf, own, xs)
-        elif isinstance(leaf, nn.ReLU) and xs.shape[0] == 2:
+        elif type(leaf) is nn.ReLU and xs.shape[0] == 2:
             # relu and its derivative share one mask: both halves are scaled by 1[x > 0].
             xs = xs * (xs[0] > 0)
         else:

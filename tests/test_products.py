@@ -158,7 +158,7 @@ def test_jvp_errors():
         lazykernel.jvp(model, x, [good["0.weight"]])
     with pytest.raises(ValueError, match="unknown method"):
         lazykernel.jvp(model, x, good, method="fast")
-    with pytest.raises(ValueError, match="needs an nn.Sequential"):
+    with pytest.raises(ValueError, match="needs a plain nn.Sequential"):
         lazykernel.jvp(_Residual(), torch.randn(2, 4),
                        {n: torch.zeros_like(p) for n, p in _Residual().named_parameters()}, method="structured")
     with pytest.raises(ValueError, match="batch_size"):
@@ -304,3 +304,54 @@ def test_products_leave_a_module_listed_twice_with_its_parameters():
     lazykernel.ntk_vp(model, x, torch.randn(5, dtype=torch.float64))
     assert all(type(p) is nn.Parameter and p.requires_grad for p in model.parameters())
     model.float()
+
+
+class _DoubledLinear(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def _shared_activation():
+    act = nn.Tanh()
+    return nn.Sequential(nn.Linear(4, 6), act, nn.Linear(6, 6), act, nn.Linear(6, 2))
+
+
+def _linear_listed_twice():
+    lin = nn.Linear(4, 4)
+    return nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 2))
+
+
+class _Symmetric(nn.Module):
+    def forward(self, w):
+        return w.triu() + w.triu(1).T
+
+
+def _parametrized_linear():
+    from torch.nn.utils import parametrize
+    first = nn.Linear(4, 4)
+    parametrize.register_parametrization(first, "weight", _Symmetric())
+    return nn.Sequential(first, nn.Tanh(), nn.Linear(4, 2))
+
+
+def _subclassed_linear():
+    return nn.Sequential(_DoubledLinear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+
+
+@pytest.mark.parametrize("build", [_shared_activation, _linear_listed_twice, _parametrized_linear,
+                                   _subclassed_linear])
+def test_products_of_sequentials_the_layer_walk_must_not_misread(build):
+    # the layer-by-layer jvp walks a Sequential only where that is its forward
+    torch.manual_seed(6)
+    model = build().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    jac, names = _reference_jacobian(model, x)
+    tangent = _random_like_params(model, names, torch.float64)
+    with torch.no_grad():
+        expected_y = model(x)
+        y, y_dot = lazykernel.jvp(model, x, tangent)
+    torch.testing.assert_close(y, expected_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y_dot, (jac @ _flat(tangent, names)).reshape(5, 2), rtol=1e-10, atol=1e-12)
+    v = torch.randn(5, 2, dtype=torch.float64)
+    kernel = torch.einsum("iop,jqp->iojq", jac, jac).reshape(10, 10)
+    got = lazykernel.ntk_vp(model, x, v, output="full")
+    torch.testing.assert_close(got.reshape(-1), kernel @ v.reshape(-1), rtol=1e-10, atol=1e-10)
