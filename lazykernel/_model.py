@@ -51,7 +51,7 @@ class ModelAdapter:
         if not replaced:
             return self.forward(x)
         if self.module is not None:
-            return _functional_call(self.module, replaced, x, strict=False)
+            return _functional_call(self.module, replaced, x)
         merged = dict(self.params)
         merged.update(replaced)
         return self.call(merged, x)
@@ -70,8 +70,7 @@ class ModelAdapter:
         return sum(p.numel() for p in self.params.values())
 
 
-def _functional_call(module: nn.Module, values: Mapping[str, torch.Tensor], x: torch.Tensor,
-                     strict: bool = True) -> torch.Tensor:
+def _functional_call(module: nn.Module, values: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``torch.func.functional_call``, leaving ``module`` with its own tensors afterwards.
 
     With a submodule reachable under two names (one layer listed twice in an
@@ -81,10 +80,10 @@ def _functional_call(module: nn.Module, values: Mapping[str, torch.Tensor], x: t
     restored here.
     """
     if not _reachable_twice(module):
-        return functional_call(module, dict(values), (x,), strict=strict)
+        return functional_call(module, dict(values), (x,))
     saved = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
     try:
-        return functional_call(module, dict(values), (x,), strict=strict)
+        return functional_call(module, dict(values), (x,))
     finally:
         for m, parameters, buffers in saved:
             m._parameters.update(parameters)
@@ -122,7 +121,9 @@ def _select_module_parameters(module: nn.Module, params: ParamSelection) -> Dict
                 f"params names {unknown} are not parameters of the model; "
                 f"its parameters are {list(named)}"
             )
-    return {name: named[name] for name in chosen if named[name].requires_grad}
+    # in the model's order, whatever the order of the names given
+    chosen_set = set(chosen)
+    return {name: p for name, p in named.items() if name in chosen_set and p.requires_grad}
 
 
 def make_adapter(model, params: ParamSelection) -> ModelAdapter:
