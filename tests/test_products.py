@@ -355,3 +355,14 @@ def test_products_of_sequentials_the_layer_walk_must_not_misread(build):
     kernel = torch.einsum("iop,jqp->iojq", jac, jac).reshape(10, 10)
     got = lazykernel.ntk_vp(model, x, v, output="full")
     torch.testing.assert_close(got.reshape(-1), kernel @ v.reshape(-1), rtol=1e-10, atol=1e-10)
+
+
+def test_a_list_tangent_follows_the_models_parameter_order_whatever_the_selection_order():
+    model = _mlp().double()
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    names = ["4.bias", "0.bias"]                      # not in named_parameters() order
+    tangent = _random_like_params(model, names, torch.float64)
+    _, by_dict = lazykernel.jvp(model, x, tangent, params=names)
+    in_model_order = [tangent["0.bias"], tangent["4.bias"]]
+    _, by_list = lazykernel.jvp(model, x, in_model_order, params=names)
+    torch.testing.assert_close(by_list, by_dict, rtol=1e-12, atol=1e-12)
