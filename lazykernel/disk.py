@@ -231,7 +231,11 @@ def _open_or_create(paths: _StorePaths, call: dict, setup, batch_size: Optional[
                              "(--resume) to continue it or if_exists='overwrite' (--overwrite) to discard it")
         _check_same_call(paths, manifest, call)
         if not _data_file_intact(paths, manifest):
-            # The manifest outlived its data file: nothing recorded is trustworthy.
+            # The manifest outlived its data file: nothing recorded is trustworthy,
+            # and every tile is computed again.
+            manifest["complete"] = manifest["tiles"] == 0
+            manifest["tiles_done"] = 0
+            _write_manifest(paths, manifest)
             _create_data_file(paths, manifest)
         return manifest
     if if_exists != "overwrite" and (os.path.exists(paths.data) or os.path.exists(paths.tiles)):

@@ -292,3 +292,19 @@ def test_precision_is_part_of_the_call_and_older_stores_mean_highest(tmp_path):
     assert np.array_equal(np.array(again), lazykernel.ntk(model, x, batch_size=4).numpy())
     with pytest.raises(ValueError, match="unknown precision"):
         lazykernel.ntk_to_disk(model, x, out=str(tmp_path / "L.npy"), progress=False, precision="half")
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_complete_store_whose_data_file_was_lost_is_computed_again(tmp_path, damage):
+    model, x = _mlp(), _inputs(7)
+    out = tmp_path / "K.npy"
+    expected = np.array(lazykernel.ntk_to_disk(model, x, out=str(out), batch_size=3, progress=False))
+    if damage == "deleted":
+        os.remove(out)
+    else:
+        with open(out, "r+b") as f:
+            f.truncate(200)
+    again = lazykernel.ntk_to_disk(model, x, out=str(out), batch_size=3, progress=False, if_exists="resume")
+    assert np.array_equal(np.array(again), expected) and np.abs(expected).max() > 0
+    manifest = json.loads(Path(str(out) + ".manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["tiles_done"] == manifest["tiles"]
