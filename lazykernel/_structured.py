@@ -247,9 +247,13 @@ class StructuredPlan:
         operands: Dict[StructuredRule, Optional[list]] = {}
         for rule, cotangents in zip(rules, per_rule):
             try:
-                rule.shapes = rule.term_shapes() if cotangents else []
-                operands[rule] = rule.operands(cotangents, n, None) if cotangents else []
-            except RuleDoesNotApply:
+                if not cotangents or any(a.shape[0] == 0 for a in rule.inputs):
+                    # not called on these examples (or on none of them), so not
+                    # checked: routing by example could call it on others
+                    raise RuleDoesNotApply("no call on the verification examples")
+                rule.shapes = rule.term_shapes()
+                operands[rule] = rule.operands(cotangents, n, None)
+            except (RuleDoesNotApply, IndexError, RuntimeError):
                 operands[rule] = None
             rule.clear()
         checked = [rule for rule in rules if operands[rule] is not None]

@@ -33,6 +33,7 @@ import torch
 from lazykernel import distributed
 from lazykernel._model import ParamSelection, model_tensors, one_call_per_model
 from lazykernel.ntk import _Engine, _features_bytes, _setup, _tile_bytes, _tile_sizes
+from lazykernel.rules import RuleDoesNotApply
 
 _FORMAT = "lazykernel.ntk_to_disk/1"
 IF_EXISTS = ("resume", "overwrite", "error")
@@ -146,8 +147,14 @@ def ntk_to_disk(
         owned = sum(1 for k in range(grid.count) if k % world == rank)
         if mine:
             bar = _TileProgress(owned, owned - len(mine), rank, world, progress)
-            with setup.running():
-                _compute_tiles(setup.engine, x1, setup.x2, grid, mine, paths, setup.budget, bar, rank)
+            try:
+                with setup.running():
+                    _compute_tiles(setup.engine, x1, setup.x2, grid, mine, paths, setup.budget, bar, rank)
+            except RuleDoesNotApply as error:
+                # the tiles written so far are right; the store records the method
+                raise ValueError(f"{error}; on these examples the model does not use that layer as on "
+                                 "the examples its rule was checked on (does it route examples?): "
+                                 "compute this kernel with method='jacobian'") from error
         distributed.barrier()
         missing = None
         if rank == 0:

@@ -6,6 +6,7 @@ import contextlib
 import math
 import numbers
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
@@ -17,7 +18,7 @@ from lazykernel._precision import check_precision, gemm_gram_accumulate, matmul_
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter,
                                model_tensors, one_call_per_model)
 from lazykernel._structured import StructuredPlan, jacobians_agree, ntvp_agrees
-from lazykernel.rules import explicit_attention
+from lazykernel.rules import RuleDoesNotApply, explicit_attention
 from lazykernel.ops import OUTPUTS, gram_hadamard_accumulate, token_gram_accumulate
 
 METHODS = ("auto", "structured", "jacobian", "ntvp")
@@ -95,9 +96,21 @@ def ntk(
     setup = _setup(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
     result = torch.zeros(setup.shape, dtype=setup.compute_dtype, device=setup.device)
     if setup.engine is not None:
-        with setup.running():
-            _run_tiles(setup.engine, x1, setup.x2, setup.symmetric, result, setup.mode, setup.budget,
-                       setup.elt, batch_size, progress)
+        try:
+            with setup.running():
+                _run_tiles(setup.engine, x1, setup.x2, setup.symmetric, result, setup.mode, setup.budget,
+                           setup.elt, batch_size, progress)
+        except RuleDoesNotApply as error:
+            # A layer saw the batch otherwise than the examples its rule was checked
+            # on (a model that routes examples): the rules do not describe it.
+            warnings.warn(f"{error}; on these examples the model does not use that layer as on the "
+                          "examples its rule was checked on (does it route examples?), so the kernel "
+                          "is computed with method='jacobian'", stacklevel=3)
+            setup = _setup(model, x1, x2, output, "jacobian", params, batch_size, memory_budget, precision)
+            result.zero_()
+            with setup.running():
+                _run_tiles(setup.engine, x1, setup.x2, setup.symmetric, result, setup.mode, setup.budget,
+                           setup.elt, batch_size, progress)
     return result.to(setup.dtype)
 
 

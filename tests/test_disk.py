@@ -308,3 +308,16 @@ def test_a_complete_store_whose_data_file_was_lost_is_computed_again(tmp_path, d
     assert np.array_equal(np.array(again), expected) and np.abs(expected).max() > 0
     manifest = json.loads(Path(str(out) + ".manifest.json").read_text())
     assert manifest["complete"] is True and manifest["tiles_done"] == manifest["tiles"]
+
+
+def test_a_model_routing_examples_otherwise_than_on_the_checked_ones_is_refused_clearly(tmp_path):
+    from test_structured import _Routed
+    torch.manual_seed(21)
+    model = _Routed(guarded=False).double().eval()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    x[:4, 0] = x[:4, 0].abs() + 0.1
+    x[4:, 0] = -x[4:, 0].abs() - 0.1
+    with pytest.raises(ValueError, match="method='jacobian'"):
+        lazykernel.ntk_to_disk(model, x, out=str(tmp_path / "K.npy"), progress=False)
+    kernel = lazykernel.ntk_to_disk(model, x, out=str(tmp_path / "J.npy"), method="jacobian", progress=False)
+    np.testing.assert_allclose(np.array(kernel), reference_ntk(model, x).numpy(), rtol=1e-10, atol=1e-12)

@@ -273,3 +273,38 @@ def test_wrong_per_example_jacobians_are_found_and_taken_by_backward(method, mon
     x = torch.randn(5, 4, dtype=torch.float64)
     got = lazykernel.ntk(model, x, output="full", method=method)
     torch.testing.assert_close(got, reference_ntk(model, x, output="full"), rtol=1e-10, atol=1e-12)
+
+
+class _Routed(nn.Module):
+    """Each example goes through one of two experts, by the sign of its first feature."""
+
+    def __init__(self, guarded):
+        super().__init__()
+        self.guarded = guarded
+        self.a, self.b, self.out = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        mask = x[:, 0] > 0
+        h = x.new_zeros(x.shape[0], 3)
+        for expert, rows in ((self.a, mask), (self.b, ~mask)):
+            if rows.any() or not self.guarded:
+                h = h.index_put((rows.nonzero()[:, 0],), expert(x[rows]))
+        return self.out(torch.tanh(h))
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_model_routing_examples_the_probe_does_not_show_is_exact(guarded):
+    # the checked examples all take expert a: b is never (or emptily) called there,
+    # and a sees every row of the probe but half of the batch
+    torch.manual_seed(21)
+    model = _Routed(guarded).double().eval()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    x[:4, 0] = x[:4, 0].abs() + 0.1
+    x[4:, 0] = -x[4:, 0].abs() - 0.1
+    with pytest.warns(UserWarning, match="method='jacobian'"):
+        got = lazykernel.ntk(model, x, output="full")
+    torch.testing.assert_close(got, reference_ntk(model, x, output="full"), rtol=1e-10, atol=1e-12)
+    # where the probe shows both experts, the rules of the routed layers are demoted
+    order = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])
+    got = lazykernel.ntk(model, x[order], output="full")
+    torch.testing.assert_close(got, reference_ntk(model, x[order], output="full"), rtol=1e-10, atol=1e-12)
