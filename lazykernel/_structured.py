@@ -312,16 +312,23 @@ class StructuredPlan:
                 self.demote(rule)
 
     def _forward_accepts(self, taps: List[StructuredRule], x: torch.Tensor) -> bool:
-        n = x.shape[0]
-        try:
-            with torch.no_grad():
-                y = self.adapter.forward_with({rule.names[""]: rule.tap(n) for rule in taps}, x)
-            return y.reshape(n, -1).shape[1] == self.outputs
-        except Exception:
-            return False
-        finally:
-            for rule in taps:
-                rule.clear()
+        """Does the forward take the expanded parameters, at ``x``'s batch size and one less?
+
+        An expanded ``[n, ...]`` parameter also broadcasts against another axis of
+        size n, which the two sizes cannot both match.
+        """
+        for rows in ((x.shape[0], x.shape[0] - 1) if x.shape[0] > 2 else (x.shape[0],)):
+            try:
+                with torch.no_grad():
+                    y = self.adapter.forward_with({rule.names[""]: rule.tap(rows) for rule in taps}, x[:rows])
+                if y.reshape(rows, -1).shape[1] != self.outputs:
+                    return False
+            except Exception:
+                return False
+            finally:
+                for rule in taps:
+                    rule.clear()
+        return True
 
     def choose_forms(self, n1: int, n2: int, output: str, budget_elements: float) -> None:
         """Per term, the form with the fewest FLOPs (`term_cost`) among those that fit.

@@ -521,21 +521,31 @@ class _NtvpEngine(_Engine):
 
 
 def _check_examples(x1: torch.Tensor, x2: Optional[torch.Tensor]) -> torch.Tensor:
-    """The examples every rule is checked on: up to `_PROBE_EXAMPLES` different ones, from x1, then x2.
+    """The examples every rule is checked on: up to `_PROBE_EXAMPLES` different ones, and
+    the first of them again at the end where the batch is longer.
 
     A rule that reads another example's rows (a layer applied to a reordered
     or folded batch) shows only on different examples, and a chunk of x2 can
-    hold several even when x1 has one; x2 often repeats x1's first rows.
+    hold several even when x1 has one; x2 often repeats x1's first rows. A
+    layer that sees the batch in an order the examples decide (sorted by a
+    key, as length bucketing does) shows only where that order is not the
+    given one: x1's middle, first and last rows are taken, in that order, and
+    keys ``a, b, c, a`` are sorted neither way unless they are all equal.
+    The probe is never longer than the batch, which a model may rely on.
     """
-    probe = x1[:_PROBE_EXAMPLES]
-    if x2 is None or probe.shape[0] == _PROBE_EXAMPLES:
-        return probe
-    chosen = list(probe)
-    for row in x2[:2 * _PROBE_EXAMPLES].to(probe.dtype):
-        if len(chosen) == _PROBE_EXAMPLES:
-            break
-        if not any(torch.equal(row, seen) for seen in chosen):
-            chosen.append(row)
+    n = x1.shape[0]
+    chosen = [x1[i] for i in dict.fromkeys((n // 2, 0, n - 1))] if n else []
+    chosen = chosen[:_PROBE_EXAMPLES]
+    if x2 is not None and len(chosen) < _PROBE_EXAMPLES:
+        like = chosen[0].dtype if chosen else x2.dtype
+        for row in x2[:2 * _PROBE_EXAMPLES].to(like):
+            if len(chosen) == _PROBE_EXAMPLES:
+                break
+            if not any(torch.equal(row, seen) for seen in chosen):
+                chosen.append(row)
+    longest = max(n, x2.shape[0] if x2 is not None else 0)
+    if 1 < len(chosen) < longest:
+        chosen.append(chosen[0])
     return torch.stack(chosen)
 
 

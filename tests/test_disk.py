@@ -311,12 +311,10 @@ def test_a_complete_store_whose_data_file_was_lost_is_computed_again(tmp_path, d
 
 
 def test_a_model_routing_examples_otherwise_than_on_the_checked_ones_is_refused_clearly(tmp_path):
-    from test_structured import _Routed
+    from test_structured import _Routed, routed_inputs
     torch.manual_seed(21)
     model = _Routed(guarded=False).double().eval()
-    x = torch.randn(8, 4, dtype=torch.float64)
-    x[:4, 0] = x[:4, 0].abs() + 0.1
-    x[4:, 0] = -x[4:, 0].abs() - 0.1
+    x = routed_inputs(probe_expert_only=True)
     with pytest.raises(ValueError, match="method='jacobian'"):
         lazykernel.ntk_to_disk(model, x, out=str(tmp_path / "K.npy"), progress=False)
     kernel = lazykernel.ntk_to_disk(model, x, out=str(tmp_path / "J.npy"), method="jacobian", progress=False)

@@ -304,14 +304,17 @@ def test_parameters_used_in_forward_get_the_broadcast_rule_where_it_applies(kind
                                   torch.float64)
 
 
-def test_functional_model_with_batched_products_uses_the_broadcast_rule():
+@pytest.mark.parametrize("positions", [6, 4])
+def test_functional_model_with_batched_products_uses_the_broadcast_rule(positions):
+    # with T = 4, as many positions as probe examples, b expanded to [4, 4] also
+    # broadcasts along the positions: one example fewer tells them apart
     torch.manual_seed(7)
     params = {"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
 
     def fn(p, x):                                         # x: [N, T, 3]
         return torch.tanh(x @ p["w"] + p["b"]).sum(1)
 
-    x = torch.randn(5, 6, 3, dtype=torch.float64)
+    x = torch.randn(5, positions, 3, dtype=torch.float64)
     plan = lazykernel.plan(fn, x, params=params, method="structured")
     assert {g.rule for g in plan.groups} == {"BroadcastParameterRule"}
     assert_close_to_reference(lazykernel.ntk(fn, x, params=params, output="full"),

@@ -292,19 +292,53 @@ class _Routed(nn.Module):
         return self.out(torch.tanh(h))
 
 
+def routed_inputs(probe_expert_only: bool) -> torch.Tensor:
+    """8 examples; with ``probe_expert_only`` the checked ones (rows 4, 0, 7) all take expert a,
+    the others b; otherwise they alternate."""
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
+    takes_a = torch.tensor([i in (0, 4, 7) for i in range(8)]) if probe_expert_only \
+        else torch.arange(8) % 2 == 0
+    x[:, 0] = torch.where(takes_a, x[:, 0].abs() + 0.1, -x[:, 0].abs() - 0.1)
+    return x
+
+
 @pytest.mark.parametrize("guarded", [False, True])
 def test_a_model_routing_examples_the_probe_does_not_show_is_exact(guarded):
     # the checked examples all take expert a: b is never (or emptily) called there,
-    # and a sees every row of the probe but half of the batch
+    # and a sees every row of the probe but a part of the batch
     torch.manual_seed(21)
     model = _Routed(guarded).double().eval()
-    x = torch.randn(8, 4, dtype=torch.float64)
-    x[:4, 0] = x[:4, 0].abs() + 0.1
-    x[4:, 0] = -x[4:, 0].abs() - 0.1
+    x = routed_inputs(probe_expert_only=True)
     with pytest.warns(UserWarning, match="method='jacobian'"):
         got = lazykernel.ntk(model, x, output="full")
     torch.testing.assert_close(got, reference_ntk(model, x, output="full"), rtol=1e-10, atol=1e-12)
     # where the probe shows both experts, the rules of the routed layers are demoted
-    order = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])
-    got = lazykernel.ntk(model, x[order], output="full")
-    torch.testing.assert_close(got, reference_ntk(model, x[order], output="full"), rtol=1e-10, atol=1e-12)
+    x = routed_inputs(probe_expert_only=False)
+    got = lazykernel.ntk(model, x, output="full")
+    torch.testing.assert_close(got, reference_ntk(model, x, output="full"), rtol=1e-10, atol=1e-12)
+
+
+class _SortedBatch(nn.Module):
+    """Applies a layer to the examples sorted by their first feature, then restores the order."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.out = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        order = x[:, 0].argsort()
+        h = torch.tanh(self.inner(x[order]))
+        return self.out(h[order.argsort()])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_layer_that_sees_the_batch_sorted_is_found_by_the_check(seed):
+    # examples checked in an order the layer's sort keeps see no reordering
+    torch.manual_seed(23)
+    model = _SortedBatch().double().eval()
+    x = torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    rows = [0, 1, 2, 4, 8]                            # the first, the middle and the last examples
+    x[rows] = x[rows][x[rows, 0].argsort()]           # in the layer's order
+    assert not torch.equal(x[:, 0].argsort(), torch.arange(9))
+    got = lazykernel.ntk(model, x, output="full")
+    torch.testing.assert_close(got, reference_ntk(model, x, output="full"), rtol=1e-10, atol=1e-12)
