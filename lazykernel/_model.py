@@ -170,6 +170,13 @@ def check_eval_mode(module: nn.Module) -> None:
                     "statistics, which couples examples and makes the per-example NTK "
                     "undefined. Call model.eval() first (and use track_running_stats=True)."
                 )
+            if sub.running_mean is None or sub.running_var is None:
+                raise ValueError(
+                    f"module {label!r} ({type(sub).__name__}) has no running statistics (running_mean "
+                    "or running_var is None), so even in eval mode it normalises with batch statistics, "
+                    "which couples examples and makes the per-example NTK undefined. Give it running "
+                    "statistics (for example by training it with track_running_stats=True)."
+                )
         if isinstance(sub, nn.Embedding) and sub.scale_grad_by_freq:
             raise ValueError(
                 f"module {label!r} (Embedding, scale_grad_by_freq=True) divides its gradients by "

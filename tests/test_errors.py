@@ -176,6 +176,15 @@ def test_batchnorm_in_training_mode_raises_eval(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_batchnorm_without_running_statistics_is_refused_in_eval_mode(method):
+    # with running_mean/running_var set to None, eval mode still uses batch statistics
+    model = _with_batchnorm().eval()
+    model[1].running_mean = model[1].running_var = None
+    with pytest.raises(ValueError, match="no running statistics"):
+        lazykernel.ntk(model, _x(5, 3), _x(3, 3), method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_active_dropout_in_training_mode_raises_eval(method):
     model = _with_dropout(0.5).train()
     with pytest.raises(ValueError, match=r"(?i)eval\(\)"):
