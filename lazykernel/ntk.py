@@ -45,7 +45,9 @@ def ntk(
     (flattened to O) with respect to the selected parameters θ (Jacot, Gabriel &
     Hongler, 2018, "Neural Tangent Kernel: Convergence and Generalization in
     Neural Networks"). Examples must be independent: a model in training mode
-    with BatchNorm or active Dropout is refused.
+    with BatchNorm or active Dropout is refused, and so is one whose output for
+    an example changes with the rest of the batch (a few examples are also run
+    one by one).
 
     Args:
         model: an ``nn.Module`` applied as ``model(x)``, or a torch.func-style
@@ -283,7 +285,38 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str) -> Tuple[int, int]
             f"the model's output must have the batch dimension first: for {k} example(s) of {name} "
             f"it returned shape {tuple(y.shape)}"
         )
+    _check_independent(adapter, sample, y, name)
     return max(1, y[0].numel()), sum(seen) // k
+
+
+def _check_independent(adapter: ModelAdapter, sample: torch.Tensor, y: torch.Tensor, name: str) -> None:
+    """Refuse a model whose output for one example depends on the others in the batch.
+
+    Each example of ``sample`` is run alone and compared with its row of ``y``
+    (the batch's outputs). A model that fails on a single example, or returns
+    another shape for it, is left to the methods to report.
+    """
+    if sample.shape[0] < 2 or not y.is_floating_point():
+        return
+    scale = float(y.detach().abs().max())
+    tol = (1e-8 if y.dtype == torch.float64 else 1e-3) * max(scale, 1e-30)
+    for i in range(sample.shape[0]):
+        try:
+            with torch.no_grad():
+                alone = adapter.forward(sample[i:i + 1].clone())
+        except Exception:
+            return
+        if not isinstance(alone, torch.Tensor) or alone.shape != (1,) + tuple(y.shape[1:]):
+            return
+        difference = float((alone[0] - y[i]).abs().max())
+        if not difference <= tol:
+            raise ValueError(
+                f"the model's output for one example depends on the other examples of the batch: "
+                f"example {i} of the first of {name} gives outputs {difference:.3g} apart alone and "
+                f"among {sample.shape[0]} (largest output {scale:.3g}). The per-example NTK is undefined "
+                "for such a model (statistics over the batch axis: a mean or softmax over examples, "
+                "BatchNorm in training mode); compute those statistics per example, or from fixed values."
+            )
 
 
 def _version_of(x: torch.Tensor) -> Optional[int]:

@@ -184,6 +184,31 @@ def test_batchnorm_without_running_statistics_is_refused_in_eval_mode(method):
         lazykernel.ntk(model, _x(5, 3), _x(3, 3), method=method)
 
 
+class _Coupled(nn.Module):
+    """Statistics over the batch axis: each example's output depends on the others."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.hidden, self.out = nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        h = h - h.mean(0, keepdim=True) if self.kind == "centred" else torch.softmax(h, dim=0)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["centred", "softmax"])
+def test_a_model_that_mixes_examples_is_refused(kind, method):
+    torch.manual_seed(5)
+    model = _Coupled(kind)
+    with pytest.raises(ValueError, match="depends on the other examples"):
+        lazykernel.ntk(model, _x(5, 3), _x(3, 3), method=method)
+    with pytest.raises(ValueError, match="depends on the other examples"):
+        lazykernel.jvp(model, _x(5, 3), [torch.zeros_like(p) for p in model.parameters()])
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_active_dropout_in_training_mode_raises_eval(method):
     model = _with_dropout(0.5).train()

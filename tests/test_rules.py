@@ -40,8 +40,9 @@ class Attention(nn.Module):
         kwargs = {}
         if self.masks:
             kwargs["attn_mask"] = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+            # each example's own padding (as from its pad tokens): its last key where x says so
             padding = torch.zeros(n, t, dtype=torch.bool)
-            padding[1:, -1] = True
+            padding[:, -1] = x[:, -1, 0] > 0
             kwargs["key_padding_mask"] = padding
         key, value = (2 * seq, seq.flip(-1)) if self.cross else (seq, seq)
         y, w = self.attn(seq, key, value, need_weights=self.weights, **kwargs)
