@@ -10,10 +10,11 @@ the model with the selected parameters replaced by ``values``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import weakref
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -252,7 +253,26 @@ def one_call_per_model(fn: Callable) -> Callable:
     def locked(model, *args, **kwargs):
         if not isinstance(model, nn.Module):
             return fn(model, *args, **kwargs)
-        with _lock_of(model):
+        with _lock_of(model), _dense_embedding_gradients(model):
             return fn(model, *args, **kwargs)
 
     return locked
+
+
+@contextlib.contextmanager
+def _dense_embedding_gradients(model: nn.Module) -> Iterator[None]:
+    """Embeddings built with ``sparse=True`` give dense gradients for the call.
+
+    ``sparse`` only chooses the layout of the weight's gradient, which
+    torch.func's transforms cannot take; the function, and so the kernel, is
+    the same. The flags are restored afterwards.
+    """
+    switched = [m for m in model.modules()
+                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)]
+    for m in switched:
+        m.sparse = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.sparse = True

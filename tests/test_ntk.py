@@ -739,3 +739,27 @@ def test_a_module_listed_twice_is_exact_and_keeps_its_parameters(method):
         assert_close_to_reference(got, expected, torch.float64)
     assert all(type(p) is nn.Parameter and p.requires_grad for p in model.parameters())
     model.float()                             # a damaged module refuses to move
+
+
+class _SparseEmbedding(nn.Module):
+    def __init__(self, sparse):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, sparse=sparse)
+        self.bag = nn.EmbeddingBag(7, 4, mode="mean", sparse=sparse)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.lin(torch.tanh(self.emb(ids)).sum(1) + self.bag(ids))
+
+
+@pytest.mark.parametrize("method", ["auto", "structured", "jacobian", "ntvp"])
+def test_embeddings_with_sparse_gradients_give_the_dense_kernel(method):
+    # sparse=True only changes the layout of the gradient, which torch.func cannot take
+    torch.manual_seed(3)
+    model = _SparseEmbedding(sparse=True).double().eval()
+    dense = _SparseEmbedding(sparse=False).double().eval()
+    dense.load_state_dict(model.state_dict())
+    ids = torch.tensor([[0, 1, 2, 1], [3, 0, 0, 6], [5, 5, 2, 4]])
+    got = lazykernel.ntk(model, ids, output="full", method=method)
+    assert_close_to_reference(got, reference_ntk(dense, ids, output="full"), torch.float64)
+    assert model.emb.sparse and model.bag.sparse
