@@ -366,6 +366,24 @@ def test_alpha_scaled_model(ref_ntk):
         analysis.AlphaScaled(inner, 0.0)
 
 
+def test_alpha_scaled_model_follows_the_mode_and_dtype_of_the_wrapper():
+    # wrapped in training mode (the nn.Module default), then switched and converted
+    torch.manual_seed(1)
+    inner = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
+    with torch.no_grad():
+        inner[1].running_mean.uniform_(-1, 1)
+        inner[1].running_var.uniform_(0.5, 2.0)
+    scaled = analysis.AlphaScaled(inner, 4.0).eval()
+    x = torch.randn(6, 3)
+    assert torch.equal(scaled(x), torch.zeros(6, 2))
+    scaled = scaled.double()
+    assert torch.equal(scaled(x.double()), torch.zeros(6, 2, dtype=torch.float64))
+    # in training mode f(θ0) normalises as f does, without moving θ0's statistics
+    before = scaled.buffer0_1_running_mean.clone()
+    scaled.train()(x.double())
+    assert torch.equal(scaled.buffer0_1_running_mean, before)
+
+
 # -- sweeps ----------------------------------------------------------------------------
 
 def test_fit_power_law_exact():

@@ -255,19 +255,31 @@ class AlphaScaled(nn.Module):
         self.model = model
         self.alpha = float(alpha)
         # Buffers, not parameters: θ0 must not be trained nor counted by ntk().
-        self._initial: Dict[str, torch.Tensor] = {}
+        self._initial: Dict[str, str] = {}
         for name, value in model.named_parameters():
             key = "theta0_" + name.replace(".", "_")
             self.register_buffer(key, value.detach().clone())
             self._initial[name] = key
+        # and the model's buffers (BatchNorm statistics) at θ0, so that they follow .to()
+        self._initial_buffers: Dict[str, str] = {}
+        for name, value in model.named_buffers():
+            key = "buffer0_" + name.replace(".", "_")
+            self.register_buffer(key, value.detach().clone())
+            self._initial_buffers[name] = key
         # An unregistered copy evaluates f(θ0): hooks that tools (ntk's structured rules)
-        # put on the layers of ``model`` must not see this second call.
+        # put on the layers of ``model`` must not see this second call. Every tensor
+        # it uses is passed in, so its own never matter.
         object.__setattr__(self, "_shadow", copy.deepcopy(model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        theta0 = {name: getattr(self, key) for name, key in self._initial.items()}
+        # f(θ0) in the mode f is in, layer by layer (eval: f_α = 0 at θ0)
+        for shadow, layer in zip(self._shadow.modules(), self.model.modules()):
+            shadow.training = layer.training
+        state = {name: getattr(self, key) for name, key in self._initial.items()}
+        # copies, so that a BatchNorm in training mode does not update θ0's statistics
+        state.update({name: getattr(self, key).clone() for name, key in self._initial_buffers.items()})
         with torch.no_grad():
-            f0 = functional_call(self._shadow, theta0, (x,))
+            f0 = functional_call(self._shadow, state, (x,))
         return self.alpha * (self.model(x) - f0)
 
     def learning_rate(self, base_lr: float) -> float:
