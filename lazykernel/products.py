@@ -451,12 +451,17 @@ def _ntk_vp(adapter: ModelAdapter, x: torch.Tensor, v: torch.Tensor, x2: Optiona
         if vv.dim() not in (1, 2) or vv.shape[0] != n2:
             raise ValueError(f"for output='trace' (or a one-output model) v must be [N2] or [N2, C] "
                              f"with N2 = {n2}, got {tuple(v.shape)}")
+        if n == 0 or n2 == 0:
+            # no examples on one side: the empty sum
+            return vv.new_zeros((n,) + tuple(vv.shape[1:]))
         columns = vv.reshape(n2, -1)
         result = torch.stack([_trace_product(adapter, x, x2_, columns[:, c], outputs, size_x, size_x2)
                               for c in range(columns.shape[1])], dim=1)
         return result.reshape((n,) + tuple(vv.shape[1:]))
     if tuple(vv.shape) != (n2, outputs):
         raise ValueError(f"for output='full' v must be [N2, O] = [{n2}, {outputs}], got {tuple(v.shape)}")
+    if n == 0 or n2 == 0:
+        return vv.new_zeros(n, outputs)
     return _pushforward(adapter, x, _pullback(adapter, x2_, vv, size_x2), size_x)
 
 

@@ -366,3 +366,14 @@ def test_a_list_tangent_follows_the_models_parameter_order_whatever_the_selectio
     in_model_order = [tangent["0.bias"], tangent["4.bias"]]
     _, by_list = lazykernel.jvp(model, x, in_model_order, params=names)
     torch.testing.assert_close(by_list, by_dict, rtol=1e-12, atol=1e-12)
+
+
+def test_ntk_vp_with_no_examples_on_either_side_is_the_empty_sum():
+    model = _mlp().double()
+    x, empty = torch.randn(4, 5, dtype=torch.float64), torch.zeros(0, 5, dtype=torch.float64)
+    assert torch.equal(lazykernel.ntk_vp(model, x, torch.zeros(0, dtype=torch.float64), empty),
+                       torch.zeros(4, dtype=torch.float64))
+    assert lazykernel.ntk_vp(model, empty, torch.randn(4, dtype=torch.float64), x).shape == (0,)
+    assert lazykernel.ntk_vp(model, empty, torch.zeros(0, 2, dtype=torch.float64)).shape == (0, 2)
+    full = lazykernel.ntk_vp(model, x, torch.zeros(0, 3, dtype=torch.float64), empty, output="full")
+    assert torch.equal(full, torch.zeros(4, 3, dtype=torch.float64))
