@@ -133,7 +133,10 @@ def _ntk(args: argparse.Namespace) -> int:
     model = model.to(device=device, dtype=dtype).eval()
 
     def load(path: str) -> torch.Tensor:
-        x = torch.from_numpy(np.load(path))
+        try:
+            x = torch.from_numpy(np.load(path))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read the inputs {path!r} as a .npy array: {error}") from error
         return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
 
     x1 = load(args.data)

@@ -249,6 +249,10 @@ def test_cli_writes_the_kernel_and_resumes(tmp_path, monkeypatch, capsys):
         cli_main(args + ["--memory-budget", "lots"])
     assert "module:factory" in _cli_error(cli_main, ["ntk", "--model", "nofactory", "--data", "x.npy", "--out",
                                                      "K2.npy"], capsys)
+    (tmp_path / "bad.npy").write_text("not an array")
+    for data in ("missing.npy", "bad.npy"):
+        assert f"cannot read the inputs '{data}'" in _cli_error(
+            cli_main, ["ntk", "--model", "cli_models_for_test:make", "--data", data, "--out", "K3.npy"], capsys)
 
 
 def _cli_error(run, args, capsys):
