@@ -251,6 +251,39 @@ def test_monitor_metrics_match_direct_computation(tmp_path):
     assert payload["records"][-1]["step"] == 30
 
 
+def test_monitor_of_some_parameters_linearizes_from_theta0_of_all():
+    # all parameters train; the monitor follows the read-out only: f_lin moves the
+    # read-out from θ0 with the others left at θ0, so their movement shows in the gap
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(10, 3, dtype=torch.float64, generator=gen), torch.randn(10, 2, dtype=torch.float64, generator=gen)
+    model = analysis.mlp(3, 16, 2, parameterization="mup", seed=1).double()
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        f0 = model(x)
+    readout = [n for n in theta0 if n.startswith("2.")]
+    with analysis.RegimeMonitor(model, x, params=readout, every=4) as monitor:
+        _train(model, x, y, analysis.learning_rate("mup", 0.5, 16), 6, monitor)
+    names = list(theta0)
+
+    def f(*values):
+        return torch.func.functional_call(model, dict(zip(names, values)), (x,))
+
+    jac = torch.autograd.functional.jacobian(f, tuple(theta0[n] for n in names))
+    delta = [(p.detach() - theta0[n]) if n in readout else torch.zeros_like(p)
+             for n, p in model.named_parameters()]
+    f_lin = f0 + sum((j * d).reshape(*f0.shape, -1).sum(-1) for j, d in zip(jac, delta))
+    with torch.no_grad():
+        f1 = model(x)
+    last = monitor.table()[-1]
+    assert last["linearization_gap"] == pytest.approx(metrics.linearization_gap(f1, f_lin, f0), rel=1e-8)
+    assert [row["step"] for row in monitor.table()] == [4, 6]
+    # the record made on leaving carries the caller's last step number, not the count of calls
+    with analysis.RegimeMonitor(model, x, every=100) as monitor:
+        for step in (100, 200, 250):
+            monitor.step(step)
+    assert [row["step"] for row in monitor.table()] == [100, 200, 250]
+
+
 def test_monitor_measures_in_eval_mode_and_restores_training_mode():
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 1)).double()
     model.train()

@@ -53,7 +53,8 @@ class RegimeMonitor:
     * ``kernel_alignment``: centered kernel–target alignment of the NTK (with ``probe_y``);
     * ``parameter_movement`` ``‖θ − θ0‖/‖θ0‖`` and ``parameter_movement/<name>`` per tensor;
     * ``linearization_gap`` on the held-out inputs, with ``f_lin`` from one
-      ``torch.func.jvp`` at θ0 along ``θ − θ0``;
+      ``torch.func.jvp`` at θ0 along ``θ − θ0`` of the selected parameters (the
+      others stay at θ0 in ``f_lin``, so their movement counts in the gap);
     * ``cka/<layer>``: linear CKA of each chosen representation to its value at θ0;
     * any extra scalars passed to :meth:`step` (e.g. the loss).
 
@@ -110,8 +111,12 @@ class RegimeMonitor:
         self._calls = 0
         self._records: List[dict] = []
         self._last_step: Optional[int] = None
+        self._seen_step: Optional[int] = None
         with self._evaluating():
             self.theta0 = {n: p.detach().clone() for n, p in self._current().items()}
+            # the parameters not selected, at θ0 too: f_lin moves only the selected ones
+            self._others0 = {n: p.detach().clone() for n, p in model.named_parameters()
+                             if n not in self.theta0}
             self.k0 = empirical_ntk(model, probe_x, output=ntk_output, params=params)
             self.f0 = self._outputs(self.heldout_x)
             self.representations0 = self._representations()
@@ -172,7 +177,7 @@ class RegimeMonitor:
         tangent = {n: (current[n].detach() - self.theta0[n]) for n in self._names}
 
         def f(values):
-            return functional_call(self.model, values, (self.heldout_x,))
+            return functional_call(self.model, {**self._others0, **values}, (self.heldout_x,))
 
         with torch.no_grad():
             f0, df = jvp(f, (self.theta0,), (tangent,))
@@ -191,6 +196,7 @@ class RegimeMonitor:
         """
         self._calls += 1
         step = self._calls if step is None else int(step)
+        self._seen_step = step
         if step % self.every != 0:
             return None
         return self.record(step, **extra)
@@ -223,8 +229,8 @@ class RegimeMonitor:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None and self._calls > 0 and self._last_step != self._calls:
-            self.record(self._calls)
+        if exc_type is None and self._seen_step is not None and self._last_step != self._seen_step:
+            self.record(self._seen_step)
 
     # -- results -------------------------------------------------------------------
     def table(self) -> List[dict]:
