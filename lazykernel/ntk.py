@@ -52,7 +52,9 @@ def ntk(
     Args:
         model: an ``nn.Module`` applied as ``model(x)``, or a torch.func-style
             ``fn(params, x)``; then ``params`` is required and is the dict of all
-            its tensors (every floating-point entry is differentiated).
+            its tensors (every floating-point entry is differentiated: buffers
+            such as BatchNorm statistics belong in ``fn`` itself, e.g.
+            ``lambda p, x: functional_call(model, {**p, **buffers}, (x,))``).
         x1: ``[N1, *in]`` inputs (floating point in the model's dtype, or integer
             token ids).
         x2: ``[N2, *in]`` inputs; ``None`` means ``x1`` (and half the work).

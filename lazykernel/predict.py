@@ -278,7 +278,10 @@ def gradient_descent_mse_cg(
 
     Args:
         k_train_train: an ``[N, N]`` kernel or a function ``v ↦ K v`` taking and
-            returning ``[N, C]`` (e.g. ``lambda v: ntk_vp(model, x_train, v)``);
+            returning ``[N, C]`` that acts on each column alone, as the same
+            ``[N, N]`` kernel would (e.g. ``lambda v: ntk_vp(model, x_train, v)``,
+            trace mode); a kernel that mixes outputs (``output="full"``) goes in
+            flattened, with ``y_train`` as ``[N·O]``;
             it must be symmetric positive semi-definite.
         y_train: ``[N]`` or ``[N, C]`` targets.
         ridge: λ ≥ 0 added to the diagonal.
