@@ -127,6 +127,24 @@ def test_ntk_regression_flow_matches_matrix_exponential():
     assert torch.allclose(f_test, f0s + ks @ fit, atol=1e-8)
 
 
+def test_the_pseudo_inverse_solve_off_the_cpu_matches_gelsd_on_a_singular_kernel():
+    # CUDA has no gelsd: t = ∞ takes the pseudo-inverse from the eigendecomposition there
+    k, _, y, f0, _ = _kernel_problem()                          # rank-4 Θ
+    rhs = (y - f0).reshape(k.shape[0], -1)
+    want = torch.linalg.lstsq(k, rhs, driver="gelsd").solution
+    torch.testing.assert_close(metrics._pseudo_inverse_solve(k, rhs), want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ntk_regression_at_infinite_time_on_cuda_matches_the_cpu():
+    problem = _kernel_problem()
+    on_cpu = metrics.ntk_regression(*problem)
+    on_cuda = metrics.ntk_regression(*(t.cuda() for t in problem))
+    for got, want in zip(on_cuda, on_cpu):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-8, atol=1e-9)
+
+
 def test_ntk_regression_is_gradient_descent_on_a_linear_model():
     gen = torch.Generator().manual_seed(0)
     x, xs = torch.randn(8, 5, dtype=torch.float64, generator=gen), torch.randn(3, 5, dtype=torch.float64,

@@ -305,7 +305,7 @@ full-batch gradient descent on the linearized network, exact for any step size:
         raise ValueError(f"need lr > 0 and steps ≥ 0, got {lr} and {steps}")
     if time is None and lr is None:
         # the least-squares solve tolerates a singular Θ (duplicate inputs)
-        coef = torch.linalg.lstsq(kt, residual, driver="gelsd").solution
+        coef = _least_squares(kt, residual)
         fit_train = kt @ coef
     else:
         evals, evecs = torch.linalg.eigh(kt)
@@ -349,3 +349,23 @@ def prediction_agreement(a: torch.Tensor, b: torch.Tensor) -> Dict[str, float]:
     if a.dim() == 2 and a.shape[1] >= 2:
         result["class_agreement"] = (a.argmax(1) == b.argmax(1)).double().mean().item()
     return result
+
+
+def _least_squares(kernel: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """The minimum-norm least-squares solution of ``kernel · c = rhs`` for a symmetric PSD kernel.
+
+    On the CPU LAPACK's SVD-based ``gelsd``; elsewhere (CUDA has no ``gelsd``)
+    the pseudo-inverse from the eigendecomposition, with eigenvalues below
+    ``N·ε·λ_max`` taken as zero, as ``gelsd``'s default cut-off does.
+    """
+    if kernel.device.type == "cpu":
+        return torch.linalg.lstsq(kernel, rhs, driver="gelsd").solution
+    return _pseudo_inverse_solve(kernel, rhs)
+
+
+def _pseudo_inverse_solve(kernel: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(kernel)
+    cutoff = kernel.shape[0] * torch.finfo(kernel.dtype).eps * evals.abs().max().clamp_min(1e-300)
+    inverse = torch.where(evals.abs() > cutoff, 1.0 / evals.where(evals.abs() > cutoff, torch.ones_like(evals)),
+                          torch.zeros_like(evals))
+    return evecs @ (inverse[:, None] * (evecs.T @ rhs))
