@@ -262,8 +262,10 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str) -> Tuple[int, int]
                 seen.append(out.numel())
         handles = [m.register_forward_hook(count) for m in adapter.module.modules()
                    if not list(m.children())]
+    # TF32 off, so that the examples run alone round as they do together (`_check_independent`)
+    precise = matmul_precision("highest", sample.device, next(iter(adapter.params.values())).dtype)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), precise:
             y = adapter.forward(sample)
     except Exception as error:
         raise ValueError(
@@ -302,9 +304,10 @@ def _check_independent(adapter: ModelAdapter, sample: torch.Tensor, y: torch.Ten
         return
     scale = float(y.detach().abs().max())
     tol = (1e-8 if y.dtype == torch.float64 else 1e-3) * max(scale, 1e-30)
+    dtype = next(iter(adapter.params.values())).dtype
     for i in range(sample.shape[0]):
         try:
-            with torch.no_grad():
+            with torch.no_grad(), matmul_precision("highest", sample.device, dtype):
                 alone = adapter.forward(sample[i:i + 1].clone())
         except Exception:
             return
@@ -317,7 +320,8 @@ def _check_independent(adapter: ModelAdapter, sample: torch.Tensor, y: torch.Ten
                 f"example {i} of the first of {name} gives outputs {difference:.3g} apart alone and "
                 f"among {sample.shape[0]} (largest output {scale:.3g}). The per-example NTK is undefined "
                 "for such a model (statistics over the batch axis: a mean or softmax over examples, "
-                "BatchNorm in training mode); compute those statistics per example, or from fixed values."
+                "BatchNorm in training mode; or randomness in forward); compute those statistics per "
+                "example, or from fixed values."
             )
 
 
