@@ -42,7 +42,7 @@ class ModelAdapter:
     def call(self, values: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Apply the model to a batch ``x`` with the selected parameters set to ``values``."""
         if self.module is not None:
-            return _functional_call(self.module, values, x)
+            return restoring_functional_call(self.module, values, x)
         merged = dict(self._constants)
         merged.update(values)
         return self._fn(merged, x)
@@ -52,7 +52,7 @@ class ModelAdapter:
         if not replaced:
             return self.forward(x)
         if self.module is not None:
-            return _functional_call(self.module, replaced, x)
+            return restoring_functional_call(self.module, replaced, x)
         merged = dict(self.params)
         merged.update(replaced)
         return self.call(merged, x)
@@ -71,7 +71,8 @@ class ModelAdapter:
         return sum(p.numel() for p in self.params.values())
 
 
-def _functional_call(module: nn.Module, values: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def restoring_functional_call(module: nn.Module, values: Mapping[str, torch.Tensor], x: torch.Tensor
+                              ) -> torch.Tensor:
     """``torch.func.functional_call``, leaving ``module`` with its own tensors afterwards.
 
     With a submodule reachable under two names (one layer listed twice in an

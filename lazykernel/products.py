@@ -18,13 +18,12 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from lazykernel import _memory
 from lazykernel._chain import _global_hooks, _has_hooks
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter,
-                               one_call_per_model)
+                               one_call_per_model, restoring_functional_call)
 from lazykernel._precision import check_precision, matmul_precision
 from lazykernel.ntk import _probe
 from lazykernel.ops import linear_jvp_stacked
@@ -322,10 +321,10 @@ def _generic_layer(leaf: nn.Module, own: Mapping[str, torch.Tensor], xs: torch.T
         return leaf(x).unsqueeze(0)
     primals = {name: p.detach() for name, p in leaf.named_parameters() if name in own}
     if has_input_tangent:
-        y, y_dot = torch.func.jvp(lambda p, inp: functional_call(leaf, p, (inp,)),
+        y, y_dot = torch.func.jvp(lambda p, inp: restoring_functional_call(leaf, p, inp),
                                   (primals, x), (dict(own), xs[1]))
     else:
-        y, y_dot = torch.func.jvp(lambda p: functional_call(leaf, p, (x,)), (primals,), (dict(own),))
+        y, y_dot = torch.func.jvp(lambda p: restoring_functional_call(leaf, p, x), (primals,), (dict(own),))
     return torch.stack([y, y_dot])
 
 

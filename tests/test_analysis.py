@@ -302,6 +302,16 @@ def test_monitor_of_some_parameters_linearizes_from_theta0_of_all():
     assert [row["step"] for row in monitor.table()] == [100, 200, 250]
 
 
+def test_monitor_leaves_a_layer_listed_twice_with_its_parameters():
+    torch.manual_seed(3)
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(4, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    monitor = analysis.RegimeMonitor(model, x, every=1)
+    _train(model, x, torch.zeros(6, 2, dtype=torch.float64), 0.1, 2, monitor)
+    assert all(type(p) is nn.Parameter and p.requires_grad for p in model.parameters())
+
+
 def test_monitor_measures_in_eval_mode_and_restores_training_mode():
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 1)).double()
     model.train()

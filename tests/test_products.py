@@ -377,3 +377,26 @@ def test_ntk_vp_with_no_examples_on_either_side_is_the_empty_sum():
     assert lazykernel.ntk_vp(model, empty, torch.zeros(0, 2, dtype=torch.float64)).shape == (0, 2)
     full = lazykernel.ntk_vp(model, x, torch.zeros(0, 3, dtype=torch.float64), empty, output="full")
     assert torch.equal(full, torch.zeros(4, 3, dtype=torch.float64))
+
+
+class _TwiceInside(nn.Module):
+    """One Linear under two names inside a layer of a Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_the_structured_jvp_leaves_a_layer_holding_a_module_twice_with_its_parameters():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), _TwiceInside(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    jac, names = _reference_jacobian(model, x)
+    tangent = _random_like_params(model, names, torch.float64)
+    _, y_dot = lazykernel.jvp(model, x, tangent, method="structured")
+    torch.testing.assert_close(y_dot, (jac @ _flat(tangent, names)).reshape(5, 2), rtol=1e-10, atol=1e-12)
+    assert all(type(p) is nn.Parameter and p.requires_grad for p in model.parameters())

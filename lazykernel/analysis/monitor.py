@@ -10,8 +10,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
+from lazykernel._model import restoring_functional_call
 from lazykernel.analysis import metrics
 from lazykernel.ntk import ntk as empirical_ntk
 
@@ -177,7 +178,7 @@ class RegimeMonitor:
         tangent = {n: (current[n].detach() - self.theta0[n]) for n in self._names}
 
         def f(values):
-            return functional_call(self.model, {**self._others0, **values}, (self.heldout_x,))
+            return restoring_functional_call(self.model, {**self._others0, **values}, self.heldout_x)
 
         with torch.no_grad():
             f0, df = jvp(f, (self.theta0,), (tangent,))
