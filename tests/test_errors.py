@@ -1,6 +1,8 @@
 """ntk() input validation: every documented error is a ValueError naming its cause."""
 
+import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -207,6 +209,33 @@ def test_a_model_that_mixes_examples_is_refused(kind, method):
         lazykernel.ntk(model, _x(5, 3), _x(3, 3), method=method)
     with pytest.raises(ValueError, match="depends on the other examples"):
         lazykernel.jvp(model, _x(5, 3), [torch.zeros_like(p) for p in model.parameters()])
+
+
+class _Centred(nn.Module):
+    """f(θ) − f(θ0) at θ a hair from θ0: outputs at the round-off of the values inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 1024), nn.Tanh(), nn.Linear(1024, 4))
+        self.start = copy.deepcopy(self.net).requires_grad_(False)
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.add_(1e-8 * torch.randn_like(p))
+
+    def forward(self, x):
+        return self.net(x) - self.start(x)
+
+
+def test_outputs_that_are_small_differences_of_large_terms_are_not_taken_for_coupling():
+    # float32 round-off differs between a batch and a single example, and follows
+    # the values inside the model, not the outputs
+    torch.manual_seed(0)
+    model = _Centred().eval()
+    x = torch.randn(6, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernel = lazykernel.ntk(model, x, params=lambda name, p: name.startswith("net.2."))
+    assert kernel.shape == (6, 6) and bool(torch.isfinite(kernel).all())
 
 
 @pytest.mark.parametrize("method", METHODS)
