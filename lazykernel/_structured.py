@@ -574,26 +574,33 @@ def _jacobians_agree(adapter: ModelAdapter, names: List[str], x: torch.Tensor) -
 def ntvp_agrees(adapter: ModelAdapter, x: torch.Tensor) -> bool:
     """Do the ``ntvp`` method's products (torch.func's vmap) match autograd on ``x``?
 
-    With random weights w over the ``n·O`` outputs of ``x`` as one side and u
-    over them as the other, ``wᵀ (J Jᵀ) u`` from the batched products is
-    compared with ``(Jᵀ w)·(Jᵀ u)``, two plain backward passes. A wrong row
-    shows unless it is orthogonal to random weights (probability zero).
+    For two random seeds w over the ``n·O`` outputs of ``x``, batched as the
+    method batches its rows, and random weights u over them, ``uᵀ J (Jᵀ w)``
+    from the batched products is compared with ``(Jᵀ w)·(Jᵀ u)`` from plain
+    backward passes. A wrong product shows unless it is orthogonal to random
+    weights (probability zero). Two seeds keep the check's memory at two
+    parameter-sized tangents, whatever the number of outputs.
     """
     with _differentiable(x) as x:
         values = adapter.detached_params()
         y, vjp_fn = torch.func.vjp(lambda p: adapter.call(p, x).reshape(-1), values)
-        basis = torch.eye(y.numel(), dtype=y.dtype, device=y.device)
-        rows = ntvp_rows(adapter, values, vjp_fn, x, basis, by_loop=False)      # [n·O, n·O]
         gen = torch.Generator(device="cpu").manual_seed(3)
-        w, u = (torch.rand(y.numel(), generator=gen, dtype=torch.float64).add_(0.5).to(y)
-                for _ in range(2))
-        predicted = float(w.double() @ rows.detach().double() @ u.double())
-        (tw,), (tu,) = vjp_fn(w), vjp_fn(u)
-        left = torch.cat([t.detach().reshape(-1) for t in tw.values()]).double()
-        right = torch.cat([t.detach().reshape(-1) for t in tu.values()]).double()
-        actual = float(left @ right)
-        scale = max(float(left.norm() * right.norm()), 1e-30)
-        return abs(predicted - actual) <= _tolerance(y.dtype) * scale * 10
+        seeds, u = (torch.rand(size, y.numel(), generator=gen, dtype=torch.float64).add_(0.5).to(y)
+                    for size in (2, 1))
+        rows = ntvp_rows(adapter, values, vjp_fn, x, seeds, by_loop=False).detach().double()  # [2, n·O]
+
+        def flat(weights: torch.Tensor) -> torch.Tensor:
+            (tangent,) = vjp_fn(weights)
+            return torch.cat([t.detach().reshape(-1) for t in tangent.values()]).double()
+
+        right = flat(u[0])
+        for seed, row in zip(seeds, rows):
+            left = flat(seed)
+            predicted, actual = float(row @ u[0].double()), float(left @ right)
+            scale = max(float(left.norm() * right.norm()), 1e-30)
+            if not abs(predicted - actual) <= _tolerance(y.dtype) * scale * 10:
+                return False
+        return True
 
 
 def _weighted_directional(adapter: ModelAdapter, names: List[str], direction: Dict[str, torch.Tensor],
