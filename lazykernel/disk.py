@@ -154,7 +154,8 @@ def ntk_to_disk(
                 # the tiles written so far are right; the store records the method
                 raise ValueError(f"{error}; on these examples the model does not use that layer as on "
                                  "the examples its rule was checked on (does it route examples?): "
-                                 "compute this kernel with method='jacobian'") from error
+                                 "compute this kernel with method='jacobian', into another file or with "
+                                 "if_exists='overwrite' (this store records the method)") from error
         distributed.barrier()
         missing = None
         if rank == 0:

@@ -321,5 +321,6 @@ def test_a_model_routing_examples_otherwise_than_on_the_checked_ones_is_refused_
     x = routed_inputs(probe_expert_only=True)
     with pytest.raises(ValueError, match="method='jacobian'"):
         lazykernel.ntk_to_disk(model, x, out=str(tmp_path / "K.npy"), progress=False)
-    kernel = lazykernel.ntk_to_disk(model, x, out=str(tmp_path / "J.npy"), method="jacobian", progress=False)
+    kernel = lazykernel.ntk_to_disk(model, x, out=str(tmp_path / "K.npy"), method="jacobian", progress=False,
+                                    if_exists="overwrite")
     np.testing.assert_allclose(np.array(kernel), reference_ntk(model, x).numpy(), rtol=1e-10, atol=1e-12)
