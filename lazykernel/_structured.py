@@ -253,6 +253,8 @@ class StructuredPlan:
                     raise RuleDoesNotApply("no call on the verification examples")
                 rule.shapes = rule.term_shapes()
                 operands[rule] = rule.operands(cotangents, n, None)
+            except torch.OutOfMemoryError:
+                raise
             except (RuleDoesNotApply, IndexError, RuntimeError):
                 operands[rule] = None
             rule.clear()
