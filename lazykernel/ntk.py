@@ -98,23 +98,25 @@ def ntk(
             ``memory_budget`` too small for one example.
     """
     setup = _setup(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
+    try:
+        return _compute(setup, x1, batch_size, progress)
+    except RuleDoesNotApply as error:
+        # A layer saw the batch otherwise than the examples its rule was checked
+        # on (a model that routes examples): the rules do not describe it.
+        warnings.warn(f"{error}; on these examples the model does not use that layer as on the "
+                      "examples its rule was checked on (does it route examples?), so the kernel "
+                      "is computed with method='jacobian'", stacklevel=3)
+        setup = _setup(model, x1, x2, output, "jacobian", params, batch_size, memory_budget, precision)
+        return _compute(setup, x1, batch_size, progress)
+
+
+def _compute(setup: "_Call", x1: torch.Tensor, batch_size: Optional[int], progress: bool) -> torch.Tensor:
+    """The kernel of a set-up call, in the model's dtype."""
     result = torch.zeros(setup.shape, dtype=setup.compute_dtype, device=setup.device)
     if setup.engine is not None:
-        try:
-            with setup.running():
-                _run_tiles(setup.engine, x1, setup.x2, setup.symmetric, result, setup.mode, setup.budget,
-                           setup.elt, batch_size, progress)
-        except RuleDoesNotApply as error:
-            # A layer saw the batch otherwise than the examples its rule was checked
-            # on (a model that routes examples): the rules do not describe it.
-            warnings.warn(f"{error}; on these examples the model does not use that layer as on the "
-                          "examples its rule was checked on (does it route examples?), so the kernel "
-                          "is computed with method='jacobian'", stacklevel=3)
-            setup = _setup(model, x1, x2, output, "jacobian", params, batch_size, memory_budget, precision)
-            result.zero_()
-            with setup.running():
-                _run_tiles(setup.engine, x1, setup.x2, setup.symmetric, result, setup.mode, setup.budget,
-                           setup.elt, batch_size, progress)
+        with setup.running():
+            _run_tiles(setup.engine, x1, setup.x2, setup.symmetric, result, setup.mode, setup.budget,
+                       setup.elt, batch_size, progress)
     return result.to(setup.dtype)
 
 
@@ -266,7 +268,8 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str) -> Tuple[int, int]
         handles = [m.register_forward_hook(count) for m in adapter.module.modules()
                    if not list(m.children())]
     # TF32 off, so that the examples run alone round as they do together (`_check_independent`)
-    precise = matmul_precision("highest", sample.device, next(iter(adapter.params.values())).dtype)
+    dtype = next(iter(adapter.params.values())).dtype
+    precise = matmul_precision("highest", sample.device, dtype)
     try:
         with torch.no_grad(), precise:
             y = adapter.forward(sample)
@@ -292,7 +295,7 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str) -> Tuple[int, int]
             f"the model's output must have the batch dimension first: for {k} example(s) of {name} "
             f"it returned shape {tuple(y.shape)}"
         )
-    _check_independent(adapter, sample, y, name, max(peaks, default=0.0))
+    _check_independent(adapter, sample, y, name, dtype, max(peaks, default=0.0))
     return max(1, y[0].numel()), sum(seen) // k
 
 
@@ -303,11 +306,12 @@ _COUPLED = 0.05
 
 
 def _check_independent(adapter: ModelAdapter, sample: torch.Tensor, y: torch.Tensor, name: str,
-                       inside: float = 0.0) -> None:
+                       dtype: torch.dtype, inside: float = 0.0) -> None:
     """Refuse a model whose output for one example depends on the others in the batch.
 
     Each example of ``sample`` is run alone and compared with its row of ``y``
-    (the batch's outputs), relative to the largest of the outputs and of the
+    (the batch's outputs, computed in the parameters' ``dtype`` with TF32 off, as
+    these are), relative to the largest of the outputs and of the
     values ``inside`` the model (its layers' outputs), whose round-off an
     output that is a difference of large terms inherits. A model that fails
     on a single example, returns another shape for it or non-finite outputs
@@ -317,7 +321,6 @@ def _check_independent(adapter: ModelAdapter, sample: torch.Tensor, y: torch.Ten
         return
     scale = max(float(y.detach().abs().max()), inside if math.isfinite(inside) else 0.0, 1e-30)
     round_off = 1e-8 if y.dtype == torch.float64 else 1e-3
-    dtype = next(iter(adapter.params.values())).dtype
     worst, worst_at = 0.0, 0
     for i in range(sample.shape[0]):
         try:
