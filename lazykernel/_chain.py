@@ -391,11 +391,13 @@ def _step_for(layer: nn.Module) -> Optional[_Step]:
     return None
 
 
-def _leaves(module: nn.Module) -> List[nn.Module]:
-    """The layers of nested ``nn.Sequential`` containers, in call order."""
+def named_leaves(module: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module]]:
+    """The layers of nested ``nn.Sequential`` containers in call order (a layer listed
+    twice appears twice), each with the prefix of its parameters' names."""
     if type(module) is not nn.Sequential:
-        return [module]
-    return [layer for child in module for layer in _leaves(child)]
+        return [(prefix, module)]
+    return [leaf for name, child in module._modules.items() if child is not None
+            for leaf in named_leaves(child, f"{prefix}{name}.")]
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -428,7 +430,7 @@ class LayerChain:
         if any(_has_hooks(m) for m in module.modules()):
             return None
         steps, seen = [], set()
-        for layer in _leaves(module):
+        for _, layer in named_leaves(module):
             step = _step_for(layer)
             if step is None:
                 return None

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lazykernel import _memory
-from lazykernel._chain import _global_hooks, _has_hooks
+from lazykernel._chain import _global_hooks, _has_hooks, named_leaves
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter,
                                one_call_per_model, restoring_functional_call)
 from lazykernel._precision import check_precision, matmul_precision
@@ -266,16 +266,7 @@ def _plain_leaves(module: Optional[nn.Module]) -> Optional[List[Tuple[str, nn.Mo
         return None
     if any(_has_hooks(m) or parametrize.is_parametrized(m) for m in module.modules()):
         return None
-    leaves: List[Tuple[str, nn.Module]] = []
-
-    def walk(container: nn.Sequential, prefix: str) -> None:
-        for name, child in container._modules.items():
-            if type(child) is nn.Sequential:
-                walk(child, f"{prefix}{name}.")
-            elif child is not None:
-                leaves.append((f"{prefix}{name}.", child))
-
-    walk(module, "")
+    leaves = named_leaves(module)
     owners: Dict[int, int] = {}
     for index, (_, leaf) in enumerate(leaves):
         for p in leaf.parameters():
