@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Type
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lazykernel._memory import empty_buffer
 from lazykernel.rules import StructuredRule
@@ -409,6 +410,62 @@ def _global_hooks() -> bool:
     hooks = nn.modules.module
     return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks
                 or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+
+
+def plain_leaves(module: Optional[nn.Module]) -> Optional[List[Tuple[str, nn.Module]]]:
+    """The layers a plain (nested) ``nn.Sequential`` applies in turn, with their name
+    prefixes; None where walking them would not be the model's forward.
+
+    Refused: a subclass or another container, a hook anywhere (or a ``forward`` set
+    on an instance), a parametrized layer (its weight is computed), a layer with
+    parameters listed twice or parameters shared between layers (the tangent is
+    found by each layer's own names).
+    """
+    if module is None or type(module) is not nn.Sequential or _global_hooks():
+        return None
+    if any(_has_hooks(m) or parametrize.is_parametrized(m) for m in module.modules()):
+        return None
+    leaves = named_leaves(module)
+    owners: Dict[int, int] = {}
+    for index, (_, leaf) in enumerate(leaves):
+        for p in leaf.parameters():
+            if owners.setdefault(id(p), index) != index:
+                return None
+    return leaves
+
+
+def exact_by_construction(module: Optional[nn.Module], x: torch.Tensor) -> bool:
+    """Is ``module`` on ``x`` a perceptron whose rules are exact and examples independent by construction?
+
+    True for a plain chain (`plain_leaves`) of ``nn.Linear`` layers, elementwise
+    activations that do not work in place, ``nn.Identity``, dropout in eval
+    mode and ``nn.Flatten`` from an axis after the first (all of exactly these
+    types, not subclasses), applied to a floating-point ``x`` with a batch
+    axis and at least one more. Every such layer maps each example on its
+    own and keeps the batch axis first, and each ``nn.Linear`` is called once,
+    on its own parameters, mapping the last axis: the Linear rule's account of
+    it holds whatever the weights and inputs, and no example's output depends
+    on another's. The checks on the probe examples (`StructuredPlan.verify`,
+    `ntk._check_independent`), which exist for models that might break those
+    facts, are then skipped.
+    """
+    if not x.is_floating_point() or x.dim() < 2:
+        return False
+    leaves = plain_leaves(module)
+    if not leaves:
+        return False
+    for _, leaf in leaves:
+        kind = type(leaf)
+        if kind is nn.Linear or kind is nn.Identity:
+            continue
+        if kind in _ELEMENTWISE and not getattr(leaf, "inplace", False):
+            continue
+        if kind in _DROPOUT and not leaf.training:
+            continue
+        if kind is nn.Flatten and leaf.start_dim >= 1 and (leaf.end_dim == -1 or leaf.end_dim >= leaf.start_dim):
+            continue
+        return False
+    return True
 
 
 class LayerChain:

@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from lazykernel._chain import LayerChain
+from lazykernel._chain import LayerChain, exact_by_construction
 from lazykernel._jacobian import ntvp_rows, per_example_jacobian
 from lazykernel._memory import empty_buffer
 from lazykernel._model import ModelAdapter
@@ -244,6 +244,8 @@ class StructuredPlan:
             return f
         rules = list(self.rules)
         tol = _tolerance(f.dtype)
+        # a perceptron's Linear rules hold by construction: only their shapes are needed
+        exact = exact_by_construction(self.adapter.module, x)
         operands: Dict[StructuredRule, Optional[list]] = {}
         for rule, cotangents in zip(rules, per_rule):
             try:
@@ -252,7 +254,7 @@ class StructuredPlan:
                     # checked: routing by example could call it on others
                     raise RuleDoesNotApply("no call on the verification examples")
                 rule.shapes = rule.term_shapes()
-                operands[rule] = rule.operands(cotangents, n, None)
+                operands[rule] = [] if exact else rule.operands(cotangents, n, None)
             except torch.OutOfMemoryError:
                 raise
             except (RuleDoesNotApply, IndexError, RuntimeError):
@@ -261,7 +263,7 @@ class StructuredPlan:
         checked = [rule for rule in rules if operands[rule] is not None]
         # One random direction for all rules decides the common case; only a
         # disagreement needs one direction per rule to find which rules are wrong.
-        if checked and not _agrees_along_random_direction(self.adapter, checked, operands, x, tol):
+        if checked and not exact and not _agrees_along_random_direction(self.adapter, checked, operands, x, tol):
             checked = [rule for rule in checked
                        if _agrees_along_random_direction(self.adapter, [rule], operands, x, tol)]
         for rule in rules:

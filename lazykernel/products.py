@@ -18,10 +18,9 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from lazykernel import _memory
-from lazykernel._chain import _global_hooks, _has_hooks, named_leaves
+from lazykernel._chain import plain_leaves
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter,
                                one_call_per_model, restoring_functional_call)
 from lazykernel._precision import check_precision, matmul_precision
@@ -236,7 +235,7 @@ def _generic_jvp(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x: torc
 
 
 def _is_structured(adapter: ModelAdapter) -> bool:
-    leaves = _plain_leaves(adapter.module)
+    leaves = plain_leaves(adapter.module)
     return leaves is not None and any(type(leaf) is nn.Linear for _, leaf in leaves)
 
 
@@ -250,29 +249,7 @@ def _prefers_structured(adapter: ModelAdapter) -> bool:
     if not _is_structured(adapter):
         return False
     return all(type(leaf) is nn.Linear or not any(True for _ in leaf.parameters())
-               for _, leaf in _plain_leaves(adapter.module))
-
-
-def _plain_leaves(module: Optional[nn.Module]) -> Optional[List[Tuple[str, nn.Module]]]:
-    """The layers a plain (nested) ``nn.Sequential`` applies in turn, with their name
-    prefixes; None where walking them would not be the model's forward.
-
-    Refused: a subclass or another container, a hook anywhere (or a ``forward`` set
-    on an instance), a parametrized layer (its weight is computed), a layer with
-    parameters listed twice or parameters shared between layers (the tangent is
-    found by each layer's own names).
-    """
-    if module is None or type(module) is not nn.Sequential or _global_hooks():
-        return None
-    if any(_has_hooks(m) or parametrize.is_parametrized(m) for m in module.modules()):
-        return None
-    leaves = named_leaves(module)
-    owners: Dict[int, int] = {}
-    for index, (_, leaf) in enumerate(leaves):
-        for p in leaf.parameters():
-            if owners.setdefault(id(p), index) != index:
-                return None
-    return leaves
+               for _, leaf in plain_leaves(adapter.module))
 
 
 def _structured_jvp(module: nn.Sequential, selected: Mapping[str, torch.Tensor],
@@ -282,7 +259,7 @@ def _structured_jvp(module: nn.Sequential, selected: Mapping[str, torch.Tensor],
     # tangent is still zero (before the first selected parameter), then S = 2
     # (value, tangent), which is what the fused kernel multiplies by W at once.
     xs = x.unsqueeze(0)
-    for prefix, leaf in _plain_leaves(module):
+    for prefix, leaf in plain_leaves(module):
         own = {name[len(prefix):]: value for name, value in tangent.items() if name.startswith(prefix)}
         if type(leaf) is nn.Linear and xs.is_floating_point():
             xs = _linear_layer(leaf, own, xs)

@@ -1,6 +1,7 @@
 """The structured method's plan: which rule gets which parameters, and its safety net."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -342,3 +343,82 @@ def test_a_layer_that_sees_the_batch_sorted_is_found_by_the_check(seed):
     assert not torch.equal(x[:, 0].argsort(), torch.arange(9))
     got = lazykernel.ntk(model, x, output="full")
     torch.testing.assert_close(got, reference_ntk(model, x, output="full"), rtol=1e-10, atol=1e-12)
+
+
+# -- perceptrons whose rules hold by construction ---------------------------------------
+
+def _exact(model, x):
+    from lazykernel._chain import exact_by_construction
+    return exact_by_construction(model, x)
+
+
+class _SubLinear(nn.Linear):
+    pass
+
+
+def test_plain_perceptrons_are_exact_by_construction():
+    x = torch.randn(4, 6)
+    assert _exact(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)), x)
+    assert _exact(nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(6, 5), nn.GELU()), nn.Dropout(0.5).eval(),
+                                nn.Identity(), nn.Linear(5, 1)), x)
+    # a Linear over positions: [N, T, d]
+    assert _exact(nn.Sequential(nn.Linear(6, 3), nn.Tanh()), torch.randn(4, 7, 6))
+
+
+@pytest.mark.parametrize("case", ["subclass", "inplace", "hook", "parametrized", "listed_twice", "unknown_leaf",
+                                  "flatten_batch", "dropout_training", "container", "one_axis", "integer"])
+def test_anything_else_is_not_exact_by_construction(case):
+    x = torch.randn(4, 6)
+    layers = [nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)]
+    if case == "subclass":
+        layers[0] = _SubLinear(6, 6)
+    elif case == "inplace":
+        layers[1] = nn.ReLU(inplace=True)
+    elif case == "hook":
+        layers[1].register_forward_hook(lambda m, a, y: y * 2)
+    elif case == "parametrized":
+        torch.nn.utils.parametrizations.weight_norm(layers[0])
+    elif case == "listed_twice":
+        layers.insert(2, layers[0])
+    elif case == "unknown_leaf":
+        layers.insert(1, nn.LayerNorm(6))
+    elif case == "flatten_batch":
+        layers.insert(0, nn.Flatten(0, 1))
+    elif case == "dropout_training":
+        layers.insert(1, nn.Dropout(0.5))
+    elif case == "one_axis":
+        x = torch.randn(6)
+    elif case == "integer":
+        x = torch.arange(24).reshape(4, 6)
+    model = nn.Sequential(*layers)
+    if case == "container":
+        model = nn.ModuleList(layers)
+    assert not _exact(model, x)
+
+
+def test_exact_perceptrons_skip_the_probe_checks_and_stay_exact(monkeypatch):
+    """The rule check and the examples-alone check run for every model but a plain perceptron."""
+    ntk_module = importlib.import_module("lazykernel.ntk")
+    calls = {"rules": 0, "alone": 0}
+    agrees, alone = _structured._agrees_along_random_direction, ntk_module._check_independent
+
+    def counting_agrees(*args, **kwargs):
+        calls["rules"] += 1
+        return agrees(*args, **kwargs)
+
+    def counting_alone(*args, **kwargs):
+        calls["alone"] += 1
+        return alone(*args, **kwargs)
+
+    monkeypatch.setattr(_structured, "_agrees_along_random_direction", counting_agrees)
+    monkeypatch.setattr(ntk_module, "_check_independent", counting_alone)
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    plain = nn.Sequential(nn.Linear(5, 8), nn.SiLU(), nn.Flatten(), nn.Linear(8, 3)).double()
+    got = lazykernel.ntk(plain, x, output="full", method="structured")
+    assert calls == {"rules": 0, "alone": 0}
+    assert torch.allclose(got, _kernel_by_explicit_jacobians(plain, x), rtol=1e-10, atol=1e-12)
+    subclassed = nn.Sequential(_SubLinear(5, 8), nn.SiLU(), nn.Linear(8, 3)).double()
+    got = lazykernel.ntk(subclassed, x, output="full", method="structured")
+    assert calls["rules"] >= 1 and calls["alone"] >= 1
+    assert torch.allclose(got, _kernel_by_explicit_jacobians(subclassed, x), rtol=1e-10, atol=1e-12)
