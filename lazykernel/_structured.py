@@ -61,6 +61,8 @@ class StructuredPlan:
         # ops' backward): those then loop over outputs, or examples and outputs.
         self.batched_is_wrong = False
         self.generic_by_loop = False
+        # set by a capture that left those findings to `_verify` (see `_capture`)
+        self._batched_checks_deferred = False
 
     def capture_name(self, rows: int) -> str:
         """How a capture of ``rows`` examples takes the cotangents of the outputs."""
@@ -136,14 +138,17 @@ class StructuredPlan:
 
     # -- running -------------------------------------------------------------------
     def _capture(self, x: torch.Tensor, summed: bool = False, probe_rows: Optional[int] = None,
-                 chunked: Sequence[StructuredRule] = ()) -> Tuple[torch.Tensor, List[Optional[List[torch.Tensor]]]]:
+                 chunked: Sequence[StructuredRule] = (), defer_batched: bool = True
+                 ) -> Tuple[torch.Tensor, List[Optional[List[torch.Tensor]]]]:
         """Forward with the rules' hooks, then cotangents at every hooked output.
 
         The cotangents are ``[O, *y.shape]``, one per output, or with
         ``summed=True`` the single cotangent of ``Σ_o w_o f_o``, ``[1, *y.shape]``
         (`check_weights`: fixed random weights, so that no output cancels another).
         With ``probe_rows`` (the largest batch later captures will see) it also
-        finds how those take the per-output cotangents (`per_output_backward`).
+        finds how those take the per-output cotangents (`per_output_backward`),
+        unless ``defer_batched`` and the model may be a layer chain, which takes
+        them itself (`_verify` then finds it only if the chain is refused).
         Runs with autograd on even when the caller has it off; a verified
         layer chain (`LayerChain`) takes the per-output cotangents without it,
         and hands those of the rules in ``chunked`` to them chunk by chunk
@@ -157,10 +162,15 @@ class StructuredPlan:
                                            f"not {self.outputs}")
                 return f, per_rule
             with torch.enable_grad():
-                return self._capture_with_grad(x, summed, probe_rows)
+                return self._capture_with_grad(x, summed, probe_rows, defer_batched)
 
-    def _capture_with_grad(self, x: torch.Tensor, summed: bool, probe_rows: Optional[int]
-                           ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
+    def _may_take_chain(self) -> bool:
+        """Could `_verify` hand the per-output cotangents to a `LayerChain`?"""
+        return (any(rule.examples_first for rule in self.rules) and not self._taps()
+                and LayerChain.of(self.adapter.module) is not None)
+
+    def _capture_with_grad(self, x: torch.Tensor, summed: bool, probe_rows: Optional[int],
+                           defer_batched: bool = True) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
         n = x.shape[0]
         for rule in self.rules:
             rule.attach()
@@ -179,12 +189,16 @@ class StructuredPlan:
         if not targets:
             cotangents = []
         elif summed:
+            deferred = False
             if probe_rows is not None:
                 self.cotangent_bytes_per_example = sum(t.numel() * t.element_size() for t in targets) / n
-                self.falls_back = (self._pays_per_output(max(probe_rows, n))
+                # with a layer chain, autograd's batched backward is never taken
+                deferred = self._batched_checks_deferred = (defer_batched and f.shape[1] > 1
+                                                            and self._may_take_chain())
+                self.falls_back = (not deferred and self._pays_per_output(max(probe_rows, n))
                                    and _batched_backward_falls_back(f, targets))
             weights = check_weights(f.shape[1], f)
-            checks_batched = probe_rows is not None and f.shape[1] > 1
+            checks_batched = probe_rows is not None and f.shape[1] > 1 and not deferred
             cotangents = _output_cotangents(f @ weights, targets, retain_graph=checks_batched)
             if checks_batched:
                 # the batched backward the chunks will take, against the plain one
@@ -276,6 +290,11 @@ class StructuredPlan:
             chain = LayerChain.of(self.adapter.module)
             if chain is not None and _chain_agrees(chain, self.rules, dict(zip(rules, per_rule)), x, f, tol):
                 self.chain = chain
+        if self.chain is None and self._batched_checks_deferred:
+            # the chain was refused: the captures take autograd's batched backward after all
+            self._capture(x, summed=True, probe_rows=rows, defer_batched=False)
+            for rule in self.rules:
+                rule.clear()
         return f
 
     def _drop_failing_taps(self, x: torch.Tensor) -> None:

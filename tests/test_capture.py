@@ -111,7 +111,8 @@ def test_probes_in_several_threads_each_find_their_own_answer():
 
 
 @pytest.mark.skipif(not _HAS_FALLBACK_WARNINGS, reason="this PyTorch has no vmap-fallback warnings to read")
-def test_verification_chooses_one_backward_per_output_for_convolutions_only():
+def test_verification_chooses_one_backward_per_output_for_convolutions_only(monkeypatch):
+    _without_chain(monkeypatch)
     cnn, mlp = _cnn_and_mlp()
     for (model, x), expected in ((cnn, True), (mlp, False)):
         plan = StructuredPlan.build(make_adapter(model, None))
@@ -122,6 +123,29 @@ def test_verification_chooses_one_backward_per_output_for_convolutions_only():
         assert plan.per_output_backward(8) is False
         plan.verify(x, rows=8)
         assert plan.falls_back is False
+
+
+def test_a_layer_chain_spares_the_checks_of_the_batched_backward_unless_it_is_refused(monkeypatch):
+    """With a verified chain autograd's batched backward is never taken, so how it
+    fares is found only where the chain's own check refuses it."""
+    (cnn, x), _ = _cnn_and_mlp()
+    probes = []
+    falls_back = _structured._batched_backward_falls_back
+
+    def counting(*args):
+        probes.append(1)
+        return falls_back(*args)
+
+    monkeypatch.setattr(_structured, "_batched_backward_falls_back", counting)
+    plan = StructuredPlan.build(make_adapter(cnn, None))
+    plan.verify(x, rows=1 << 20)
+    assert plan.chain is not None and probes == [] and plan.falls_back is False
+    monkeypatch.setattr(_structured, "_chain_agrees", lambda *args: False)
+    plan = StructuredPlan.build(make_adapter(cnn, None))
+    plan.verify(x, rows=1 << 20)
+    assert plan.chain is None and probes == [1]
+    if _HAS_FALLBACK_WARNINGS:
+        assert plan.falls_back is True and plan.per_output_backward(1 << 20) is True
 
 
 class TwiceConv(nn.Module):
