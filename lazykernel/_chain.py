@@ -434,10 +434,23 @@ def plain_leaves(module: Optional[nn.Module]) -> Optional[List[Tuple[str, nn.Mod
     return leaves
 
 
+def _linear_as_declared(layer: nn.Linear) -> bool:
+    """Are the Linear's tensors those its rule reads: a ``[out, in]`` weight, a separate
+    ``[out]`` bias or none, and no other parameter (no tensor reassigned after construction)?"""
+    weight, bias = layer.weight, layer.bias
+    own = dict(layer.named_parameters(recurse=False, remove_duplicate=False))
+    if set(own) - {"weight", "bias"} or len({id(p) for p in own.values()}) != len(own):
+        return False
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (layer.out_features, layer.in_features):
+        return False
+    return bias is None or (isinstance(bias, torch.Tensor) and tuple(bias.shape) == (layer.out_features,))
+
+
 def exact_by_construction(module: Optional[nn.Module], x: torch.Tensor) -> bool:
     """Is ``module`` on ``x`` a perceptron whose rules are exact and examples independent by construction?
 
-    True for a plain chain (`plain_leaves`) of ``nn.Linear`` layers, elementwise
+    True for a plain chain (`plain_leaves`) of ``nn.Linear`` layers (with the
+    weight and bias their sizes declare, `_linear_as_declared`), elementwise
     activations that do not work in place, ``nn.Identity``, dropout in eval
     mode and ``nn.Flatten`` from an axis after the first (all of exactly these
     types, not subclasses), applied to a floating-point ``x`` with a batch
@@ -456,7 +469,7 @@ def exact_by_construction(module: Optional[nn.Module], x: torch.Tensor) -> bool:
         return False
     for _, leaf in leaves:
         kind = type(leaf)
-        if kind is nn.Linear or kind is nn.Identity:
+        if kind is nn.Identity or (kind is nn.Linear and _linear_as_declared(leaf)):
             continue
         if kind in _ELEMENTWISE and not getattr(leaf, "inplace", False):
             continue

@@ -319,8 +319,9 @@ def _positions(a: torch.Tensor, g: torch.Tensor, n: int, k: int, d: int, module:
             f"lazykernel: a {type(module).__name__} saw a batch of {a.shape[0]} "
             f"rows for {n} examples; its rule needs the batch axis first"
         )
-    o = g.shape[0]
-    return a.reshape(n, -1, k), g.reshape(o, n, -1, d).permute(1, 2, 0, 3)
+    o, t = g.shape[0], math.prod(a.shape[1:-1])
+    # the positions from the shape, not numel // k: a layer may have k or d = 0
+    return a.reshape(n, t, k), g.reshape(o, n, t, d).permute(1, 2, 0, 3)
 
 
 def gradient_is_smaller(positions: int, k: int, d: int, outputs: int) -> bool:
@@ -390,7 +391,7 @@ class LinearRule(StructuredRule):
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
     def term_shapes(self):
-        positions = sum(a[0].numel() // self.module.in_features for a in self.inputs)
+        positions = sum(math.prod(a.shape[1:-1]) for a in self.inputs)
         return [_linear_shape(positions, self.module.in_features, self.module.out_features, *self._use())]
 
     def operands(self, cotangents, n, forms):

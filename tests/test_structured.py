@@ -366,7 +366,8 @@ def test_plain_perceptrons_are_exact_by_construction():
 
 
 @pytest.mark.parametrize("case", ["subclass", "inplace", "hook", "parametrized", "listed_twice", "unknown_leaf",
-                                  "flatten_batch", "dropout_training", "container", "one_axis", "integer"])
+                                  "flatten_batch", "dropout_training", "container", "one_axis", "integer",
+                                  "bias_is_weight", "stale_in_features", "bias_per_row", "extra_parameter"])
 def test_anything_else_is_not_exact_by_construction(case):
     x = torch.randn(4, 6)
     layers = [nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)]
@@ -390,6 +391,17 @@ def test_anything_else_is_not_exact_by_construction(case):
         x = torch.randn(6)
     elif case == "integer":
         x = torch.arange(24).reshape(4, 6)
+    elif case == "bias_is_weight":
+        layers[0] = nn.Linear(1, 1)
+        layers[0].bias = layers[0].weight
+        layers[2] = nn.Linear(1, 2)
+        x = torch.randn(4, 1)
+    elif case == "stale_in_features":
+        layers[0].in_features = 3
+    elif case == "bias_per_row":
+        layers[0].bias = nn.Parameter(torch.randn(4, 6))
+    elif case == "extra_parameter":
+        layers[0].scale = nn.Parameter(torch.ones(()))
     model = nn.Sequential(*layers)
     if case == "container":
         model = nn.ModuleList(layers)
@@ -422,3 +434,35 @@ def test_exact_perceptrons_skip_the_probe_checks_and_stay_exact(monkeypatch):
     got = lazykernel.ntk(subclassed, x, output="full", method="structured")
     assert calls["rules"] >= 1 and calls["alone"] >= 1
     assert torch.allclose(got, _kernel_by_explicit_jacobians(subclassed, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["bias_is_weight", "stale_in_features"])
+def test_a_linear_whose_tensors_differ_from_its_declaration_stays_checked(case):
+    """A Linear whose bias is its weight, or whose in_features is stale after surgery,
+    is not what its rule assumes: the rule check must see it (exact kernel or an error)."""
+    torch.manual_seed(0)
+    if case == "bias_is_weight":
+        first = nn.Linear(1, 1)
+        first.bias = first.weight
+        model, x = nn.Sequential(first, nn.Tanh(), nn.Linear(1, 3)).double(), torch.randn(6, 1, dtype=torch.float64)
+    else:
+        first = nn.Linear(4, 3)
+        first.in_features = 2
+        model, x = nn.Sequential(first, nn.Tanh(), nn.Linear(3, 2)).double(), torch.randn(6, 4, dtype=torch.float64)
+    try:
+        got = lazykernel.ntk(model, x, output="full", method="structured")
+    except (RuntimeError, ValueError):
+        return
+    assert torch.allclose(got, _kernel_by_explicit_jacobians(model, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_zero_width_linear_layers_give_their_bias_term(method):
+    """A Linear with no inputs (or no outputs) still has a bias (or a downstream) term."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 0), nn.Tanh(), nn.Linear(0, 2), nn.Tanh(), nn.Linear(2, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        model[2].bias.copy_(torch.tensor([0.3, -0.7], dtype=torch.float64))
+    got = lazykernel.ntk(model, x, output="full", method=method)
+    assert torch.allclose(got, _kernel_by_explicit_jacobians(model, x), rtol=1e-10, atol=1e-12)
