@@ -29,9 +29,10 @@ On CUDA, `structured-tf32` and `plain-structured-tf32` run the same with TF32
 tensor-core products (lazykernel's precision="tf32"); their error against the
 float32 structured kernel is reported, and their '% GEMM' is of the TF32 rate.
 neural-tangents' structured derivatives (benchmarks/peer_neural_tangents.py)
-run when it can be imported, i.e. in the separate environment its docstring
-sets up; they are timed alternately with lazykernel, run for run, after jit
-compilation. Every peer's kernel is compared with lazykernel's (max |difference|
+run when JAX and neural-tangents are installed, i.e. in the separate
+environment its docstring sets up, in a worker process of their own (JAX never
+runs in this one); they are timed alternately with lazykernel, run for run,
+after jit compilation. Every peer's kernel is compared with lazykernel's (max |difference|
 over max |lazykernel|).
 
 Examples:
@@ -516,6 +517,9 @@ def _time_neural_tangents(workload: Workload, mode: str, args, probe: GemmProbe,
                           reference: Optional[torch.Tensor], ours_record: Optional[dict]) -> None:
     """neural-tangents and lazykernel alternately, run for run, so both see the same machine.
 
+    neural-tangents runs in a worker process (`peer_neural_tangents.NeuralTangentsProcess`)
+    and its time is measured there, around its compiled call alone.
+
     When --max-seconds had room for only one timed lazykernel run
     (``ours_record`` has a single sample), lazykernel is not run again: its series from just before is
     the comparison, and the GEMM rates measured around both series give the
@@ -535,22 +539,20 @@ def _time_neural_tangents(workload: Workload, mode: str, args, probe: GemmProbe,
     alongside = not (ours_record and ours_record.get("status") == "ok" and len(ours_record["times_s"]) == 1)
     theirs_s, ours_s = [], []
     try:
-        peer = peer_neural_tangents.NeuralTangentsNTK(model, x, mode)
-        record["compile_s"] = peer.compile()
-        before = probe.samples()
-        # pairs of runs while they fit in --max-seconds: at least one, at most --repeats
-        started = time.perf_counter()
-        while not theirs_s or (len(theirs_s) < args.repeats
-                               and time.perf_counter() - started < args.max_seconds):
-            start = time.perf_counter()
-            result = peer.run()
-            theirs_s.append(time.perf_counter() - start)
-            if alongside:
-                start = time.perf_counter()
-                ours()
-                ours_s.append(time.perf_counter() - start)
-        record["gemm_flops"] = probe.rate_of(before + probe.samples())
-        kernel = peer.as_torch(result)
+        with peer_neural_tangents.NeuralTangentsProcess(model, x, mode) as peer:
+            record["compile_s"] = peer.compile_s
+            before = probe.samples()
+            # pairs of runs while they fit in --max-seconds: at least one, at most --repeats
+            started = time.perf_counter()
+            while not theirs_s or (len(theirs_s) < args.repeats
+                                   and time.perf_counter() - started < args.max_seconds):
+                theirs_s.append(peer.run())
+                if alongside:
+                    start = time.perf_counter()
+                    ours()
+                    ours_s.append(time.perf_counter() - start)
+            record["gemm_flops"] = probe.rate_of(before + probe.samples())
+            kernel = peer.kernel()
         if len(theirs_s) >= 3:  # the first pair warmed up the allocators; drop it when others remain
             theirs_s, ours_s = theirs_s[1:], ours_s[1:]
     except Exception as error:  # XLA out of memory or a failed compilation: report, go on

@@ -36,8 +36,13 @@ neural-tangents and lazykernel give the same kernel.
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.metadata
+import importlib.util
 import math
 import os
+import pickle
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -49,15 +54,29 @@ from torch import nn
 # TensorFlow (pulled in by neural-tangents) is chatty and would grab threads
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-try:
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-    import neural_tangents as nt
-except ImportError as error:  # the peer is optional
-    UNAVAILABLE = f"neural-tangents peer skipped: {error} (see benchmarks/peer_neural_tangents.py --help)"
-else:
-    UNAVAILABLE = ""
+# JAX is imported by `_load_jax`, in the process that computes neural-tangents'
+# kernels only. Once a process has run an XLA computation, lazykernel's runs
+# in it take many more page faults (about 20x on Myrtle-5) and 30-40 % longer,
+# so bench_ntk.py keeps JAX out of its own process and drives the peer in a
+# worker process (`NeuralTangentsProcess`).
+jax = jnp = lax = nt = None
+_MISSING = [name for name in ("jax", "jaxlib", "neural_tangents") if importlib.util.find_spec(name) is None]
+UNAVAILABLE = (f"neural-tangents peer skipped: no module {', '.join(_MISSING)} "
+               f"(see benchmarks/peer_neural_tangents.py --help)" if _MISSING else "")
+
+
+def _load_jax() -> None:
+    """Import JAX and neural-tangents into this process (once)."""
+    global jax, jnp, lax, nt
+    if nt is not None:
+        return
+    if UNAVAILABLE:
+        raise ImportError(UNAVAILABLE)
+    import jax as jax_module
+    import jax.numpy as jnp_module
+    from jax import lax as lax_module
+    import neural_tangents as nt_module
+    jax, jnp, lax, nt = jax_module, jnp_module, lax_module, nt_module
 
 from workloads import TokenTransformer, relative_difference
 
@@ -66,12 +85,10 @@ ApplyFn = Callable[[Params, object], object]
 
 
 def versions() -> Dict[str, str]:
-    """Versions of the peer's packages (empty when unavailable)."""
+    """Versions of the peer's packages, read without importing them (empty when unavailable)."""
     if UNAVAILABLE:
         return {}
-    return {"neural_tangents": nt.__version__, "jax": jax.__version__,
-            "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
-            "jax_devices": ", ".join(str(d) for d in jax.devices())}
+    return {name: importlib.metadata.version(name) for name in ("neural-tangents", "jax", "jaxlib")}
 
 
 # -- PyTorch model -> JAX function with the same weights ----------------------------
@@ -254,6 +271,7 @@ class NeuralTangentsNTK:
     def __init__(self, model: nn.Module, x: torch.Tensor, output: str):
         if output not in ("trace", "full"):
             raise ValueError(f"output must be 'trace' or 'full', got {output!r}")
+        _load_jax()
         apply, self.params = to_jax(model)
         self.x = to_jax_input(x)
         self.output = output
@@ -288,6 +306,110 @@ class NeuralTangentsNTK:
         return self.as_torch(self.run())
 
 
+# -- the peer in its own process ---------------------------------------------------
+
+def _serve() -> None:
+    """Worker loop of `NeuralTangentsProcess`: requests come pickled on stdin, replies go on stdout.
+
+    Anything JAX, TensorFlow or XLA print goes to stderr: file descriptor 1
+    is pointed there, and replies use a private copy of the original stdout.
+    """
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    requests = sys.stdin.buffer
+    peer, kernel = None, None
+    while True:
+        try:
+            request = pickle.load(requests)
+        except EOFError:  # the parent went away
+            return
+        try:
+            if request[0] == "load":
+                peer = NeuralTangentsNTK(*request[1:])
+                reply = peer.compile()
+            elif request[0] == "run":
+                start = time.perf_counter()
+                kernel = peer.run()
+                reply = time.perf_counter() - start
+            elif request[0] == "kernel":
+                reply = peer.as_torch(kernel)
+            else:  # "stop"
+                reply = None
+        except Exception as error:  # reported to the parent, which raises it there
+            pickle.dump(("error", f"{type(error).__name__}: {error}"), replies)
+        else:
+            pickle.dump(("ok", reply), replies)
+        replies.flush()
+        if request[0] == "stop":
+            return
+
+
+class NeuralTangentsProcess:
+    """`NeuralTangentsNTK` in a worker process, so that JAX never runs beside lazykernel.
+
+    The model and batch are sent to the worker, which converts them to JAX
+    and compiles the kernel function (`compile_s`); `run()` has the worker
+    compute the kernel once and returns the seconds it took there;
+    `kernel()` returns the last kernel in lazykernel's convention. Use it as
+    a context manager, or call `close()`.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, output: str):
+        if UNAVAILABLE:
+            raise ImportError(UNAVAILABLE)
+        here = os.path.dirname(os.path.abspath(__file__))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "import peer_neural_tangents; peer_neural_tangents._serve()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        try:
+            self.compile_s = self._ask("load", copy.deepcopy(model).cpu(), x.cpu(), output)
+        except BaseException:
+            self.close()
+            raise
+
+    def _ask(self, *request):
+        try:
+            pickle.dump(request, self._process.stdin)
+            self._process.stdin.flush()
+            status, reply = pickle.load(self._process.stdout)
+        except (EOFError, BrokenPipeError) as error:
+            code = self._process.wait(timeout=30)
+            raise RuntimeError(f"the neural-tangents worker exited (status {code}); its errors are above") from error
+        if status != "ok":
+            raise RuntimeError(f"neural-tangents worker: {reply}")
+        return reply
+
+    def run(self) -> float:
+        """Seconds the worker took to compute the kernel once."""
+        return self._ask("run")
+
+    def kernel(self) -> torch.Tensor:
+        """The kernel of the last `run`: ``[N, N]`` (sum over outputs) or ``[N, N, O, O]``."""
+        return self._ask("kernel")
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            try:
+                self._ask("stop")
+            except (RuntimeError, OSError):
+                pass
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        for stream in (self._process.stdin, self._process.stdout):
+            stream.close()
+
+    def __enter__(self) -> "NeuralTangentsProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=6, help="examples per workload for the check")
@@ -297,6 +419,7 @@ def main(argv=None) -> int:
     if UNAVAILABLE:
         print(UNAVAILABLE)
         return 1
+    _load_jax()
     import lazykernel
     from workloads import BUILDERS, build
 

@@ -98,8 +98,9 @@ def render_neural_tangents(data: dict, records: List[dict]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in peer.items() if k != "jax_devices")
     lines = [
         f"neural-tangents ({versions}), `empirical_ntk_fn(..., vmap_axes=0, implementation="
-        "STRUCTURED_DERIVATIVES)` under `jax.jit`, on the same model with the same weights; the two "
-        "are timed alternately, run for run, after ahead-of-time compilation (`NT compile s`). `speedup` "
+        "STRUCTURED_DERIVATIVES)` under `jax.jit`, on the same model with the same weights, in a worker "
+        "process of its own (JAX is never loaded beside lazykernel); the two are timed alternately, run for "
+        "run, after ahead-of-time compilation (`NT compile s`). `speedup` "
         "is neural-tangents' median time over lazykernel's (target ≥ 3×), `speedup at equal GEMM rate` "
         "the same scaled by the float32 GEMM rates measured around each series; `max rel. diff.` is max |K_nt − K_lazykernel| / max |K_lazykernel|.",
         "",
