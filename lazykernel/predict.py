@@ -40,8 +40,14 @@ KernelOperator = Callable[[torch.Tensor], torch.Tensor]
 Times = Union[float, int, Sequence[float], torch.Tensor]
 
 # Eigenvalues below this fraction of the largest (times N) count as zero when
-# deciding whether a kernel without ridge can be inverted.
+# deciding whether a kernel without ridge can be inverted; a kernel computed in a
+# coarser dtype than float64 uses that dtype's epsilon instead (`_singular_rtol`).
 _SINGULAR_RTOL = 1e-12
+
+
+def _singular_rtol(k: torch.Tensor) -> float:
+    """The relative size below which eigenvalues of ``k`` are its round-off."""
+    return max(_SINGULAR_RTOL, torch.finfo(k.dtype).eps)
 
 
 @dataclass
@@ -149,7 +155,8 @@ def gradient_descent_mse(
     eigenvalues, eigenvectors = torch.linalg.eigh((k + k.T) / 2)
     a = eigenvalues + lam
     top = max(a.abs().max().item(), 1e-300)
-    if a.min().item() < -_SINGULAR_RTOL * n * top - 1e-12 * lam:
+    rtol = _singular_rtol(k_train_train)
+    if a.min().item() < -rtol * n * top - 1e-12 * lam:
         raise ValueError(f"k_train_train + ridge·I has a negative eigenvalue {a.min().item():.3g}; "
                          "a kernel must be positive semi-definite")
 
@@ -165,7 +172,7 @@ def gradient_descent_mse(
         flat_times = times.reshape(-1)
         alphas = []
         for time in flat_times.tolist():
-            gain = _gain(a, eta, time, discrete, top, n, lam)
+            gain = _gain(a, eta, time, discrete, rtol * n * top)
             alphas.append(eigenvectors @ (gain[:, None] * projected))
         alpha = torch.stack(alphas)  # [T, N·O, C]
         train = f0.to(torch.float64) + _uncolumns_like(k @ alpha, y, outputs)
@@ -190,10 +197,9 @@ def gradient_descent_mse(
     return predict
 
 
-def _gain(a: torch.Tensor, eta: float, time: float, discrete: bool, top: float, n: int, lam: float
-          ) -> torch.Tensor:
-    """``g_t(a)`` per eigenvalue: α = V g_t(Λ) Vᵀ r (module docstring)."""
-    tiny = _SINGULAR_RTOL * n * top
+def _gain(a: torch.Tensor, eta: float, time: float, discrete: bool, tiny: float) -> torch.Tensor:
+    """``g_t(a)`` per eigenvalue: α = V g_t(Λ) Vᵀ r (module docstring); eigenvalues
+    within ``tiny`` of zero count as zero."""
     zero = a.abs() <= tiny
     if math.isinf(time):
         if bool(zero.any()):
@@ -209,8 +215,10 @@ def _gain(a: torch.Tensor, eta: float, time: float, discrete: bool, top: float, 
         gain = (1.0 - decay) / safe
     else:
         gain = -torch.expm1(-eta * safe * time) / safe
-    # In the flat directions of K + λI the residual is fitted at rate η for time t.
-    return torch.where(zero, torch.full_like(a, eta * time), gain)
+    # Along the null space of K + λI (λ = 0) neither the training outputs nor, for a
+    # test kernel of the same network, the test outputs move: no coefficient there
+    # (the minimum-norm α), so a coarse kernel's round-off is not amplified by t.
+    return torch.where(zero, torch.zeros_like(a), gain)
 
 
 def _columns(r: torch.Tensor, outputs: Optional[int]) -> torch.Tensor:
@@ -250,12 +258,16 @@ class CGSolution:
 
         ``k_test_train``: a ``[M, N]`` matrix or a function ``v ↦ Θ(x_test, x_train) v``
         taking ``[N]``/``[N, C]`` like ``alpha`` (e.g. ``lambda v: ntk_vp(model, x_test, v, x_train)``).
+        ``fx_test_0``: the network's test outputs at θ0, ``[M]``/``[M, C]`` like the predictions.
         """
         if callable(k_test_train):
             change = k_test_train(self.alpha).to(torch.float64)
         else:
             change = _flatten_kernel(k_test_train, "k_test_train", cols=self.alpha.shape[0]) @ self.alpha
         if fx_test_0 is not None:
+            if tuple(fx_test_0.shape) != tuple(change.shape):
+                raise ValueError(f"fx_test_0 must be {tuple(change.shape)} (shaped like the test "
+                                 f"predictions), got {tuple(fx_test_0.shape)}")
             change = change + fx_test_0.to(torch.float64)
         return change.to(self.train.dtype)
 

@@ -132,7 +132,7 @@ def test_the_pseudo_inverse_solve_off_the_cpu_matches_gelsd_on_a_singular_kernel
     k, _, y, f0, _ = _kernel_problem()                          # rank-4 Θ
     rhs = (y - f0).reshape(k.shape[0], -1)
     want = torch.linalg.lstsq(k, rhs, driver="gelsd").solution
-    torch.testing.assert_close(metrics._pseudo_inverse_solve(k, rhs), want, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(metrics._pseudo_inverse_solve(k, rhs, torch.finfo(torch.float64).eps), want, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.cuda
@@ -474,3 +474,47 @@ def test_width_sweep_rows_and_fits():
     assert all(s["parameter_movement"] < p["parameter_movement"] / 3 for s, p in zip(scaled, plain))
     slope, stderr = result.fit("parameter_movement", alpha=None)
     assert math.isfinite(slope) and stderr >= 0
+
+
+def _low_rank_float32_problem():
+    """A float32 NTK of rank 4 on 20 examples (nn.Linear(3, 1)), and the float64 least-squares
+    fit that gradient flow from θ0 converges to: [x, 1] w = y − f0."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y, xt = torch.randn(20, 3), torch.randn(20), torch.randn(4, 3)
+    with torch.no_grad():
+        f0, f0t = model(x)[:, 0], model(xt)[:, 0]
+    k, kt = lazykernel.ntk(model, x), lazykernel.ntk(model, xt, x)
+    assert k.dtype == torch.float32
+    a = torch.cat([x, torch.ones(20, 1)], 1).double()
+    at = torch.cat([xt, torch.ones(4, 1)], 1).double()
+    w = torch.linalg.lstsq(a, (y - f0).double()[:, None]).solution[:, 0]
+    return k, kt, y, f0, f0t, f0.double() + a @ w, f0t.double() + at @ w
+
+
+@pytest.mark.parametrize("time", [None, math.inf, 1e9])
+def test_ntk_regression_does_not_fit_the_round_off_of_a_float32_kernel(time):
+    # its 16 zero eigenvalues come out of float32 as ±5e-7: inverting them fitted noise
+    k, kt, y, f0, f0t, want_train, want_test = _low_rank_float32_problem()
+    f_train, f_test = metrics.ntk_regression(k, kt, y, f0, f0t, time=time)
+    torch.testing.assert_close(f_test, want_test, rtol=0, atol=1e-4)
+    torch.testing.assert_close(f_train, want_train, rtol=0, atol=1e-4)
+
+
+def test_ntk_regression_at_infinite_time_equals_the_limit_on_a_singular_kernel():
+    k = _t([[1, 1, 0], [1, 1, 0], [0, 0, 2]])               # two identical examples
+    ks, y = _t([[1, 1, 1]]), _t([2, 2, 5])
+    limit = metrics.ntk_regression(k, ks, y)
+    for time in (math.inf, 1e12):
+        got = metrics.ntk_regression(k, ks, y, time=time)
+        for a, b in zip(got, limit):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    torch.testing.assert_close(limit[1], _t([4.5]), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="time must be"):
+        metrics.ntk_regression(k, ks, y, time=float("nan"))
+
+
+def test_relative_kernel_change_refuses_a_non_finite_kernel():
+    k0 = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        metrics.relative_kernel_change(k0, torch.full((3, 3), float("nan"), dtype=torch.float64))

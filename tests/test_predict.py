@@ -160,3 +160,32 @@ def test_cg_errors():
         gradient_descent_mse_cg(k, torch.zeros(10, 2, 2))
     with pytest.raises(ValueError, match="fx_train_0"):
         gradient_descent_mse_cg(k, y, fx_train_0=torch.zeros(3))
+
+
+def test_float32_kernel_of_low_rank_is_not_refused_and_its_round_off_is_not_fitted():
+    """nn.Linear(3, 1) on 20 examples: a float32 NTK of rank 4, whose 16 zero eigenvalues
+    come out as ±5e-7. Any t works; t = ∞ is refused as singular, as for float64."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y, xt = torch.randn(20, 3), torch.randn(20), torch.randn(4, 3)
+    with torch.no_grad():
+        f0, f0t = model(x)[:, 0], model(xt)[:, 0]
+    k, kt = lazykernel.ntk(model, x), lazykernel.ntk(model, xt, x)
+    k64, kt64 = lazykernel.ntk(model.double(), x.double()), lazykernel.ntk(model, xt.double(), x.double())
+    predict32 = gradient_descent_mse(k, y, learning_rate=0.05)
+    predict64 = gradient_descent_mse(k64, y.double(), learning_rate=0.05)
+    for t in (50.0, 1e9):
+        got = predict32(t, fx_train_0=f0, fx_test_0=f0t, k_test_train=kt).test
+        want = predict64(t, fx_train_0=f0.double(), fx_test_0=f0t.double(), k_test_train=kt64).test
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="singular"):
+        predict32(math.inf)
+
+
+def test_cg_test_predictions_check_the_shape_of_the_initial_outputs():
+    k = _spd(5)
+    solution = gradient_descent_mse_cg(k, _targets(5, 1)[:, 0])
+    kt = torch.randn(3, 5, dtype=torch.float64)
+    assert solution.test(kt, torch.zeros(3, dtype=torch.float64)).shape == (3,)
+    with pytest.raises(ValueError, match="fx_test_0 must be"):
+        solution.test(kt, torch.zeros(3, 1, dtype=torch.float64))

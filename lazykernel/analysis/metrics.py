@@ -79,6 +79,8 @@ def relative_kernel_change(k0: torch.Tensor, k1: torch.Tensor) -> float:
     """
     _check_same_shape(k0, k1)
     a, b = _as_kernel_matrix(k0, "k0"), _as_kernel_matrix(k1, "k1")
+    if not math.isfinite(torch.linalg.norm(b).item()):
+        raise ValueError("k1 contains NaN or Inf values; the metric needs finite kernels")
     return torch.linalg.norm(b - a).item() / _nonzero_norm(torch.linalg.norm(a).item(), "k0")
 
 
@@ -250,7 +252,10 @@ def ntk_regression(k_train: torch.Tensor, k_test_train: torch.Tensor, y_train: t
     ``f_t = y + e^{−tΘ/N} (f_0 − y)`` and a test input
     ``f_t(x*) = f_0(x*) + Θ(x*, X) Θ^{−1} (I − e^{−tΘ/N}) (y − f_0)``; computed in float64
     from the eigendecomposition of Θ. ``time=None`` is the limit ``t → ∞``,
-    ``f_∞(x*) = f_0(x*) + Θ(x*, X) Θ^{−1} (y − f_0)``, computed with a solve.
+    ``f_∞(x*) = f_0(x*) + Θ(x*, X) Θ^{−1} (y − f_0)``, computed with a least-squares solve
+    (``Θ^{−1}`` is the pseudo-inverse: eigenvalues within ``N·ε·λ_max`` of zero, ε of the
+    kernel's dtype, count as zero, so a float32 kernel of rank below N is not fitted to
+    its round-off).
 
 With ``lr`` and ``steps`` instead of ``time``, the same formulas for ``steps`` steps of
 full-batch gradient descent on the linearized network, exact for any step size:
@@ -262,8 +267,8 @@ full-batch gradient descent on the linearized network, exact for any step size:
         k_test_train: ``[M, N]`` or ``[M, N, O, O]``, in the same mode.
         y_train: ``[N, O]`` targets (``[N]`` for O = 1).
         f0_train, f0_test: ``[N, O]``, ``[M, O]`` outputs at initialization; default 0.
-        time: ``learning rate × steps`` (≥ 0) of gradient flow; ``None`` (and no ``lr``)
-            for infinite time.
+        time: ``learning rate × steps`` (≥ 0) of gradient flow; ``None`` or ``math.inf``
+            (and no ``lr``) for infinite time.
         lr, steps: learning rate and number of steps of discrete gradient descent
             (both or neither; not with ``time``).
 
@@ -271,6 +276,9 @@ full-batch gradient descent on the linearized network, exact for any step size:
         ``(f_train, f_test)``: ``[N, O]`` and ``[M, O]`` float64 predictions.
     """
     device = k_train.device
+    # eigenvalues below N·ε·λ_max of the kernel's own dtype are its round-off (a float32
+    # kernel of rank r < N has N − r eigenvalues of order 1e-7·λ_max): they count as zero
+    eps = torch.finfo(k_train.dtype).eps if k_train.is_floating_point() else torch.finfo(torch.float64).eps
     y = y_train.detach().to(device=device, dtype=torch.float64)
     squeeze = y.dim() == 1
     if squeeze:
@@ -303,23 +311,26 @@ full-batch gradient descent on the linearized network, exact for any step size:
         raise ValueError("give either time (gradient flow) or lr and steps (gradient descent), not both")
     if lr is not None and (not lr > 0 or steps < 0):
         raise ValueError(f"need lr > 0 and steps ≥ 0, got {lr} and {steps}")
+    if time is not None and not time >= 0:
+        raise ValueError(f"time must be ≥ 0 (math.inf or None for t → ∞), got {time}")
+    if time is not None and math.isinf(time):
+        time = None
     if time is None and lr is None:
         # the least-squares solve tolerates a singular Θ (duplicate inputs)
-        coef = _least_squares(kt, residual)
+        coef = _least_squares(kt, residual, eps)
         fit_train = kt @ coef
     else:
         evals, evecs = torch.linalg.eigh(kt)
-        evals = evals.clamp_min(0.0)
+        # Along Θ's null space (and its round-off) neither the training outputs nor,
+        # for a test kernel of the same network, the test outputs move: those
+        # directions get no coefficient, the minimum-norm choice.
+        null = evals <= n * eps * evals.abs().max().clamp_min(1e-300)
+        evals = torch.where(null, torch.zeros_like(evals), evals)
         if time is not None:
-            if time < 0:
-                raise ValueError(f"time must be ≥ 0, got {time}")
             decay = -torch.expm1(-time * evals / n)  # 1 − e^{−tλ/N}, accurate for small tλ
-            limit = time / n
         else:
             decay = 1.0 - (1.0 - lr * evals / n) ** steps
-            limit = lr * steps / n
-        # Θ^{-1}(1 − e^{−tΘ/N}) stays finite as λ → 0: its limit is t/N
-        safe = torch.where(evals > 0, decay / evals.clamp_min(1e-300), torch.full_like(evals, limit))
+        safe = torch.where(null, torch.zeros_like(evals), decay / evals.where(~null, torch.ones_like(evals)))
         projected = evecs.T @ residual
         coef = evecs @ (safe[:, None] * projected)
         fit_train = evecs @ (decay[:, None] * projected)
@@ -351,21 +362,22 @@ def prediction_agreement(a: torch.Tensor, b: torch.Tensor) -> Dict[str, float]:
     return result
 
 
-def _least_squares(kernel: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+def _least_squares(kernel: torch.Tensor, rhs: torch.Tensor, eps: float) -> torch.Tensor:
     """The minimum-norm least-squares solution of ``kernel · c = rhs`` for a symmetric PSD kernel.
 
+    Singular values below ``N·eps·σ_max`` count as zero: ``eps`` is the machine
+    epsilon of the dtype the kernel was computed in (it is solved in float64).
     On the CPU LAPACK's SVD-based ``gelsd``; elsewhere (CUDA has no ``gelsd``)
-    the pseudo-inverse from the eigendecomposition, with eigenvalues below
-    ``N·ε·λ_max`` taken as zero, as ``gelsd``'s default cut-off does.
+    the pseudo-inverse from the eigendecomposition with the same cut-off.
     """
     if kernel.device.type == "cpu":
-        return torch.linalg.lstsq(kernel, rhs, driver="gelsd").solution
-    return _pseudo_inverse_solve(kernel, rhs)
+        return torch.linalg.lstsq(kernel, rhs, rcond=kernel.shape[0] * eps, driver="gelsd").solution
+    return _pseudo_inverse_solve(kernel, rhs, eps)
 
 
-def _pseudo_inverse_solve(kernel: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+def _pseudo_inverse_solve(kernel: torch.Tensor, rhs: torch.Tensor, eps: float) -> torch.Tensor:
     evals, evecs = torch.linalg.eigh(kernel)
-    cutoff = kernel.shape[0] * torch.finfo(kernel.dtype).eps * evals.abs().max().clamp_min(1e-300)
+    cutoff = kernel.shape[0] * eps * evals.abs().max().clamp_min(1e-300)
     inverse = torch.where(evals.abs() > cutoff, 1.0 / evals.where(evals.abs() > cutoff, torch.ones_like(evals)),
                           torch.zeros_like(evals))
     return evecs @ (inverse[:, None] * (evecs.T @ rhs))
