@@ -358,8 +358,8 @@ def test_reparameterize_keeps_the_function(parameterization):
     assert torch.allclose(new(x), standard(x), atol=1e-12)
     if parameterization == "mup":
         scales = [m.factor for m in new.modules() if isinstance(m, analysis.Scale)]
-        # output layer: σ_w/n split as (σ_w/n)/(σ_b/n) · W and σ_b/n outside
-        assert scales[-1] == pytest.approx(0.5 / 16)
+        # output layer: σ_w/n split as (σ_w/n)/(σ_b/√n) · W and σ_b/√n outside (the bias's own)
+        assert scales[-1] == pytest.approx(0.5 / 4)
         assert scales[-2] * scales[-1] == pytest.approx(1.3 / 16)
         assert scales[2] * scales[3] == pytest.approx(1.3 / 4)  # hidden: σ_w/√n
 
@@ -518,3 +518,24 @@ def test_relative_kernel_change_refuses_a_non_finite_kernel():
     k0 = torch.eye(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="NaN or Inf"):
         metrics.relative_kernel_change(k0, torch.full((3, 3), float("nan"), dtype=torch.float64))
+
+
+def test_mup_output_bias_learns_at_the_same_rate_at_every_width():
+    """μP trains every bias by O(1) per step (Yang et al., 2022): the output bias too."""
+    gen = torch.Generator().manual_seed(9)
+    x, y = torch.randn(32, 4, generator=gen), torch.randn(32, 2, generator=gen) + 3.0
+
+    def bias_change(width):
+        model = analysis.mlp(4, width, 2, parameterization="mup", sigma_b=1.0, seed=0).double()
+        scale, bias = model[-1][2].factor, model[-1][1].bias
+        start = bias.detach().clone()
+        opt = torch.optim.SGD(model.parameters(), lr=analysis.learning_rate("mup", 0.05, width))
+        for _ in range(10):
+            opt.zero_grad()
+            (0.5 * ((model(x.double()) - y.double()) ** 2).sum(1).mean()).backward()
+            opt.step()
+        return float((scale * (bias - start)).norm())
+
+    small, large = bias_change(64), bias_change(1024)
+    assert small > 0.1
+    assert 0.5 < large / small < 2.0

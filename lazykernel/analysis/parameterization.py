@@ -18,6 +18,10 @@ name          init of W, b            c_l, input layer       c_l, hidden/output 
                                                              output 1/n
 ============  ======================  =====================  ===================  ================
 
+Biases are used as ``σ_b b_l``, except the μP output bias, used as ``σ_b b / √n``:
+with the learning rate η·n it then moves by O(1) per step as every μP bias does
+(see ``_bias_multiplier``).
+
 ``ntk`` is the parameterization of Jacot et al. (2018); ``mup`` is the Maximal Update
 Parameterization of Yang & Hu (2021, "Tensor Programs IV: Feature Learning in
 Infinite-Width Neural Networks", Table 3) moved by their abc-symmetry
@@ -108,11 +112,23 @@ def _layer(make, fan_in: int, width: int, parameterization: str, sigma_w: float,
     c = sigma_w * _multiplier(parameterization, fan_in, width, is_output, is_input)
     if not bias:
         return nn.Sequential(Scale(c), layer)
-    outer = sigma_b
-    # In μP the output bias gets the output multiplier 1/n too (Yang & Hu, 2021, Table 3).
-    if parameterization == "mup" and is_output:
-        outer = sigma_b / width
+    outer = _bias_multiplier(parameterization, sigma_b, width, is_output)
     return nn.Sequential(Scale(c / outer), layer, Scale(outer))
+
+
+def _bias_multiplier(parameterization: str, sigma_b: float, width: int, is_output: bool) -> float:
+    """The multiplier of a bias stored with entries of order one.
+
+    In μP every bias trains like an input weight, by O(1) per step (Yang et al., 2022,
+    "Tensor Programs V", group biases with input weights). With the learning
+    rate η·n of the form used here, a multiplier m moves the bias m²·η·n times its
+    O(1) gradient: hidden biases, whose gradients are O(1/n), keep m = σ_b, and the
+    output bias, whose gradient is O(1), takes m = σ_b/√n. It then starts at
+    O(1/√n), which vanishes with width (a zero-initialised readout is also μP).
+    """
+    if parameterization == "mup" and is_output:
+        return sigma_b / math.sqrt(width)
+    return sigma_b
 
 
 def mlp(in_features: int, width: int, out_features: int, *, depth: int = 1,
@@ -212,7 +228,7 @@ def reparameterize(model: nn.Sequential, parameterization: str, *, sigma_w: floa
         layer = layers[i]
         fan_in = layer.weight[0].numel()
         c = sigma_w * _multiplier(parameterization, fan_in, width, i == positions[-1], i == positions[0])
-        outer = sigma_b / width if (parameterization == "mup" and i == positions[-1]) else sigma_b
+        outer = _bias_multiplier(parameterization, sigma_b, width, i == positions[-1])
         with torch.no_grad():
             layer.weight.div_(c)
             if layer.bias is not None:
