@@ -126,6 +126,20 @@ def assert_close_to_reference(result, ref, dtype):
         torch.testing.assert_close(result.double(), ref, rtol=0.0, atol=1e-4 * scale)
 
 
+def low_rank_float32_problem():
+    """``nn.Linear(3, 1)`` on 20 training and 4 test examples: its float32 NTK has rank 4,
+    and its 16 zero eigenvalues come out of float32 as about ±5e-7.
+
+    Returns (model, x, y, x_test, f0, f0_test), the outputs at θ0 as ``[N]``, ``[M]``.
+    """
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y, xt = torch.randn(20, 3), torch.randn(20), torch.randn(4, 3)
+    with torch.no_grad():
+        f0, f0t = model(x)[:, 0], model(xt)[:, 0]
+    return model, x, y, xt, f0, f0t
+
+
 @pytest.fixture
 def ref_ntk():
     return reference_ntk

@@ -11,6 +11,7 @@ from torch import nn
 import lazykernel
 from lazykernel import analysis
 from lazykernel.analysis import metrics
+from conftest import low_rank_float32_problem
 
 
 def _t(values):
@@ -479,11 +480,7 @@ def test_width_sweep_rows_and_fits():
 def _low_rank_float32_problem():
     """A float32 NTK of rank 4 on 20 examples (nn.Linear(3, 1)), and the float64 least-squares
     fit that gradient flow from θ0 converges to: [x, 1] w = y − f0."""
-    torch.manual_seed(0)
-    model = nn.Linear(3, 1)
-    x, y, xt = torch.randn(20, 3), torch.randn(20), torch.randn(4, 3)
-    with torch.no_grad():
-        f0, f0t = model(x)[:, 0], model(xt)[:, 0]
+    model, x, y, xt, f0, f0t = low_rank_float32_problem()
     k, kt = lazykernel.ntk(model, x), lazykernel.ntk(model, xt, x)
     assert k.dtype == torch.float32
     a = torch.cat([x, torch.ones(20, 1)], 1).double()

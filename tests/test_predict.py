@@ -8,6 +8,7 @@ from torch import nn
 
 import lazykernel
 from lazykernel.predict import gradient_descent_mse, gradient_descent_mse_cg
+from conftest import low_rank_float32_problem
 
 
 def _spd(n, seed=0, rank=None):
@@ -165,11 +166,7 @@ def test_cg_errors():
 def test_float32_kernel_of_low_rank_is_not_refused_and_its_round_off_is_not_fitted():
     """nn.Linear(3, 1) on 20 examples: a float32 NTK of rank 4, whose 16 zero eigenvalues
     come out as ±5e-7. Any t works; t = ∞ is refused as singular, as for float64."""
-    torch.manual_seed(0)
-    model = nn.Linear(3, 1)
-    x, y, xt = torch.randn(20, 3), torch.randn(20), torch.randn(4, 3)
-    with torch.no_grad():
-        f0, f0t = model(x)[:, 0], model(xt)[:, 0]
+    model, x, y, xt, f0, f0t = low_rank_float32_problem()
     k, kt = lazykernel.ntk(model, x), lazykernel.ntk(model, xt, x)
     k64, kt64 = lazykernel.ntk(model.double(), x.double()), lazykernel.ntk(model, xt.double(), x.double())
     predict32 = gradient_descent_mse(k, y, learning_rate=0.05)
