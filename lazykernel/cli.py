@@ -191,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # bad arguments; a full disk or a read-only path
         print(f"lazykernel {args.command}: error: {error}", file=sys.stderr)
         return 2
 

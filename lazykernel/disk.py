@@ -39,9 +39,11 @@ _FORMAT = "lazykernel.ntk_to_disk/1"
 IF_EXISTS = ("resume", "overwrite", "error")
 # Fields of the manifest that must agree before a store may be continued.
 _CALL_FIELDS = ("shape", "dtype", "output", "method", "symmetric", "params", "model_fingerprint",
-                "inputs_fingerprint", "precision")
+                "model_structure", "inputs_fingerprint", "precision")
 # what a field added later means in a manifest written before it
 _CALL_DEFAULTS = {"precision": "highest"}
+# fields a manifest written before them does not record, so cannot be compared
+_UNRECORDED = ("model_structure",)
 _HASH_CHUNK_BYTES = 1 << 24
 
 
@@ -103,9 +105,11 @@ def ntk_to_disk(
     Raises:
         ValueError: everything `lazykernel.ntk` refuses; an unknown ``if_exists``;
             ``out`` holding something that is not a store, or a store made by a
-            different call (other model parameters, inputs, output, method,
+            different call (other model parameters or layers, inputs, output, method,
             parameter selection or precision), unless ``if_exists="overwrite"``; ranks of one
             job making different calls.
+        OSError: ``out`` cannot be written (a read-only path, a full disk); the
+            tiles written before are kept, and the call can be resumed.
         RuntimeError: tiles missing after every rank finished (a rank failed).
     """
     if if_exists not in IF_EXISTS:
@@ -129,16 +133,23 @@ def ntk_to_disk(
     if rank == 0:
         try:
             manifest = _open_or_create(paths, call, setup, batch_size, if_exists)
-        except ValueError as refused:
-            error = str(refused)
+        except (ValueError, OSError) as refused:
+            if world == 1:
+                raise
+            # the other ranks raise it too, rather than wait for a manifest
+            error = (type(refused).__name__, str(refused))
     error, manifest = distributed.broadcast_from_rank0((error, manifest))
     if error is not None:
-        raise ValueError(error)
+        raise (OSError if error[0] != "ValueError" else ValueError)(error[1])
     if manifest["memory_budget"] != setup.budget:
         # The budget decides the tile grid and, for some layers, the form of
         # their rule: every rank, and every resumed run, uses the store's own.
         setup = _setup(model, x1, x2, output, method, params, batch_size, manifest["memory_budget"],
                        precision)
+    if setup.engine is not None and not manifest["complete"]:
+        # The store's tiles decide the largest chunk, and with it which expanded
+        # parameters the forward takes (`_Engine.settle`): every rank, resumed or not.
+        setup.engine.settle(max(manifest["tile_rows"], manifest["tile_cols"]))
 
     if not manifest["complete"]:
         grid = _TileGrid(manifest)
@@ -246,8 +257,12 @@ def _open_or_create(paths: _StorePaths, call: dict, setup, batch_size: Optional[
             _write_manifest(paths, manifest)
             _create_data_file(paths, manifest)
         return manifest
-    if if_exists != "overwrite" and (os.path.exists(paths.data) or os.path.exists(paths.tiles)):
-        raise ValueError(f"{paths.data} exists but has no manifest {paths.manifest}, so it was not "
+    # A store whose creation was cut short (its manifest is written last, through a
+    # temporary file) holds no tile: it is created again.
+    cut_short = os.path.exists(paths.manifest + ".tmp")
+    if if_exists != "overwrite" and not cut_short and (os.path.exists(paths.data) or os.path.exists(paths.tiles)):
+        found = paths.data if os.path.exists(paths.data) else paths.tiles
+        raise ValueError(f"{found} exists but has no manifest {paths.manifest}, so it was not "
                          "written by lazykernel.ntk_to_disk; move it away or pass "
                          "if_exists='overwrite' (--overwrite)")
     n1, n2 = setup.shape[0], setup.shape[1]
@@ -260,6 +275,10 @@ def _open_or_create(paths: _StorePaths, call: dict, setup, batch_size: Optional[
                     tile_cols=tile_cols, complete=False)
     manifest["tiles"] = _TileGrid(manifest).count
     manifest["tiles_done"] = 0
+    # The manifest's temporary file marks a creation in progress until the manifest
+    # itself is in place: a creation cut short is started again, not refused.
+    with open(paths.manifest + ".tmp", "w") as f:
+        json.dump(manifest, f)
     if os.path.exists(paths.manifest):
         os.remove(paths.manifest)
     _create_data_file(paths, manifest)
@@ -271,10 +290,12 @@ def _open_or_create(paths: _StorePaths, call: dict, setup, batch_size: Optional[
 
 def _check_same_call(paths: _StorePaths, manifest: dict, call: dict) -> None:
     stored = {field: manifest.get(field, _CALL_DEFAULTS.get(field)) for field in _CALL_FIELDS}
-    differing = [field for field in _CALL_FIELDS if stored[field] != call[field]]
+    differing = [field for field in _CALL_FIELDS if stored[field] != call[field]
+                 and not (field in _UNRECORDED and field not in manifest)]
     if not differing:
         return
     what = {"model_fingerprint": "the model's parameters and buffers",
+            "model_structure": "the model's layers (its printed form, or the function's name)",
             "inputs_fingerprint": "the inputs' values"}
     details = ", ".join(what.get(field, f"{field} (store: {stored[field]!r}, this call: {call[field]!r})")
                         for field in differing)
@@ -345,11 +366,20 @@ def _describe_call(setup, x1, x2, method: str) -> dict:
         inputs_hash.update(b"none" if x is None else b"tensor")
         if x is not None:
             _hash_tensor(inputs_hash, x)
+    # what the tensors do not show: the layers (their printed form: types, sizes, activations,
+    # modes) or, for a functional model, the function; other code changes go unseen
+    if adapter.module is not None:
+        shown = f"{type(adapter.module).__module__}.{type(adapter.module).__qualname__}\n{adapter.module!r}\n" \
+                f"{[m.training for m in adapter.module.modules()]}"
+    else:
+        fn = adapter._fn
+        shown = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    structure = hashlib.blake2b(shown.encode(), digest_size=20).hexdigest()
     store_dtype = "float64" if setup.compute_dtype == torch.float64 else "float32"
     return dict(shape=list(setup.shape), dtype=store_dtype, output=setup.mode, method=method,
                 symmetric=setup.symmetric, params=sorted(adapter.params),
-                model_fingerprint=model_hash.hexdigest(), inputs_fingerprint=inputs_hash.hexdigest(),
-                precision=setup.precision)
+                model_fingerprint=model_hash.hexdigest(), model_structure=structure,
+                inputs_fingerprint=inputs_hash.hexdigest(), precision=setup.precision)
 
 
 # -- the tiles ----------------------------------------------------------------------
@@ -391,7 +421,7 @@ def _compute_tiles(engine: _Engine, x1, x2, grid: _TileGrid, todo: List[int], pa
     spare = budget - _tile_bytes(engine, grid.rows, grid.cols, cell * elt)
     _drop_torn_line(paths.log(rank))
     with open(paths.data, "rb+") as data, open(paths.log(rank), "ab") as log:
-        writer = _TileWriter(data.fileno(), _read_header_end(data), n2, cell, elt)
+        writer = _TileWriter(data.fileno(), _read_header_end(data), n2, cell, elt, paths.data)
         cached2 = engine.features(x2) if (not grid.symmetric and grid.cols >= n2) else None
         first = row_starts[0]
         rows_features = {first: engine.features(x1[first:first + grid.rows])}
@@ -467,8 +497,9 @@ def _read_header_end(f) -> int:
 class _TileWriter:
     """Positional writes of a ``[rows, cols, *cell]`` block into the row-major file."""
 
-    def __init__(self, fd: int, header_end: int, n2: int, cell: int, elt: int):
+    def __init__(self, fd: int, header_end: int, n2: int, cell: int, elt: int, path: str):
         self.fd, self.header_end, self.n2, self.cell, self.elt = fd, header_end, n2, cell, elt
+        self.path = path
 
     def write(self, block: np.ndarray, i: int, j: int) -> None:
         block = np.ascontiguousarray(block)
@@ -478,7 +509,13 @@ class _TileWriter:
             offset = self.header_end + ((i + r) * self.n2 + j) * self.cell * self.elt
             chunk = view[r * row_bytes:(r + 1) * row_bytes]
             while chunk:
-                written = os.pwrite(self.fd, chunk, offset)
+                try:
+                    written = os.pwrite(self.fd, chunk, offset)
+                except OSError as error:
+                    raise OSError(error.errno, f"{error.strerror} while writing a tile of {self.path}; the "
+                                  "tiles written before it are kept: free space (or move the store with its "
+                                  "manifest and .tiles folder) and resume with if_exists='resume' (--resume)"
+                                  ) from error
                 chunk, offset = chunk[written:], offset + written
 
 

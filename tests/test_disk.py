@@ -324,3 +324,78 @@ def test_a_model_routing_examples_otherwise_than_on_the_checked_ones_is_refused_
     kernel = lazykernel.ntk_to_disk(model, x, out=str(tmp_path / "K.npy"), method="jacobian", progress=False,
                                     if_exists="overwrite")
     np.testing.assert_allclose(np.array(kernel), reference_ntk(model, x).numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_a_model_with_other_layers_and_the_same_weights_is_refused(tmp_path):
+    """The weights alone do not name the model: a Tanh MLP's store is not continued with ReLU."""
+    out = str(tmp_path / "K.npy")
+    x = _inputs(10)
+    lazykernel.ntk_to_disk(_mlp(), x, out=out, batch_size=4, progress=False)
+    relu = _mlp()
+    relu[1] = nn.ReLU()
+    with pytest.raises(ValueError, match="the model's layers"):
+        lazykernel.ntk_to_disk(relu, x, out=out, batch_size=4, progress=False)
+    # a store written before the field existed is continued as before
+    manifest_path = Path(out + ".manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["model_structure"]
+    manifest_path.write_text(json.dumps(manifest))
+    again = lazykernel.ntk_to_disk(_mlp(), x, out=out, batch_size=4, progress=False)
+    assert np.array_equal(np.array(again), lazykernel.ntk(_mlp(), x, batch_size=4).numpy())
+
+
+class _Sliced(nn.Module):
+    """Slices a parameter by the sequence length: its expanded-parameter rule fails on
+    chunks longer than the slice, which only the tiles' size shows (`_Engine.settle`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 3)
+        self.pos = nn.Parameter(torch.randn(4, 3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids) + self.pos[:ids.shape[1]])).mean(1)
+
+
+def test_a_resumed_store_settles_its_rules_on_the_stored_tiles(tmp_path):
+    torch.manual_seed(9)
+    model = _Sliced().double()
+    ids = torch.randint(0, 10, (27, 4), generator=torch.Generator().manual_seed(0))
+    out = str(tmp_path / "K.npy")
+    lazykernel.ntk_to_disk(model, ids, out=out, batch_size=9, progress=False)
+    # as an interrupted run leaves it: the last tiles not logged, the store not complete
+    log = Path(out + ".tiles") / "rank-0.log"
+    log.write_text("".join(f"{k}\n" for k in log.read_text().split() if k not in ("4", "5")))
+    manifest_path = Path(out + ".manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["complete"] = False
+    manifest_path.write_text(json.dumps(manifest))
+    again = lazykernel.ntk_to_disk(model, ids, out=out, progress=False)
+    torch.testing.assert_close(torch.from_numpy(np.array(again)), reference_ntk(model, ids), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_a_store_whose_creation_was_cut_short_is_created_again(tmp_path):
+    model, x = _mlp(), _inputs(8)
+    out = str(tmp_path / "K.npy")
+    lazykernel.ntk_to_disk(model, x, out=out, batch_size=4, progress=False)
+    # as a crash before the manifest's rename leaves it: data, tile logs, the temporary manifest
+    os.replace(out + ".manifest.json", out + ".manifest.json.tmp")
+    again = lazykernel.ntk_to_disk(model, x, out=out, if_exists="resume", batch_size=4, progress=False)
+    assert np.array_equal(np.array(again), lazykernel.ntk(model, x, batch_size=4).numpy())
+    assert not os.path.exists(out + ".manifest.json.tmp")
+
+
+def test_cli_reports_an_unwritable_path_as_an_error(tmp_path, monkeypatch, capsys):
+    np.save(tmp_path / "x.npy", _inputs(4).numpy())
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "cli_models.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def make():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()\n")
+    code = cli_main(["ntk", "--model", "cli_models:make", "--data", str(tmp_path / "x.npy"),
+                     "--out", str(tmp_path / "file" / "K.npy")])
+    assert code == 2
+    assert "lazykernel ntk: error:" in capsys.readouterr().err
