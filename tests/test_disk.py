@@ -399,3 +399,33 @@ def test_cli_reports_an_unwritable_path_as_an_error(tmp_path, monkeypatch, capsy
                      "--out", str(tmp_path / "file" / "K.npy")])
     assert code == 2
     assert "lazykernel ntk: error:" in capsys.readouterr().err
+
+
+class _Applies(nn.Module):
+    """A layer printing the function it applies, with its address in memory."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def extra_repr(self):
+        return repr(self.fn)
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_the_layers_of_a_call_do_not_depend_on_addresses_in_memory(tmp_path):
+    """A process resuming a store (or another rank) prints other addresses for the same model."""
+    from lazykernel.disk import _describe_call
+    from lazykernel.ntk import _setup
+
+    def layers(fn):
+        model = nn.Sequential(nn.Linear(5, 4), _Applies(fn), nn.Linear(4, 2)).double()
+        setup = _setup(model, _inputs(3), None, "trace", "auto", None, None, None)
+        return _describe_call(setup, _inputs(3), None, "auto")["model_structure"]
+
+    first, second = (lambda x: torch.tanh(x)), (lambda x: torch.tanh(x))
+    assert repr(first) != repr(second)
+    assert layers(first) == layers(second)
+    assert layers(first) != layers(torch.sin)
