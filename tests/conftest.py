@@ -126,6 +126,24 @@ def assert_close_to_reference(result, ref, dtype):
         torch.testing.assert_close(result.double(), ref, rtol=0.0, atol=1e-4 * scale)
 
 
+class SlicedPositions(nn.Module):
+    """Token ids ``[N, T]`` with learned positions sliced by the length, ``pos[:T]`` (T ≤ 4).
+
+    Its expanded-parameter rule slices the expanded copy's batch axis instead:
+    right for chunks of at most 4 examples, an error for longer ones, which
+    only the chunk size shows (`_Engine.settle`).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 3)
+        self.pos = nn.Parameter(torch.randn(4, 3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids) + self.pos[:ids.shape[1]])).mean(1)
+
+
 def low_rank_float32_problem():
     """``nn.Linear(3, 1)`` on 20 training and 4 test examples: its float32 NTK has rank 4,
     and its 16 zero eigenvalues come out of float32 as about ±5e-7.

@@ -17,7 +17,7 @@ from torch import nn
 import lazykernel
 from lazykernel.cli import main as cli_main
 
-from conftest import reference_ntk
+from conftest import SlicedPositions, reference_ntk
 
 WORKER = str(Path(__file__).with_name("disk_worker.py"))
 
@@ -29,6 +29,14 @@ def _mlp(seed=0, dtype=torch.float64):
 
 def _inputs(n, seed=1, dtype=torch.float64):
     return torch.randn(n, 5, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _edit_manifest(out, edit):
+    """Rewrite the store's manifest through ``edit(manifest)``, as an older or interrupted run left it."""
+    path = Path(out + ".manifest.json")
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("output", ["trace", "diagonal", "full"])
@@ -106,10 +114,7 @@ def test_resume_computes_only_missing_tiles(tmp_path):
     # Forget tiles 2 and 5 and scribble over the file: only those tiles may be redone.
     kept = [line for line in log.read_text().split() if line not in ("2", "5")]
     log.write_text("".join(f"{k}\n" for k in kept) + "5")  # a torn last line does not count
-    manifest_path = Path(out + ".manifest.json")
-    manifest = json.loads(manifest_path.read_text())
-    manifest["complete"] = False
-    manifest_path.write_text(json.dumps(manifest))
+    _edit_manifest(out, lambda manifest: manifest.update(complete=False))
     scribbled = np.load(out, mmap_mode="r+")
     scribbled[:] = -1.0
     scribbled.flush()
@@ -284,14 +289,11 @@ def test_precision_is_part_of_the_call_and_older_stores_mean_highest(tmp_path):
     model, x = _mlp(), _inputs(6)
     out = str(tmp_path / "K.npy")
     lazykernel.ntk_to_disk(model, x, out=out, batch_size=4, progress=False)
-    manifest_path = Path(out + ".manifest.json")
-    assert json.loads(manifest_path.read_text())["precision"] == "highest"
+    assert json.loads(Path(out + ".manifest.json").read_text())["precision"] == "highest"
     with pytest.raises(ValueError, match="precision \\(store: 'highest', this call: 'tf32'\\)"):
         lazykernel.ntk_to_disk(model, x, out=out, batch_size=4, progress=False, precision="tf32")
     # a store written before the field existed continues as full precision
-    manifest = json.loads(manifest_path.read_text())
-    del manifest["precision"]
-    manifest_path.write_text(json.dumps(manifest))
+    _edit_manifest(out, lambda manifest: manifest.pop("precision"))
     again = lazykernel.ntk_to_disk(model, x, out=out, batch_size=4, progress=False)
     assert np.array_equal(np.array(again), lazykernel.ntk(model, x, batch_size=4).numpy())
     with pytest.raises(ValueError, match="unknown precision"):
@@ -336,41 +338,21 @@ def test_a_model_with_other_layers_and_the_same_weights_is_refused(tmp_path):
     with pytest.raises(ValueError, match="the model's layers"):
         lazykernel.ntk_to_disk(relu, x, out=out, batch_size=4, progress=False)
     # a store written before the field existed is continued as before
-    manifest_path = Path(out + ".manifest.json")
-    manifest = json.loads(manifest_path.read_text())
-    del manifest["model_structure"]
-    manifest_path.write_text(json.dumps(manifest))
+    _edit_manifest(out, lambda manifest: manifest.pop("model_structure"))
     again = lazykernel.ntk_to_disk(_mlp(), x, out=out, batch_size=4, progress=False)
     assert np.array_equal(np.array(again), lazykernel.ntk(_mlp(), x, batch_size=4).numpy())
 
 
-class _Sliced(nn.Module):
-    """Slices a parameter by the sequence length: its expanded-parameter rule fails on
-    chunks longer than the slice, which only the tiles' size shows (`_Engine.settle`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(10, 3)
-        self.pos = nn.Parameter(torch.randn(4, 3))
-        self.head = nn.Linear(3, 2)
-
-    def forward(self, ids):
-        return self.head(torch.tanh(self.embed(ids) + self.pos[:ids.shape[1]])).mean(1)
-
-
 def test_a_resumed_store_settles_its_rules_on_the_stored_tiles(tmp_path):
     torch.manual_seed(9)
-    model = _Sliced().double()
+    model = SlicedPositions().double()
     ids = torch.randint(0, 10, (27, 4), generator=torch.Generator().manual_seed(0))
     out = str(tmp_path / "K.npy")
     lazykernel.ntk_to_disk(model, ids, out=out, batch_size=9, progress=False)
     # as an interrupted run leaves it: the last tiles not logged, the store not complete
     log = Path(out + ".tiles") / "rank-0.log"
     log.write_text("".join(f"{k}\n" for k in log.read_text().split() if k not in ("4", "5")))
-    manifest_path = Path(out + ".manifest.json")
-    manifest = json.loads(manifest_path.read_text())
-    manifest["complete"] = False
-    manifest_path.write_text(json.dumps(manifest))
+    _edit_manifest(out, lambda manifest: manifest.update(complete=False))
     again = lazykernel.ntk_to_disk(model, ids, out=out, progress=False)
     torch.testing.assert_close(torch.from_numpy(np.array(again)), reference_ntk(model, ids), rtol=1e-10,
                                atol=1e-12)

@@ -12,7 +12,7 @@ from lazykernel._structured import StructuredPlan
 from lazykernel.ops import token_gram_accumulate
 from lazykernel.rules import attention_forward, explicit_attention
 
-from conftest import OUTPUTS, assert_close_to_reference, reference_ntk
+from conftest import OUTPUTS, SlicedPositions, assert_close_to_reference, reference_ntk
 
 
 class TokenModel(nn.Module):
@@ -360,18 +360,8 @@ def test_ntk_inside_no_grad_gives_the_same_kernel():
 def test_sliced_parameter_longer_chunks_than_the_slice_fall_back_and_stay_exact():
     # pos[:T] slices the expanded copy's batch axis: fine for 3 probe examples,
     # an error for a chunk of 9 > T = 4; the rule must be dropped before any chunk
-    class Sliced(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(10, 3)
-            self.pos = nn.Parameter(torch.randn(4, 3))
-            self.head = nn.Linear(3, 2)
-
-        def forward(self, ids):
-            return self.head(torch.tanh(self.embed(ids) + self.pos[:ids.shape[1]])).mean(1)
-
     torch.manual_seed(9)
-    model = Sliced().double()
+    model = SlicedPositions().double()
     ids = torch.randint(0, 10, (9, 4))
     plan = lazykernel.plan(model, ids, method="structured")
     assert {g.rule for g in plan.groups if "pos" in g.params} == {"PerExampleJacobian"}, str(plan)
