@@ -243,10 +243,11 @@ def _check_inputs(adapter: ModelAdapter, x1, x2) -> Tuple[torch.dtype, torch.dev
     return dtype, device
 
 
-def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str) -> Tuple[int, int]:
+def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: bool = True) -> Tuple[int, int]:
     """Run the model on a few examples: does it accept ``x``, and how big is it?
 
-    Returns (O, activation elements per example).
+    Returns (O, activation elements per example). A model with no outputs per
+    example is refused when ``needs_outputs`` (a kernel between its outputs).
     """
     k = min(x.shape[0], _PROBE_EXAMPLES)
     # A copy, so a model that writes into its input does not write into the
@@ -295,6 +296,11 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str) -> Tuple[int, int]
         raise ValueError(
             f"the model's output must have the batch dimension first: for {k} example(s) of {name} "
             f"it returned shape {tuple(y.shape)}"
+        )
+    if needs_outputs and y[0].numel() == 0:
+        raise ValueError(
+            f"the model returns no outputs per example (shape {tuple(y.shape)} for {k} example(s) of "
+            f"{name}), so its tangent kernel has no entries; check the size of its last layer"
         )
     if not exact_by_construction(adapter.module, sample):
         _check_independent(adapter, sample, y, name, dtype, max(peaks, default=0.0))

@@ -13,6 +13,7 @@ full-size temporaries are parameter-space vectors (P numbers each).
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -127,14 +128,14 @@ def _chunk_size(adapter: ModelAdapter, x: torch.Tensor, batch_size: Optional[int
     elt = param.element_size()
     budget = _budget_bytes(memory_budget, param.device)
     fixed = vectors * adapter.num_params * elt
-    _, activations = _probe(adapter, x, "x")
+    _, activations = _probe(adapter, x, "x", needs_outputs=False)
     per_example = _ACTIVATION_COPIES * activations * elt
     if budget < fixed + per_example:
         raise ValueError(
             f"memory_budget of {_memory.format_bytes(budget)} is too small: {vectors} parameter-space "
             f"vector(s) take {_memory.format_bytes(fixed)} and one example about "
             f"{_memory.format_bytes(per_example)}; raise memory_budget")
-    size = max(1, int((budget - fixed) // per_example))
+    size = n if math.isinf(budget) else max(1, int((budget - fixed) // per_example))
     if batch_size is not None:
         size = min(size, int(batch_size))
     return min(size, n)
@@ -189,7 +190,8 @@ def jvp(
 
     Returns:
         ``(f(x), J(x)·θ̇)``, both shaped like the model's output ``[N, *out]``.
-        Differentiable with respect to ``tangent`` on the generic path.
+        Differentiable with respect to ``tangent`` and ``x`` on the generic path,
+        which ``"auto"`` takes whenever either of them requires grad.
     """
     if method not in JVP_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {JVP_METHODS}")
@@ -206,9 +208,9 @@ def _jvp(adapter: ModelAdapter, x: torch.Tensor, tangent: Tangent, method: str, 
         raise ValueError("method='structured' needs a plain nn.Sequential model (no hooks, no parametrized "
                          "layers, no layer with parameters listed twice) with at least one nn.Linear "
                          "layer; use method='generic' (or 'auto') for this model")
-    needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in values.values())
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in values.values()))
     if method == "structured" and needs_grad:
-        raise ValueError("method='structured' does not propagate gradients to the tangent; use "
+        raise ValueError("method='structured' does not propagate gradients to the tangent or to x; use "
                          "method='generic' to differentiate the result")
     use_structured = method == "structured" or (method == "auto" and not needs_grad
                                                   and _prefers_structured(adapter))
@@ -216,9 +218,15 @@ def _jvp(adapter: ModelAdapter, x: torch.Tensor, tangent: Tangent, method: str, 
     outs, tans = [], []
     for part in _chunks(x.shape[0], size):
         if use_structured:
-            with torch.no_grad():
-                y, y_dot = _structured_jvp(adapter.module, adapter.params, values, x[part])
-        else:
+            try:
+                with torch.no_grad():
+                    y, y_dot = _structured_jvp(adapter.module, adapter.params, values, x[part])
+            except _NotATensor as error:
+                if method == "structured":
+                    raise ValueError(f"method='structured' walks the layers with one tensor between them, "
+                                     f"but {error}; use method='generic' (or 'auto') for this model") from None
+                use_structured = False
+        if not use_structured:
             y, y_dot = _generic_jvp(adapter, values, x[part])
         outs.append(y)
         tans.append(y_dot)
@@ -252,6 +260,10 @@ def _prefers_structured(adapter: ModelAdapter) -> bool:
                for _, leaf in plain_leaves(adapter.module))
 
 
+class _NotATensor(Exception):
+    """A layer of the structured walk returned something other than one tensor."""
+
+
 def _structured_jvp(module: nn.Sequential, selected: Mapping[str, torch.Tensor],
                     tangent: Mapping[str, torch.Tensor], x: torch.Tensor
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -268,6 +280,9 @@ def _structured_jvp(module: nn.Sequential, selected: Mapping[str, torch.Tensor],
             xs = xs * (xs[0] > 0)
         else:
             xs = _generic_layer(leaf, own, xs)
+        if not isinstance(xs, torch.Tensor):
+            raise _NotATensor(f"layer {prefix[:-1]!r} ({type(leaf).__name__}) returns a "
+                              f"{type(xs).__name__}")
     if xs.shape[0] == 1:
         return xs[0], torch.zeros_like(xs[0])
     return xs[0], xs[1]
@@ -276,7 +291,7 @@ def _structured_jvp(module: nn.Sequential, selected: Mapping[str, torch.Tensor],
 def _linear_layer(layer: nn.Linear, own: Mapping[str, torch.Tensor], xs: torch.Tensor) -> torch.Tensor:
     k = xs.shape[-1]
     lead = xs.shape[1:-1]
-    flat = xs.reshape(xs.shape[0], -1, k)
+    flat = xs.reshape(xs.shape[0], math.prod(lead), k)
     bias = layer.bias.detach() if layer.bias is not None else None
     out = linear_jvp_stacked(flat, layer.weight.detach(), own.get("weight"), bias, own.get("bias"))
     return out.reshape(2, *lead, out.shape[-1])
@@ -286,14 +301,15 @@ def _generic_layer(leaf: nn.Module, own: Mapping[str, torch.Tensor], xs: torch.T
     x = xs[0]
     has_input_tangent = xs.shape[0] == 2
     if not own and not has_input_tangent:
-        return leaf(x).unsqueeze(0)
+        y = leaf(x)
+        return y.unsqueeze(0) if isinstance(y, torch.Tensor) else y
     primals = {name: p.detach() for name, p in leaf.named_parameters() if name in own}
     if has_input_tangent:
         y, y_dot = torch.func.jvp(lambda p, inp: restoring_functional_call(leaf, p, inp),
                                   (primals, x), (dict(own), xs[1]))
     else:
         y, y_dot = torch.func.jvp(lambda p: restoring_functional_call(leaf, p, x), (primals,), (dict(own),))
-    return torch.stack([y, y_dot])
+    return torch.stack([y, y_dot]) if isinstance(y, torch.Tensor) else y
 
 
 # -- vjp ---------------------------------------------------------------------------
@@ -345,12 +361,24 @@ def _vjp(adapter: ModelAdapter, x: torch.Tensor, cotangent: torch.Tensor, batch_
 
 def _accumulate(total: Optional[Dict[str, torch.Tensor]], grads: Dict[str, torch.Tensor]
                 ) -> Dict[str, torch.Tensor]:
-    # The first chunk's gradients become the sum: no zero-filled copy of the parameters.
+    """Add one chunk's gradients into the running sum, which the first chunk starts.
+
+    Autograd may hand back a view of the cotangent (a parameter that reaches the
+    output through views alone) or an expanded tensor (one used through a sum), so
+    the first chunk's gradients are copied into tensors of their own when they
+    are not already, and never written into in place while they could alias.
+    """
     if total is None:
-        return dict(grads)
+        return {name: g if _owns_its_memory(g) else g.clone(memory_format=torch.contiguous_format)
+                for name, g in grads.items()}
     for name, g in grads.items():
         total[name] += g
     return total
+
+
+def _owns_its_memory(g: torch.Tensor) -> bool:
+    """A dense tensor that is not a view of another: safe to return and to add into."""
+    return g._base is None and g.is_contiguous() and g.untyped_storage().nbytes() == g.numel() * g.element_size()
 
 
 # -- ntk_vp ------------------------------------------------------------------------
@@ -418,8 +446,8 @@ def _ntk_vp(adapter: ModelAdapter, x: torch.Tensor, v: torch.Tensor, x2: Optiona
         if vv.dim() not in (1, 2) or vv.shape[0] != n2:
             raise ValueError(f"for output='trace' (or a one-output model) v must be [N2] or [N2, C] "
                              f"with N2 = {n2}, got {tuple(v.shape)}")
-        if n == 0 or n2 == 0:
-            # no examples on one side: the empty sum
+        if n == 0 or n2 == 0 or vv.numel() == 0:
+            # no examples on one side, or no vectors: the empty sum, or no columns
             return vv.new_zeros((n,) + tuple(vv.shape[1:]))
         columns = vv.reshape(n2, -1)
         result = torch.stack([_trace_product(adapter, x, x2_, columns[:, c], outputs, size_x, size_x2)
@@ -453,8 +481,11 @@ def _pushforward(adapter: ModelAdapter, x: torch.Tensor, u: Dict[str, torch.Tens
     with torch.no_grad():
         for part in _chunks(x.shape[0], size):
             if structured:
-                _, y_dot = _structured_jvp(adapter.module, adapter.params, u, x[part])
-            else:
+                try:
+                    _, y_dot = _structured_jvp(adapter.module, adapter.params, u, x[part])
+                except _NotATensor:
+                    structured = False
+            if not structured:
                 _, y_dot = _generic_jvp(adapter, u, x[part])
             parts.append(y_dot.reshape(y_dot.shape[0], -1))
     if not parts:

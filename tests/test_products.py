@@ -400,3 +400,137 @@ def test_the_structured_jvp_leaves_a_layer_holding_a_module_twice_with_its_param
     _, y_dot = lazykernel.jvp(model, x, tangent, method="structured")
     torch.testing.assert_close(y_dot, (jac @ _flat(tangent, names)).reshape(5, 2), rtol=1e-10, atol=1e-12)
     assert all(type(p) is nn.Parameter and p.requires_grad for p in model.parameters())
+
+
+def test_auto_jvp_keeps_the_gradient_with_respect_to_x():
+    # auto took the structured path (under no_grad) whenever the tangent needed no
+    # gradient, so the outputs lost their dependence on x, and with them a
+    # LinearizedModel's input gradient (a saliency map of the lazy model).
+    model = _mlp(act=nn.Tanh).double()
+    tangent = _random_like_params(model, [n for n, _ in model.named_parameters()], torch.float64)
+    x = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    f, f_dot = lazykernel.jvp(model, x, tangent, method="auto")
+    (got,) = torch.autograd.grad(f.sum() + f_dot.sum(), x)
+    g, g_dot = lazykernel.jvp(model, x, tangent, method="generic")
+    (expected,) = torch.autograd.grad(g.sum() + g_dot.sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    (direct,) = torch.autograd.grad(model(x).sum(), x)
+    assert not torch.allclose(got, direct)  # the tangent term contributes
+    with pytest.raises(ValueError, match="does not propagate gradients to the tangent or to x"):
+        lazykernel.jvp(model, x, tangent, method="structured")
+    lin = lazykernel.linearize(model).requires_grad_(False)
+    xx = x.detach().clone().requires_grad_(True)
+    (saliency,) = torch.autograd.grad(lin(xx).sum(), xx)
+    (reference,) = torch.autograd.grad(model(xx).sum(), xx)  # f_lin(θ0) = f(θ0)
+    torch.testing.assert_close(saliency, reference, rtol=1e-12, atol=1e-12)
+
+
+class _ViewedOffset(nn.Module):
+    """A learned offset that reaches the output through views alone: with one example
+    per chunk, autograd's gradient of it is a view of the cotangent."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.lin = nn.Linear(3, 2)
+        self.b = nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        out = self.lin(x)
+        return out + self.b.view(1, 2).expand_as(out)
+
+
+class _SummedScale(nn.Module):
+    """A parameter used through a sum: autograd's gradient of it is an expanded tensor."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.lin = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale.sum()
+
+
+@pytest.mark.parametrize("build", [_ViewedOffset, _SummedScale])
+@pytest.mark.parametrize("batch_size", [1, 2, None])
+def test_chunked_products_neither_write_into_their_arguments_nor_return_views_of_them(build, batch_size):
+    model = build().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    jac, names = _reference_jacobian(model, x)
+    cot = torch.randn(5, 2, dtype=torch.float64)
+    kept = cot.clone()
+    grads = lazykernel.vjp(model, x, cot, batch_size=batch_size)
+    assert torch.equal(cot, kept)
+    torch.testing.assert_close(_flat(grads, names), torch.einsum("nop,no->p", jac, cot), rtol=1e-12, atol=1e-12)
+    for g in grads.values():
+        assert g.untyped_storage().data_ptr() != cot.untyped_storage().data_ptr()
+    v = torch.randn(5, 2, dtype=torch.float64)
+    kept = v.clone()
+    first = lazykernel.ntk_vp(model, x, v, output="full", batch_size=batch_size)
+    assert torch.equal(v, kept)
+    expected = torch.einsum("iap,jbp,jb->ia", jac, jac, v)
+    torch.testing.assert_close(first, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lazykernel.ntk_vp(model, x, v, output="full", batch_size=batch_size), first,
+                               rtol=0, atol=0)
+
+
+class _Pick(nn.Module):
+    def forward(self, pair):
+        return pair[0]
+
+
+def test_the_structured_walk_hands_a_layer_that_returns_a_tuple_to_the_generic_path():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (1, 6)), nn.MaxPool1d(2, return_indices=True),
+                          _Pick(), nn.Flatten(), nn.Linear(3, 2)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    jac, names = _reference_jacobian(model, x)
+    tangent = _random_like_params(model, names, torch.float64)
+    expected = torch.einsum("nop,p->no", jac, _flat(tangent, names))
+    _, got = lazykernel.jvp(model, x, tangent, method="auto", batch_size=2)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    v = torch.randn(5, 2, dtype=torch.float64)
+    torch.testing.assert_close(lazykernel.ntk_vp(model, x, v, output="full"),
+                               torch.einsum("iap,jbp,jb->ia", jac, jac, v), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match=r"layer '2' \(MaxPool1d\) returns a tuple"):
+        lazykernel.jvp(model, x, tangent, method="structured")
+
+
+def test_the_structured_walk_takes_examples_with_no_features():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(0, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.zeros(4, 0, dtype=torch.float64)
+    jac, names = _reference_jacobian(model, x)
+    tangent = _random_like_params(model, names, torch.float64)
+    for method in ("auto", "structured"):
+        _, got = lazykernel.jvp(model, x, tangent, method=method)
+        torch.testing.assert_close(got, torch.einsum("nop,p->no", jac, _flat(tangent, names)),
+                                   rtol=1e-12, atol=1e-12)
+    v = torch.randn(4, dtype=torch.float64)
+    torch.testing.assert_close(lazykernel.ntk_vp(model, x, v),
+                               torch.einsum("iop,jop,j->i", jac, jac, v), rtol=1e-10, atol=1e-10)
+
+
+def test_products_take_an_unlimited_memory_budget_and_no_columns():
+    model = _mlp().double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    jac, names = _reference_jacobian(model, x)
+    tangent = _random_like_params(model, names, torch.float64)
+    _, got = lazykernel.jvp(model, x, tangent, memory_budget=float("inf"))
+    torch.testing.assert_close(got, torch.einsum("nop,p->no", jac, _flat(tangent, names)), rtol=1e-12, atol=1e-12)
+    v = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(lazykernel.ntk_vp(model, x, v, memory_budget=float("inf")),
+                               torch.einsum("iop,jop,j->i", jac, jac, v), rtol=1e-10, atol=1e-10)
+    assert lazykernel.ntk_vp(model, x, torch.zeros(6, 0, dtype=torch.float64)).shape == (6, 0)
+
+
+def test_a_model_without_outputs_has_no_kernel_but_has_products():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 0))
+    x = torch.randn(5, 4)
+    for call in (lambda: lazykernel.ntk(model, x), lambda: lazykernel.ntk_vp(model, x, torch.ones(5))):
+        with pytest.raises(ValueError, match="returns no outputs per example"):
+            call()
+    tangent = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    assert lazykernel.jvp(model, x, tangent)[1].shape == (5, 0)
