@@ -23,8 +23,10 @@ class LinearizedModel(nn.Module):
 
     Build it with :func:`linearize`. Its parameters are the selected parameters θ
     of the network, initialised at θ0 and registered under the network's
-    parameter names with ``.`` replaced by ``__`` (``lin.parameters()`` goes to
-    any torch optimizer); ``lin.theta()`` returns them by the network's names.
+    parameter names with ``.`` replaced by ``__``, and ``_`` appended where that
+    name is taken by another parameter or an attribute of the module
+    (``lin.parameters()`` goes to any torch optimizer); ``lin.theta()`` returns
+    them by the network's names.
     θ0 and the network are a private copy taken at construction: later changes
     to the original network do not move the linearization point. Build it on
     the device and in the dtype it will run in: ``.to()`` moves θ but not that copy.
@@ -56,17 +58,24 @@ class LinearizedModel(nn.Module):
             theta0 = {name: p.detach().clone() for name, p in adapter.params.items()}
         self._names: List[str] = list(theta0)
         self._theta0 = {name: value.detach().clone() for name, value in theta0.items()}
+        self._keys: Dict[str, str] = {}
         for name, value in theta0.items():
-            self.register_parameter(self._key(name), nn.Parameter(value.detach().clone()))
+            key = self._free_key(name)
+            self._keys[name] = key
+            self.register_parameter(key, nn.Parameter(value.detach().clone()))
         self._function_params = theta0
 
-    @staticmethod
-    def _key(name: str) -> str:
-        return name.replace(".", "__")
+    def _free_key(self, name: str) -> str:
+        """``name`` with ``.`` as ``__``, and ``_`` appended while another parameter or an
+        attribute of the module (``theta``, ``training``, ...) already has that name."""
+        key = name.replace(".", "__") or "_"
+        while hasattr(self, key) or key in self._keys.values():
+            key += "_"
+        return key
 
     def theta(self) -> Dict[str, torch.Tensor]:
         """Current θ by the network's parameter names."""
-        return {name: getattr(self, self._key(name)) for name in self._names}
+        return {name: getattr(self, self._keys[name]) for name in self._names}
 
     def theta0(self) -> Dict[str, torch.Tensor]:
         """The linearization point θ0 by the network's parameter names (copies)."""

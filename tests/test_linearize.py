@@ -113,3 +113,41 @@ def test_linearize_a_functional_model():
 def test_linearize_refuses_training_mode_dropout():
     with pytest.raises(ValueError, match="eval"):
         lazykernel.linearize(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
+
+
+class _ClashingNames(nn.Module):
+    """Parameter names that the ``.`` → ``__`` spelling maps onto each other or onto the
+    module's own attributes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(9)
+        self.a = nn.Linear(3, 3, bias=False)
+        self.a__weight = nn.Parameter(torch.randn(3, 3))
+        self.theta = nn.Parameter(torch.randn(3))
+        self.training_scale = nn.Parameter(torch.randn(()))
+
+    def forward(self, x):
+        return torch.tanh(self.a(x) @ self.a__weight + self.theta) * self.training_scale
+
+
+def test_linearized_parameters_keep_one_tensor_per_network_parameter():
+    model = _ClashingNames().double()
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    lin = lazykernel.linearize(model)
+    theta = lin.theta()
+    assert sorted(theta) == sorted(n for n, _ in model.named_parameters())
+    assert len({id(v) for v in theta.values()}) == 4 == len(list(lin.parameters()))
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), model(x), rtol=1e-13, atol=1e-13)
+    # moving one parameter moves the linear model by that parameter's Jacobian alone
+    direction = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        theta["a.weight"] += 1e-3 * direction
+        moved = lin(x)
+    primals = {n: p.detach() for n, p in model.named_parameters()}
+    tangents = {n: torch.zeros_like(p) for n, p in primals.items()}
+    tangents["a.weight"] = 1e-3 * direction
+    _, expected = torch.func.jvp(lambda p: torch.func.functional_call(model, p, (x,)), (primals,), (tangents,))
+    torch.testing.assert_close(moved - model(x).detach(), expected, rtol=1e-10, atol=1e-13)
+    assert callable(lin.theta) and isinstance(lin.training, bool)
