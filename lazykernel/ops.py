@@ -32,10 +32,8 @@ def gram_hadamard_accumulate_reference(
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    _check_gram_inputs(out, a1, a2, g1, g2, output, symmetric)
     for A, B, G, H in zip(a1, a2, g1, g2):
-        n1, t, _ = A.shape
-        n2 = B.shape[0]
-        o = G.shape[2]
         # S[i, t, j, s] = a1[i, t] . a2[j, s]
         S = torch.einsum("itk,jsk->itjs", A, B)
         if output == "trace":
@@ -47,7 +45,54 @@ def gram_hadamard_accumulate_reference(
         else:
             U = torch.einsum("itod,jspd->itjsop", G, H)
             out += (S[..., None, None] * U).sum(dim=(1, 3))
-        del n1, t, n2, o
+
+
+def _check_gram_inputs(out: torch.Tensor, a1: Sequence[torch.Tensor], a2: Sequence[torch.Tensor],
+                       g1: Sequence[torch.Tensor], g2: Sequence[torch.Tensor], output: str,
+                       symmetric: bool) -> None:
+    """The compiled op's argument checks, with its messages, for the reference."""
+    def fail(message: str) -> None:
+        raise RuntimeError(f"gram_hadamard_accumulate_: {message}")
+
+    if out.dtype not in (torch.float32, torch.float64):
+        fail(f"out must be float32 or float64, got {out.dtype}")
+    if not len(a1) == len(a2) == len(g1) == len(g2):
+        fail(f"a1, a2, g1, g2 must list the same number of layers, got "
+             f"{len(a1)}, {len(a2)}, {len(g1)}, {len(g2)}")
+    dims = {"trace": 2, "diagonal": 3, "full": 4}[output]
+    if out.dim() != dims:
+        fail(f"for output='{output}' out must have {dims} dimensions, got shape {list(out.shape)}")
+    n1, n2 = out.shape[0], out.shape[1]
+    if output == "full" and out.shape[3] != out.shape[2]:
+        fail(f"full out must be [N1, N2, O, O], got shape {list(out.shape)}")
+    if symmetric and n1 != n2:
+        fail(f"symmetric=True needs N1 == N2, got out of shape {list(out.shape)}")
+    outputs = out.shape[2] if output != "trace" else None
+    for layer, (A, B, G, H) in enumerate(zip(a1, a2, g1, g2)):
+        for name, tensor, expected in (("a1", A, 3), ("a2", B, 3), ("g1", G, 4), ("g2", H, 4)):
+            if tensor.dim() != expected:
+                fail(f"{name}[{layer}] must have {expected} dimensions, got shape {list(tensor.shape)}")
+            if tensor.dtype != out.dtype:
+                fail(f"{name}[{layer}] has dtype {tensor.dtype} but out has dtype {out.dtype}; "
+                     "all tensors must share one dtype")
+            if tensor.device != out.device:
+                fail(f"{name}[{layer}] is on {tensor.device} but out is on {out.device}")
+        shapes = f"a1 {list(A.shape)}, a2 {list(B.shape)}, g1 {list(G.shape)}, g2 {list(H.shape)}"
+        if A.shape[0] != n1 or G.shape[0] != n1:
+            fail(f"layer {layer}: a1 and g1 must have N1 = {n1} rows like out, got {shapes}")
+        if B.shape[0] != n2 or H.shape[0] != n2:
+            fail(f"layer {layer}: a2 and g2 must have N2 = {n2} rows like out, got {shapes}")
+        if not A.shape[1] == B.shape[1] == G.shape[1] == H.shape[1]:
+            fail(f"layer {layer}: a1, a2, g1, g2 must share the positions axis T (dim 1), got {shapes}")
+        if A.shape[2] != B.shape[2]:
+            fail(f"layer {layer}: a1 and a2 must share their last dimension K, got {shapes}")
+        if G.shape[2:] != H.shape[2:]:
+            fail(f"layer {layer}: g1 and g2 must share [O, D], got {shapes}")
+        if outputs is None:
+            outputs = G.shape[2]
+        if G.shape[2] != outputs:
+            fail(f"layer {layer} has O = {G.shape[2]} outputs but "
+                 f"{'an earlier layer has' if output == 'trace' else 'out has'} {outputs}")
 
 
 def gram_hadamard_accumulate(
@@ -80,6 +125,10 @@ def gram_hadamard_accumulate(
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    for name, terms in (("a1", a1), ("a2", a2), ("g1", g1), ("g2", g2)):
+        if isinstance(terms, torch.Tensor):
+            raise ValueError(f"{name} must be a list of tensors, one per layer; got one tensor of shape "
+                             f"{tuple(terms.shape)} (for a single layer pass [{name}])")
     a1, a2, g1, g2 = list(a1), list(a2), list(g1), list(g2)
     if _extension.has_kernel(out.device):
         torch.ops.lazykernel.gram_hadamard_accumulate_(out, a1, a2, g1, g2, output, symmetric)

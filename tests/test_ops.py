@@ -126,10 +126,7 @@ def test_cpu_kernel_with_no_layers_is_a_no_op():
     assert torch.equal(out, torch.ones(3, 3))
 
 
-@compiled_cpu
-@pytest.mark.parametrize(
-    "mutate, message",
-    [
+_BAD_ARGUMENTS = [
         (lambda o, a1, a2, g1, g2: (o, a1, a2, g1, g2, "sideways", False), "output must be"),
         (lambda o, a1, a2, g1, g2: (o.double(), a1, a2, g1, g2, "trace", False), "dtype"),
         (lambda o, a1, a2, g1, g2: (o, [a1[0][:, :, :2]], a2, g1, g2, "trace", False), "last dimension K"),
@@ -138,14 +135,32 @@ def test_cpu_kernel_with_no_layers_is_a_no_op():
         (lambda o, a1, a2, g1, g2: (o, a1, a2, g1, g2, "full", False), "dimensions"),
         (lambda o, a1, a2, g1, g2: (o, a1, a2, g1, g2, "trace", True), "symmetric"),
         (lambda o, a1, a2, g1, g2: (o.int(), a1, a2, g1, g2, "trace", False), "float32 or float64"),
-    ],
-)
+        (lambda o, a1, a2, g1, g2: (o, a1, a2, [g1[0][:, :, :1]], g2, "trace", False), "share \\[O, D\\]"),
+        (lambda o, a1, a2, g1, g2: (o, a1, a2, [g1[0][:, :, :, 0]], g2, "trace", False), "4 dimensions"),
+]
+
+
+@compiled_cpu
+@pytest.mark.parametrize("mutate, message", _BAD_ARGUMENTS)
 def test_cpu_kernel_rejects_bad_arguments_with_clear_messages(mutate, message):
     gen = torch.Generator().manual_seed(6)
     a1, a2, g1, g2 = _layers(4, 3, 2, [(1, 3, 2)], torch.float32, gen)
     out = torch.zeros(4, 3)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.lazykernel.gram_hadamard_accumulate_(*mutate(out, a1, a2, g1, g2))
+
+
+@pytest.mark.parametrize("mutate, message", _BAD_ARGUMENTS)
+def test_the_reference_the_op_falls_back_to_makes_the_same_checks(mutate, message):
+    # without a compiled kernel the wrapper runs the reference, whose zip() would
+    # silently drop layers and which would take N1 != N2 as symmetric
+    gen = torch.Generator().manual_seed(6)
+    a1, a2, g1, g2 = _layers(4, 3, 2, [(1, 3, 2)], torch.float32, gen)
+    out = torch.zeros(4, 3)
+    args = mutate(out, a1, a2, g1, g2)
+    error = ValueError if args[5] not in ("trace", "diagonal", "full") else RuntimeError
+    with pytest.raises(error, match=message):
+        gram_hadamard_accumulate_reference(*args)
 
 
 @compiled_cpu
@@ -230,3 +245,10 @@ def test_cuda_opcheck():
         torch.ops.lazykernel.gram_hadamard_accumulate_.default,
         (torch.zeros(5, 4, 2, 2, device="cuda"), cuda(a1), cuda(a2), cuda(g1), cuda(g2), "full", False),
     )
+
+
+def test_wrapper_asks_for_lists_of_layers():
+    gen = torch.Generator().manual_seed(8)
+    a1, a2, g1, g2 = _layers(4, 4, 2, [(1, 3, 2)], torch.float32, gen)
+    with pytest.raises(ValueError, match=r"a1 must be a list of tensors, one per layer.*\[a1\]"):
+        gram_hadamard_accumulate(torch.zeros(4, 4), a1[0], a2, g1, g2)
