@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -43,11 +44,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     from lazykernel.demo import run_demo
 
+    device = _device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     results = run_demo(args.out, widths=args.widths, steps=args.steps, alphas=args.alphas,
                        alpha_width=args.alpha_width, train_size=args.train_size, test_size=args.test_size,
-                       probe_size=args.probe_size, base_lr=args.lr, seed=args.seed, device=args.device,
+                       probe_size=args.probe_size, base_lr=args.lr, seed=args.seed, device=str(device),
                        progress=not args.no_progress)
     for key, entry in results["slopes"].items():
         print(f"  slope of {key}: {entry['slope']:.3f} ± {entry['stderr']:.3f}")
@@ -72,7 +74,7 @@ def _add_demo(commands) -> None:
     demo.add_argument("--out", default="lazykernel-demo", help="report folder")
     # One thread by default: the matrices are small, and on a shared machine a thread
     # team that waits for a descheduled member runs many times slower than one thread.
-    demo.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    demo.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for torch (default 1)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
 
@@ -91,9 +93,36 @@ def _parse_bytes(text: str) -> int:
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(
             f"cannot read {text!r} as a size in bytes; write e.g. 8GB, 512MiB or 1000000000") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"the memory budget must be positive, got {text!r}")
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(f"the memory budget must be a finite size of at least one byte, "
+                                         f"got {text!r}")
     return int(value)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _device(text: str):
+    """``--device`` as a torch.device, refused with a clear error where it cannot be used."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"unknown device {text!r}; expected e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available here (this torch build or this machine "
+                         "has no GPU); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text}: only cpu and cuda devices are supported")
+    return device
 
 
 def _load_factory(spec: str):
@@ -122,7 +151,7 @@ def _ntk(args: argparse.Namespace) -> int:
 
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other; pass one of them")
-    device = torch.device(args.device)
+    device = _device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -134,9 +163,18 @@ def _ntk(args: argparse.Namespace) -> int:
 
     def load(path: str) -> torch.Tensor:
         try:
-            x = torch.from_numpy(np.load(path))
+            array = np.load(path)
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read the inputs {path!r} as a .npy array: {error}") from error
+        if not isinstance(array, np.ndarray):
+            array.close()
+            raise ValueError(f"{path!r} holds several arrays (an .npz archive); save the inputs alone "
+                             "with numpy.save(path, x) as a .npy file")
+        try:
+            x = torch.from_numpy(array)
+        except TypeError as error:
+            raise ValueError(f"the inputs in {path!r} have dtype {array.dtype}, which torch cannot hold; "
+                             f"save a numeric array") from error
         return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
 
     x1 = load(args.data)
@@ -174,7 +212,7 @@ def _add_ntk_command(commands) -> None:
     ntk.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per rank, from LOCAL_RANK)")
     ntk.add_argument("--memory-budget", type=_parse_bytes, default=None,
                      help="working memory per process, e.g. 8GB (default: a quarter of what is free)")
-    ntk.add_argument("--batch-size", type=int, default=None, help="at most this many examples per tile side")
+    ntk.add_argument("--batch-size", type=_positive_int, default=None, help="at most this many examples per tile side")
     ntk.add_argument("--resume", action="store_true", help="continue the store at --out if it exists")
     ntk.add_argument("--overwrite", action="store_true", help="discard the store at --out if it exists")
     ntk.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -265,6 +265,34 @@ def _cli_error(run, args, capsys):
     return capsys.readouterr().err
 
 
+def test_cli_reports_bad_inputs_and_options_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cli_models_bad.py").write_text(
+        "import torch\ndef make():\n    return torch.nn.Linear(4, 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    np.save(tmp_path / "x.npy", np.zeros((3, 4)))
+    np.savez(tmp_path / "x.npz", x=np.zeros((3, 4)))
+    np.save(tmp_path / "words.npy", np.array(["a", "b"]))
+    base = ["ntk", "--model", "cli_models_bad:make", "--out", "K.npy", "--quiet"]
+    assert "an .npz archive" in _cli_error(cli_main, base + ["--data", "x.npz"], capsys)
+    assert "dtype <U1, which torch cannot hold" in _cli_error(cli_main, base + ["--data", "words.npy"], capsys)
+    assert "unknown device 'foo'" in _cli_error(cli_main, base + ["--data", "x.npy", "--device", "foo"], capsys)
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in _cli_error(cli_main, base + ["--data", "x.npy", "--device", "cuda"],
+                                                     capsys)
+    # argparse's own errors: status 2 and the reason
+    for option, value, reason in [("--memory-budget", "inf", "finite size of at least one byte"),
+                                  ("--memory-budget", "0.5", "finite size of at least one byte"),
+                                  ("--batch-size", "0", "positive integer")]:
+        with pytest.raises(SystemExit) as stop:
+            cli_main(base + ["--data", "x.npy", option, value])
+        assert stop.value.code == 2 and reason in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["demo", "--threads", "0"])
+    assert stop.value.code == 2 and "positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "K.npy").exists()
+
+
 @pytest.mark.parametrize("spare_chunks, order", [(0.5, [0, 1, 2, 3, 4, 5]), (1.5, [0, 1, 3, 2, 4, 5]),
                                                  (9.0, [0, 1, 3, 2, 4, 5])])
 def test_panels_of_rows_follow_the_spare_memory_and_keep_the_values(tmp_path, spare_chunks, order):
