@@ -94,6 +94,16 @@ def ntk_block_by_ntvp(adapter: ModelAdapter, x1: torch.Tensor, x2: torch.Tensor,
     return rows.reshape(n1, y1.numel() // n1, n2, -1)
 
 
+def forward_mode_works(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x: torch.Tensor) -> bool:
+    """Does every op of the model on ``x`` have forward-mode AD (one JVP in the parameters)?"""
+    tangent = {name: torch.zeros_like(value) for name, value in values.items()}
+    try:
+        jvp(lambda p: adapter.call(p, x), (values,), (tangent,))
+    except NotImplementedError:
+        return False
+    return True
+
+
 def ntvp_rows(adapter: ModelAdapter, values: Dict[str, torch.Tensor], vjp_fn, x2: torch.Tensor,
               seeds: torch.Tensor, by_loop: bool) -> torch.Tensor:
     """``[S, N2·O]``: ``J2 (J1ᵀ s)`` for each of the ``S`` rows ``s`` of ``seeds``,
