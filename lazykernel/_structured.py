@@ -16,6 +16,7 @@ import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from torch.nn.utils import parametrize
 
 from lazykernel._chain import LayerChain, exact_by_construction
 from lazykernel._jacobian import forward_mode_works, ntvp_rows, per_example_jacobian
@@ -105,9 +106,12 @@ class StructuredPlan:
             return cls(adapter, taps, [])
         by_identity = {id(p): name for name, p in adapter.params.items()}
         owners: Dict[int, int] = {}
+        computed: set = set()
         for module in adapter.module.modules():
             for p in module.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
+                if isinstance(module, parametrize.ParametrizationList) or module._forward_pre_hooks:
+                    computed.add(id(p))
         rules, claimed = [], set()
         for module in adapter.module.modules():
             rule_cls = rule_for(module)
@@ -123,7 +127,11 @@ class StructuredPlan:
                 rules.append(rule_cls(module, names))
                 claimed.update(names.values())
         for name, p in adapter.params.items():
-            if name not in claimed and owners.get(id(p), 0) == 1:
+            # A parameter a layer's weight is computed from (a parametrization, or a
+            # pre-hook such as the old weight_norm) reaches ops written for the
+            # parameter's own shape: torch._weight_norm does not check shapes and
+            # corrupts memory when handed an expanded copy.
+            if name not in claimed and owners.get(id(p), 0) == 1 and id(p) not in computed:
                 rules.append(BroadcastParameterRule(name, p))
                 claimed.add(name)
         generic = [name for name in adapter.params if name not in claimed]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lazykernel
-from conftest import reference_ntk
+from conftest import _explicit_jacobian, reference_ntk
 from lazykernel._model import make_adapter
 from lazykernel import _structured
 from lazykernel._structured import StructuredPlan
@@ -481,3 +481,37 @@ def test_zero_width_linear_layers_give_their_bias_term(method):
         model[2].bias.copy_(torch.tensor([0.3, -0.7], dtype=torch.float64))
     got = lazykernel.ntk(model, x, output="full", method=method)
     assert torch.allclose(got, _kernel_by_explicit_jacobians(model, x), rtol=1e-10, atol=1e-12)
+
+
+class _NormalizedConv(nn.Module):
+    """A weight-normalized Conv1d and Linear head (both spellings of weight norm)."""
+
+    def __init__(self, style):
+        super().__init__()
+        conv, head = nn.Conv1d(1, 2, 3, padding=1), nn.Linear(8, 3)
+        if style == "parametrization":
+            self.conv = torch.nn.utils.parametrizations.weight_norm(conv)
+            self.head = torch.nn.utils.parametrizations.weight_norm(head)
+        else:
+            self.conv = torch.nn.utils.weight_norm(conv)
+            self.head = torch.nn.utils.weight_norm(head)
+
+    def forward(self, x):
+        return self.head(self.conv(x.unsqueeze(1)).flatten(1))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm is deprecated")
+@pytest.mark.parametrize("style", ["parametrization", "hook"])
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_weight_norm_parameters_are_never_handed_to_the_model_expanded(style, method):
+    # torch._weight_norm does not check shapes: the batch-expanded copy of the
+    # broadcast-parameter rule corrupted the heap (the process aborted).
+    torch.manual_seed(11)
+    model = _NormalizedConv(style).double().eval()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    got = lazykernel.ntk(model, x, output="full", method=method)
+    # the old weight_norm's module cannot be deep-copied, as reference_ntk does
+    jac = _explicit_jacobian(model, x, list(model.parameters()))
+    torch.testing.assert_close(got, torch.einsum("iap,jbp->ijab", jac, jac), rtol=1e-10, atol=1e-12)
+    taps = [rule for rule in _plan(model, x).rules if type(rule).__name__ == "BroadcastParameterRule"]
+    assert taps == []
