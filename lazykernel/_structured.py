@@ -185,7 +185,8 @@ class StructuredPlan:
         try:
             taps = {rule.names[""]: rule.tap(n) for rule in self.rules
                     if isinstance(rule, BroadcastParameterRule)}
-            y = self.adapter.forward_with(taps, x)
+            with _expanded_parameters_quietly():
+                y = self.adapter.forward_with(taps, x)
         finally:
             for rule in self.rules:
                 rule.detach()
@@ -350,7 +351,7 @@ class StructuredPlan:
         """
         for rows in ((x.shape[0], x.shape[0] - 1) if x.shape[0] > 2 else (x.shape[0],)):
             try:
-                with torch.no_grad():
+                with torch.no_grad(), _expanded_parameters_quietly():
                     y = self.adapter.forward_with({rule.names[""]: rule.tap(rows) for rule in taps}, x[:rows])
                 if y.reshape(rows, -1).shape[1] != self.outputs:
                     return False
@@ -734,16 +735,29 @@ def _rank_one_direction(like: torch.Tensor, gen: torch.Generator) -> torch.Tenso
 def _directional_by_backward(adapter: ModelAdapter, names: List[str],
                              direction: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
-    params = [adapter.params[name] for name in names]
+    # leaves of their own: a functional model's tensors need not require grad
+    values = adapter.detached_params()
+    params = [values[name].clone().requires_grad_(True) for name in names]
+    values.update(zip(names, params))
     with torch.enable_grad():
-        out = adapter.forward(x).reshape(n, -1)
+        out = adapter.call(values, x).reshape(n, -1)
         y = out @ check_weights(out.shape[1], out).squeeze(1)
-        values = []
+        rows = []
         for i in range(n):
             grads = torch.autograd.grad(y[i], params, allow_unused=True, retain_graph=True)
-            values.append(sum(((g * direction[nm]).sum() for g, nm in zip(grads, names)
-                               if g is not None), torch.zeros((), dtype=y.dtype, device=y.device)))
-    return torch.stack(values)
+            rows.append(sum(((g * direction[nm]).sum() for g, nm in zip(grads, names)
+                             if g is not None), torch.zeros((), dtype=y.dtype, device=y.device)))
+    return torch.stack(rows)
+
+
+@contextlib.contextmanager
+def _expanded_parameters_quietly() -> Iterator[None]:
+    """Without torch's warning about ``.T`` on tensors of more than two axes: a forward
+    that transposes a matrix parameter with ``.T`` meets it on the batch-expanded copy
+    (the rule check then refuses the copy), never on the user's own tensors."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The use of `x\.T` on tensors of dimension other than 2")
+        yield
 
 
 def _zeros_if_none(g: Optional[torch.Tensor], target: torch.Tensor, batch: int = 0) -> torch.Tensor:

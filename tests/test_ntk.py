@@ -382,6 +382,27 @@ def test_functional_model_with_params_dict_matches_reference(which, method, outp
     assert_close_to_reference(result, ref, dtype)
 
 
+def _warp(params, x):
+    """A sampling grid from the input (F.grid_sample: no forward-mode AD), then a linear head."""
+    theta = (x.flatten(1) @ params["loc"].T).view(-1, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    sampled = torch.nn.functional.grid_sample(x, grid, align_corners=False)
+    return sampled.flatten(1) @ params["head"].T
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_functional_model_with_an_op_without_forward_mode_and_detached_params(method):
+    # the rule check's reverse-mode fallback differentiated the caller's tensors,
+    # which need not require grad
+    g = torch.Generator().manual_seed(6)
+    pdict = {"loc": 0.3 * torch.randn(6, 16, generator=g, dtype=torch.float64),
+             "head": torch.randn(2, 16, generator=g, dtype=torch.float64)}
+    x = torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64)
+    result = lazykernel.ntk(_warp, x, output="full", method=method, params=pdict)
+    assert_close_to_reference(result, reference_ntk(_warp, x, None, "full", pdict), torch.float64)
+    assert lazykernel.plan(_warp, x, output="full", method=method, params=pdict).method in METHODS
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_functional_params_dict_integer_entry_is_not_trainable(method):
     g = torch.Generator().manual_seed(4)
