@@ -19,6 +19,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lazykernel import _memory
 from lazykernel._chain import plain_leaves
@@ -104,6 +105,13 @@ def _tangent_dict(adapter: ModelAdapter, tangent: Tangent, what: str = "tangent"
         if not value.is_floating_point():
             raise ValueError(f"{what}[{name!r}] must be floating point, got {value.dtype}")
     return {name: value.to(adapter.params[name].dtype) for name, value in values.items()}
+
+
+def _attention_with_forward_mode():
+    """``F.scaled_dot_product_attention`` by its composite (math) form, which has
+    forward-mode AD; the fused CPU and GPU kernels have none, so a JVP through a
+    model that calls it directly (a functional transformer) would fail."""
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _budget_bytes(memory_budget: Optional[float], device: torch.device) -> float:
@@ -196,7 +204,8 @@ def jvp(
     if method not in JVP_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {JVP_METHODS}")
     adapter, dtype = _prepare(model, x, params, precision)
-    with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype):
+    with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype), \
+            _attention_with_forward_mode():
         return _jvp(adapter, x, tangent, method, batch_size, memory_budget)
 
 
@@ -221,10 +230,11 @@ def _jvp(adapter: ModelAdapter, x: torch.Tensor, tangent: Tangent, method: str, 
             try:
                 with torch.no_grad():
                     y, y_dot = _structured_jvp(adapter.module, adapter.params, values, x[part])
-            except _NotATensor as error:
+            except _WalkRefused as error:
                 if method == "structured":
-                    raise ValueError(f"method='structured' walks the layers with one tensor between them, "
-                                     f"but {error}; use method='generic' (or 'auto') for this model") from None
+                    raise ValueError(f"method='structured' walks the layers with one tensor between them "
+                                     f"and forward-mode AD, but {error}; use method='generic' (or 'auto') "
+                                     "for this model") from None
                 use_structured = False
         if not use_structured:
             y, y_dot = _generic_jvp(adapter, values, x[part])
@@ -239,7 +249,52 @@ def _jvp(adapter: ModelAdapter, x: torch.Tensor, tangent: Tangent, method: str, 
 def _generic_jvp(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x: torch.Tensor
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     primals = adapter.detached_params()
-    return torch.func.jvp(lambda p: adapter.call(p, x), (primals,), (values,))
+    try:
+        return torch.func.jvp(lambda p: adapter.call(p, x), (primals,), (values,))
+    except NotImplementedError as forward_error:
+        try:
+            return _jvp_by_double_backward(adapter, primals, values, x)
+        except NotImplementedError as reverse_error:
+            raise ValueError(
+                "this model's Jacobian-vector products need forward-mode AD, or reverse mode "
+                f"differentiated twice, and PyTorch has neither for one of its ops ({_first_line(forward_error)}; "
+                f"{_first_line(reverse_error)}). lazykernel.ntk and vjp need reverse mode only; for the products, "
+                "replace that op (e.g. torch.cdist by an explicit distance, nn.EmbeddingBag by nn.Embedding "
+                "and a sum or mean)"
+            ) from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _jvp_by_double_backward(adapter: ModelAdapter, primals: Dict[str, torch.Tensor],
+                            tangent: Dict[str, torch.Tensor], x: torch.Tensor
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(f(x), J θ̇)`` from reverse mode alone: ``J θ̇ = ∂/∂u ⟨Jᵀu, θ̇⟩``, which is
+    linear in ``u``, so the second backward can start from ``u = 0``. For ops with a
+    backward that is itself differentiable but no forward-mode rule (grid_sample)."""
+    names = list(tangent)
+    leaves = {name: primals[name].clone().requires_grad_(True) for name in names}
+    merged = dict(primals)
+    merged.update(leaves)
+    keep_graph = torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in tangent.values()))
+    with torch.enable_grad():
+        y = adapter.call(merged, x)
+        u = torch.zeros_like(y, requires_grad=True)
+        grads = torch.autograd.grad(y, [leaves[name] for name in names], grad_outputs=u, create_graph=True,
+                                    allow_unused=True)
+        inner = sum(((g * tangent[name]).sum() for g, name in zip(grads, names) if g is not None),
+                    torch.zeros((), dtype=y.dtype, device=y.device))
+        if inner.requires_grad:
+            (y_dot,) = torch.autograd.grad(inner, u, create_graph=keep_graph, allow_unused=True)
+        else:
+            y_dot = None
+    y_dot = torch.zeros_like(y) if y_dot is None else y_dot
+    if not keep_graph:
+        return y.detach(), y_dot.detach()
+    return y, y_dot
 
 
 def _is_structured(adapter: ModelAdapter) -> bool:
@@ -260,8 +315,9 @@ def _prefers_structured(adapter: ModelAdapter) -> bool:
                for _, leaf in plain_leaves(adapter.module))
 
 
-class _NotATensor(Exception):
-    """A layer of the structured walk returned something other than one tensor."""
+class _WalkRefused(Exception):
+    """A layer of the structured walk returned something other than one tensor, or
+    has an op without forward-mode AD: the whole model goes to the generic path."""
 
 
 def _structured_jvp(module: nn.Sequential, selected: Mapping[str, torch.Tensor],
@@ -281,7 +337,7 @@ def _structured_jvp(module: nn.Sequential, selected: Mapping[str, torch.Tensor],
         else:
             xs = _generic_layer(leaf, own, xs)
         if not isinstance(xs, torch.Tensor):
-            raise _NotATensor(f"layer {prefix[:-1]!r} ({type(leaf).__name__}) returns a "
+            raise _WalkRefused(f"layer {prefix[:-1]!r} ({type(leaf).__name__}) returns a "
                               f"{type(xs).__name__}")
     if xs.shape[0] == 1:
         return xs[0], torch.zeros_like(xs[0])
@@ -304,11 +360,15 @@ def _generic_layer(leaf: nn.Module, own: Mapping[str, torch.Tensor], xs: torch.T
         y = leaf(x)
         return y.unsqueeze(0) if isinstance(y, torch.Tensor) else y
     primals = {name: p.detach() for name, p in leaf.named_parameters() if name in own}
-    if has_input_tangent:
-        y, y_dot = torch.func.jvp(lambda p, inp: restoring_functional_call(leaf, p, inp),
-                                  (primals, x), (dict(own), xs[1]))
-    else:
-        y, y_dot = torch.func.jvp(lambda p: restoring_functional_call(leaf, p, x), (primals,), (dict(own),))
+    try:
+        if has_input_tangent:
+            y, y_dot = torch.func.jvp(lambda p, inp: restoring_functional_call(leaf, p, inp),
+                                      (primals, x), (dict(own), xs[1]))
+        else:
+            y, y_dot = torch.func.jvp(lambda p: restoring_functional_call(leaf, p, x), (primals,), (dict(own),))
+    except NotImplementedError as error:
+        raise _WalkRefused(f"layer {type(leaf).__name__} has an op without forward-mode AD "
+                           f"({_first_line(error)})") from None
     return torch.stack([y, y_dot]) if isinstance(y, torch.Tensor) else y
 
 
@@ -429,7 +489,8 @@ def ntk_vp(
     x2_ = x if x2 is None else x2
     if not isinstance(v, torch.Tensor) or not v.is_floating_point():
         raise ValueError(f"v must be a floating-point tensor, got {type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}")
-    with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype):
+    with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype), \
+            _attention_with_forward_mode():
         return _ntk_vp(adapter, x, v, x2, x2_, output, dtype, batch_size, memory_budget)
 
 
@@ -483,7 +544,7 @@ def _pushforward(adapter: ModelAdapter, x: torch.Tensor, u: Dict[str, torch.Tens
             if structured:
                 try:
                     _, y_dot = _structured_jvp(adapter.module, adapter.params, u, x[part])
-                except _NotATensor:
+                except _WalkRefused:
                     structured = False
             if not structured:
                 _, y_dot = _generic_jvp(adapter, u, x[part])

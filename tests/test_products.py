@@ -534,3 +534,80 @@ def test_a_model_without_outputs_has_no_kernel_but_has_products():
             call()
     tangent = {n: torch.ones_like(p) for n, p in model.named_parameters()}
     assert lazykernel.jvp(model, x, tangent)[1].shape == (5, 0)
+
+
+class _Warp(nn.Module):
+    """A sampling grid predicted from the input: F.grid_sample has no forward-mode AD,
+    but its backward is differentiable."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(12)
+        self.loc = nn.Linear(16, 6)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        grid = nn.functional.affine_grid(self.loc(x.flatten(1)).view(-1, 2, 3), list(x.shape), align_corners=False)
+        return self.head(nn.functional.grid_sample(x, grid, align_corners=False).flatten(1))
+
+
+def test_products_of_a_model_without_forward_mode_come_from_reverse_mode_twice():
+    model = _Warp().double()
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    jac, names = _reference_jacobian(model, x)
+    tangent = _random_like_params(model, names, torch.float64)
+    y, got = lazykernel.jvp(model, x, tangent, batch_size=3)
+    torch.testing.assert_close(y, model(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, torch.einsum("nop,p->no", jac, _flat(tangent, names)), rtol=1e-10, atol=1e-12)
+    v = torch.randn(5, 2, dtype=torch.float64)
+    torch.testing.assert_close(lazykernel.ntk_vp(model, x, v, output="full"),
+                               torch.einsum("iap,jbp,jb->ia", jac, jac, v), rtol=1e-10, atol=1e-10)
+    # differentiable in the tangent: one gradient step of the linearized model
+    lin = lazykernel.linearize(model)
+    loss = (lin(x) ** 2).sum()
+    loss.backward()
+    grads = _flat({n: lin.theta()[n].grad for n in names}, names)
+    torch.testing.assert_close(grads, 2 * torch.einsum("nop,no->p", jac, model(x).detach()), rtol=1e-10, atol=1e-12)
+
+
+class _Distances(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(13)
+        self.centres = nn.Parameter(torch.randn(5, 3))
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.cdist(x, self.centres))
+
+
+def test_products_name_what_a_model_without_forward_mode_or_double_backward_lacks():
+    model = _Distances()
+    x = torch.randn(4, 3)
+    tangent = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    for call in (lambda: lazykernel.jvp(model, x, tangent), lambda: lazykernel.ntk_vp(model, x, torch.ones(4)),
+                 lambda: lazykernel.linearize(model)(x)):
+        with pytest.raises(ValueError, match="neither for one of its ops.*lazykernel.ntk and vjp need reverse mode"):
+            call()
+
+
+def test_products_of_a_functional_transformer():
+    # a torch.func-style model calls the fused attention kernel, which has no forward mode
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(4, 8), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+                          nn.Flatten(), nn.Linear(8 * 3, 2)).eval()
+    x = torch.randn(5, 3, 4)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def fn(p, inputs):
+        return torch.func.functional_call(model, p, (inputs,))
+
+    jac, names = _reference_jacobian(model, x)
+    tangent = _random_like_params(model, names, torch.float32)
+    _, got = lazykernel.jvp(fn, x, tangent, params=params)
+    expected = torch.einsum("nop,p->no", jac, _flat(tangent, names))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    v = torch.randn(5, dtype=torch.float64)
+    expected = torch.einsum("iop,jop,j->i", jac, jac, v)
+    torch.testing.assert_close(lazykernel.ntk_vp(fn, x, v.float(), params=params).double(), expected,
+                               rtol=1e-4, atol=1e-4 * expected.abs().max().item())
