@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import threading
 import weakref
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
@@ -191,11 +192,34 @@ def check_eval_mode(module: nn.Module) -> None:
                 f"module {label!r} (MultiheadAttention, dropout={sub.dropout}) drops attention "
                 "weights at random in training mode, which makes its NTK undefined. Call model.eval() first."
             )
+        if isinstance(sub, nn.RNNBase) and sub.training and sub.dropout > 0 and sub.num_layers > 1:
+            raise ValueError(
+                f"module {label!r} ({type(sub).__name__}, dropout={sub.dropout}) drops activations "
+                "between its layers at random in training mode, which makes its NTK undefined. "
+                "Call model.eval() first."
+            )
         if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
             raise ValueError(
                 f"module {label!r} ({type(sub).__name__}, p={sub.p}) is active in training "
                 "mode, which makes the model random and its NTK undefined. Call model.eval() first."
             )
+
+
+@contextlib.contextmanager
+def explained_autograd_errors() -> Iterator[None]:
+    """Autograd's refusal to differentiate a tensor in ``params`` (a functional
+    model's BatchNorm statistics) as a ValueError that says which tensors belong there."""
+    try:
+        yield
+    except RuntimeError as error:
+        if re.search(r"is not differentiable (with respect to|wrt)", str(error)) is None:
+            raise
+        raise ValueError(
+            f"the parameters hold a tensor the model cannot be differentiated in "
+            f"({str(error).splitlines()[0]}). "
+            "Every floating-point tensor in params counts as a trainable parameter: keep buffers such "
+            "as BatchNorm's running statistics out of params (inside fn, or as a constant it closes over)"
+        ) from error
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:

@@ -16,8 +16,8 @@ from lazykernel import _memory
 from lazykernel._chain import exact_by_construction
 from lazykernel._jacobian import ntk_block_by_ntvp, per_example_jacobian
 from lazykernel._precision import check_precision, gemm_gram_accumulate, matmul_precision, uses_tf32
-from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter,
-                               model_tensors, one_call_per_model)
+from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite,
+                               explained_autograd_errors, make_adapter, model_tensors, one_call_per_model)
 from lazykernel._structured import StructuredPlan, jacobians_agree, ntvp_agrees
 from lazykernel.rules import RuleDoesNotApply, explicit_attention
 from lazykernel.ops import OUTPUTS, gram_hadamard_accumulate, token_gram_accumulate
@@ -98,17 +98,28 @@ def ntk(
             parameters, training-mode BatchNorm/Dropout, NaN or Inf, or a
             ``memory_budget`` too small for one example.
     """
+    with explained_autograd_errors():
+        return _ntk(model, x1, x2, output, method, params, batch_size, memory_budget, progress, precision)
+
+
+def _ntk(model, x1, x2, output, method, params, batch_size, memory_budget, progress, precision) -> torch.Tensor:
+    # warnings point at the caller's line: past this function, ntk and the lock's wrapper
     setup = _setup(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
     try:
-        return _compute(setup, x1, batch_size, progress)
+        kernel = _compute(setup, x1, batch_size, progress)
     except RuleDoesNotApply as error:
         # A layer saw the batch otherwise than the examples its rule was checked
         # on (a model that routes examples): the rules do not describe it.
         warnings.warn(f"{error}; on these examples the model does not use that layer as on the "
                       "examples its rule was checked on (does it route examples?), so the kernel "
-                      "is computed with method='jacobian'", stacklevel=3)
+                      "is computed with method='jacobian'", stacklevel=4)
         setup = _setup(model, x1, x2, output, "jacobian", params, batch_size, memory_budget, precision)
-        return _compute(setup, x1, batch_size, progress)
+        kernel = _compute(setup, x1, batch_size, progress)
+    if kernel.is_floating_point() and not bool(torch.isfinite(kernel).all()):
+        warnings.warn(f"the kernel holds NaN or Inf values although the inputs and parameters are finite: "
+                      f"the model's outputs or their derivatives overflow in {setup.dtype} on some examples "
+                      "(try float64, or smaller weights or inputs)", stacklevel=4)
+    return kernel
 
 
 def _compute(setup: "_Call", x1: torch.Tensor, batch_size: Optional[int], progress: bool) -> torch.Tensor:
@@ -258,6 +269,8 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: boo
     sample = copy[:]
     k = sample.shape[0]
     version = _version_of(sample)
+    hint = (f"; {name} must be [N, *in], examples along its first axis: one example of shape "
+            f"{tuple(x.shape)} is {name}.unsqueeze(0)") if x.dim() == 1 else ""
     seen = [int(sample.numel())]
     peaks: list = []
     handles = []
@@ -278,7 +291,7 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: boo
     except Exception as error:
         raise ValueError(
             f"the model could not be applied to {name} of shape {tuple(x.shape)} "
-            f"(tried its first {k} example(s)): {type(error).__name__}: {error}"
+            f"(tried its first {k} example(s)): {type(error).__name__}: {error}{hint}"
         ) from error
     finally:
         for handle in handles:
@@ -295,7 +308,12 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: boo
     if y.dim() == 0 or y.shape[0] != k:
         raise ValueError(
             f"the model's output must have the batch dimension first: for {k} example(s) of {name} "
-            f"it returned shape {tuple(y.shape)}"
+            f"it returned shape {tuple(y.shape)}{hint}"
+        )
+    if not (y.is_floating_point() or y.is_complex()):
+        raise ValueError(
+            f"the model returns {y.dtype} outputs (on the first examples of {name}), which have no derivative "
+            "in the parameters; return the floating-point values before any argmax, rounding or cast"
         )
     if needs_outputs and y[0].numel() == 0:
         raise ValueError(

@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from lazykernel import _memory
-from lazykernel._model import ParamSelection, one_call_per_model
+from lazykernel._model import ParamSelection, explained_autograd_errors, one_call_per_model
 from lazykernel._structured import is_deferred, term_cost
 from lazykernel.rules import explicit_attention
 from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _StructuredEngine, _setup,
@@ -138,7 +138,8 @@ def plan(
     ``2·(N1+N2)·T·O·D·K + 2·N1·N2·m·D·K``, sparse embedding rows
     ``2·N1·N2·matches·m·D``; see ``lazykernel._structured.term_cost``.
     """
-    call = _setup(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
+    with explained_autograd_errors():
+        call = _setup(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
     result_bytes = float(math.prod(call.shape) * call.elt)
     report = NTKPlan(method="structured" if method == "auto" else method, output=call.mode,
                      shape=call.shape, chunks=(0, 0), result_bytes=result_bytes)

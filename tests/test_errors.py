@@ -362,3 +362,72 @@ def test_a_model_that_detaches_its_input_in_place_is_refused_by_the_probe():
 
     with pytest.raises(ValueError, match="could not be applied to x1.*detach"):
         lazykernel.ntk(Detaching(), torch.randn(5, 3))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_recurrent_dropout_in_training_mode_raises_eval(method):
+    torch.manual_seed(15)
+    gru = nn.GRU(3, 4, num_layers=2, dropout=0.5, batch_first=True)
+
+    class LastState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = gru
+
+        def forward(self, x):
+            return self.gru(x)[0][:, -1]
+
+    model = LastState().train()
+    with pytest.raises(ValueError, match=r"'gru' \(GRU, dropout=0.5\).*eval\(\)"):
+        lazykernel.ntk(model, torch.randn(4, 5, 3), method=method)
+    # one layer: the dropout argument does nothing
+    single = nn.GRU(3, 4, batch_first=True).train()
+    assert lazykernel.ntk(lambda p, x: torch.func.functional_call(single, p, (x,))[0][:, -1], torch.randn(4, 5, 3),
+                          params=dict(single.named_parameters()), method=method).shape == (4, 4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_model_with_integer_outputs_is_refused_by_name(method):
+    class Argmax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.lin(x).argmax(1)
+
+    with pytest.raises(ValueError, match="returns torch.int64 outputs.*before any argmax"):
+        lazykernel.ntk(Argmax(), torch.randn(5, 8), method=method)
+
+
+def test_one_example_without_its_batch_axis_gets_a_hint():
+    with pytest.raises(ValueError, match=r"x1 must be \[N, \*in\].*x1.unsqueeze\(0\)"):
+        lazykernel.ntk(_mlp(), torch.randn(5))  # read as five examples of no features
+    with pytest.raises(ValueError, match=r"x1 must be \[N, \*in\].*x1.unsqueeze\(0\)"):
+        lazykernel.ntk(nn.Linear(8, 2), torch.randn(8))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_buffers_in_a_functional_models_params_are_named_as_the_problem(method):
+    torch.manual_seed(16)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    params = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+
+    def fn(p, x):
+        return torch.func.functional_call(net, p, (x,))
+
+    with pytest.raises(ValueError, match="running_mean.*keep buffers such as BatchNorm's running statistics out"):
+        lazykernel.ntk(fn, torch.randn(4, 3), params=params, method=method)
+    with pytest.raises(ValueError, match="keep buffers"):
+        lazykernel.plan(fn, torch.randn(4, 3), params=params, method=method)
+
+
+def test_a_kernel_that_overflows_warns():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(1e20)
+        model[1].weight.fill_(1e20)
+    with pytest.warns(UserWarning, match="NaN or Inf values although the inputs and parameters are finite") as caught:
+        kernel = lazykernel.ntk(model, torch.ones(2, 3))
+    assert not bool(torch.isfinite(kernel).all())
+    assert caught[0].filename == __file__

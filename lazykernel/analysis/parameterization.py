@@ -200,7 +200,7 @@ def reparameterize(model: nn.Sequential, parameterization: str, *, sigma_w: floa
 
     Each ``nn.Linear``/``nn.Conv2d`` of a standard ``nn.Sequential`` becomes
     [Scale, layer, Scale] with its weight divided by the multiplier ``σ_w c`` and its bias by
-    ``σ_b`` (or ``σ_b / n`` for a μP output layer), so the new model computes exactly
+    ``σ_b`` (or ``σ_b / √n`` for a μP output layer), so the new model computes exactly
     the same outputs; what changes is the NTK and, with :func:`learning_rate`, the training
     dynamics. The first layer is the input layer, the last one the output layer, and the
     width n is the fan-out of the first layer.
