@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from lazykernel import _memory
 from lazykernel._chain import exact_by_construction
@@ -274,19 +275,25 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: boo
     seen = [int(sample.numel())]
     peaks: list = []
     handles = []
+
+    def count(out):
+        if isinstance(out, torch.Tensor):
+            seen.append(out.numel())
+            if out.is_floating_point() and out.numel():
+                peaks.append(float(out.detach().abs().max()))
+
     if adapter.module is not None:
-        def count(module, args, out):
-            if isinstance(out, torch.Tensor):
-                seen.append(out.numel())
-                if out.is_floating_point() and out.numel():
-                    peaks.append(float(out.detach().abs().max()))
-        handles = [m.register_forward_hook(count) for m in adapter.module.modules()
-                   if not list(m.children())]
+        handles = [m.register_forward_hook(lambda module, args, out: count(out))
+                   for m in adapter.module.modules() if not list(m.children())]
+        counting = contextlib.nullcontext()
+    else:
+        # a functional model has no layers to hook: count what its operations allocate
+        counting = _CountAllocations(count)
     # TF32 off, so that the examples run alone round as they do together (`_check_independent`)
     dtype = next(iter(adapter.params.values())).dtype
     precise = matmul_precision("highest", sample.device, dtype)
     try:
-        with torch.no_grad(), precise:
+        with torch.no_grad(), precise, counting:
             y = adapter.forward(sample)
     except Exception as error:
         raise ValueError(
@@ -323,6 +330,23 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: boo
     if not exact_by_construction(adapter.module, sample):
         _check_independent(adapter, sample, y, name, dtype, max(peaks, default=0.0))
     return max(1, y[0].numel()), sum(seen) // k
+
+
+class _CountAllocations(TorchFunctionMode):
+    """Hands each new tensor a torch function returns to ``count``: not views of
+    other tensors, nor in-place results (the tensor passed in), which take no memory."""
+
+    def __init__(self, count):
+        super().__init__()
+        self.count = count
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {id(a) for a in args if isinstance(a, torch.Tensor)}
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t._base is None and id(t) not in given:
+                self.count(t)
+        return out
 
 
 # Batch and single-example outputs further apart than this share of the largest

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 import lazykernel
+from lazykernel import products
+from lazykernel._model import make_adapter
 
 
 def _mlp():
@@ -63,6 +65,24 @@ def test_chunks_shrink_under_a_small_budget_and_operands_are_recomputed():
     assert tight.chunks[0] < 64
     assert tight.operand_flops > roomy.operand_flops
     assert tight.peak_bytes - tight.result_bytes <= 20_000
+
+
+def test_a_functional_models_activations_count_as_a_modules_do():
+    # without layers to hook, the chunks were planned from the size of x alone
+    torch.manual_seed(17)
+    net = nn.Sequential(nn.Linear(4, 2048), nn.Tanh(), nn.Linear(2048, 1))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def fn(p, x):
+        return torch.tanh(x @ p["0.weight"].T + p["0.bias"]) @ p["2.weight"].T + p["2.bias"]
+
+    x = torch.randn(256, 4)
+    budget = 4 * 3 * sum(p.numel() for p in params.values()) + 64 * 4 * 2048 * 4
+    module = products._chunk_size(make_adapter(net, None), x, None, budget, vectors=1)
+    functional = products._chunk_size(make_adapter(fn, params), x, None, budget, vectors=1)
+    assert module < 256 and module / 2 <= functional <= module
+    for method in ("jacobian", "ntvp", "structured"):
+        assert lazykernel.plan(fn, x, params=params, method=method, memory_budget=4e6).chunks[0] < 256
 
 
 @pytest.mark.parametrize("method", ["jacobian", "ntvp"])
