@@ -416,7 +416,15 @@ def _vjp(adapter: ModelAdapter, x: torch.Tensor, cotangent: torch.Tensor, batch_
                              f"[{x.shape[0]}, *{tuple(y.shape[1:])}], got {tuple(cotangent.shape)}")
         (grads,) = pullback(cotangent[part].to(y.dtype))
         total = _accumulate(total, grads)
-    return total if total is not None else {name: torch.zeros_like(p) for name, p in primals.items()}
+    if total is None:
+        # no examples: the cotangent must still be shaped like the model's outputs
+        with torch.no_grad():
+            y = adapter.call(primals, x.new_zeros((1,) + tuple(x.shape[1:])))
+        if tuple(cotangent.shape) != (0,) + tuple(y.shape[1:]):
+            raise ValueError(f"cotangent must be shaped like the model's output "
+                             f"[0, *{tuple(y.shape[1:])}], got {tuple(cotangent.shape)}")
+        return {name: torch.zeros_like(p) for name, p in primals.items()}
+    return total
 
 
 def _accumulate(total: Optional[Dict[str, torch.Tensor]], grads: Dict[str, torch.Tensor]

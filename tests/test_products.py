@@ -209,6 +209,10 @@ def test_vjp_rejects_a_misshapen_cotangent():
         lazykernel.vjp(model, torch.randn(3, 5), torch.randn(3, 4))
     with pytest.raises(ValueError, match="cotangent must be a tensor"):
         lazykernel.vjp(model, torch.randn(3, 5), [1.0])
+    with pytest.raises(ValueError, match=r"cotangent must be shaped like the model's output \[0, \*\(3,\)\]"):
+        lazykernel.vjp(model, torch.randn(0, 5), torch.randn(0, 4))
+    grads = lazykernel.vjp(model, torch.randn(0, 5), torch.randn(0, 3))
+    assert all(torch.equal(grads[n], torch.zeros_like(p)) for n, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("case", ["mlp_relu", "mlp_scalar_output", "nested_conv"])
