@@ -283,6 +283,8 @@ def linear_jvp(
                          f"{tuple(weight.shape)}), got {tuple(x.shape)}")
     if x_dot is not None and x_dot.shape != x.shape:
         raise ValueError(f"x_dot must have the shape of x {tuple(x.shape)}, got {tuple(x_dot.shape)}")
+    if x_dot is not None and x_dot.dtype != x.dtype:
+        raise ValueError(f"x_dot must have the dtype of x ({x.dtype}), got {x_dot.dtype}")
     batch = x.shape[:-1]
     rows = x.reshape(1, -1, x.shape[-1])
     xs = rows if x_dot is None else torch.cat([rows, x_dot.reshape(1, -1, x.shape[-1])])
@@ -297,3 +299,30 @@ if _extension._LOADED:
         torch._check(xs.dim() == 3, lambda: "xs must be [S, M, K]")
         torch._check(weight.dim() == 2, lambda: "weight must be [D, K]")
         return xs.new_empty((2, xs.shape[1], weight.shape[0]))
+
+    def _linear_jvp_setup(ctx, inputs, output):
+        xs, weight, weight_dot, bias, bias_dot = inputs
+        ctx.save_for_backward(xs, weight, weight_dot)
+        ctx.has_bias, ctx.has_bias_dot = bias is not None, bias_dot is not None
+
+    def _linear_jvp_backward(ctx, grad):
+        # y = x Wᵀ + b and ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ, differentiated in each argument
+        xs, weight, weight_dot = ctx.saved_tensors
+        gy, gyd = grad[0], grad[1]
+        x = xs[0]
+        dx = gy @ weight
+        if weight_dot is not None:
+            dx = dx + gyd @ weight_dot
+        dweight = gy.T @ x
+        if xs.shape[0] == 2:
+            dxs = torch.stack([dx, gyd @ weight])
+            dweight = dweight + gyd.T @ xs[1]
+        else:
+            dxs = dx.unsqueeze(0)
+        dweight_dot = gyd.T @ x if weight_dot is not None else None
+        dbias = gy.sum(0) if ctx.has_bias else None
+        dbias_dot = gyd.sum(0) if ctx.has_bias_dot else None
+        return dxs, dweight, dweight_dot, dbias, dbias_dot
+
+    torch.library.register_autograd("lazykernel::linear_jvp", _linear_jvp_backward,
+                                    setup_context=_linear_jvp_setup)

@@ -134,6 +134,27 @@ def test_wrapper_rejects_mismatched_shapes():
         linear_jvp(torch.zeros(2, 3), None, torch.zeros(5, 4))
     with pytest.raises(ValueError, match="x_dot must have the shape of x"):
         linear_jvp(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(5, 4))
+    with pytest.raises(ValueError, match=r"x_dot must have the dtype of x \(torch.float32\)"):
+        linear_jvp(torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.float64), torch.zeros(5, 4))
+
+
+@compiled_cpu
+@pytest.mark.parametrize("present", PRESENT)
+@pytest.mark.parametrize("stacked", [1, 2])
+def test_op_has_its_own_derivative(present, stacked):
+    # an autograd formula registered for the op (opcheck's test_autograd_registration),
+    # checked against finite differences in float64
+    gen = torch.Generator().manual_seed(9)
+    ops = [t if t is None else t.requires_grad_(True)
+           for t in _operands(stacked, 4, 3, 5, torch.float64, present, gen)]
+    torch.library.opcheck(torch.ops.lazykernel.linear_jvp.default, tuple(ops))
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.lazykernel.linear_jvp(*a), tuple(ops))
+    out = torch.ops.lazykernel.linear_jvp(*ops)
+    weights = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    got = torch.autograd.grad((out * weights).sum(), [t for t in ops if t is not None])
+    expected = torch.autograd.grad((linear_jvp_reference(*ops) * weights).sum(), [t for t in ops if t is not None])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **TOL[torch.float64])
 
 
 def test_stacked_wrapper_falls_back_to_the_reference_for_other_dtypes():
