@@ -334,6 +334,51 @@ def test_monitor_refuses_bad_arguments():
         analysis.RegimeMonitor(model, x, torch.zeros(3))
     with pytest.raises(RuntimeError, match="no record"):
         analysis.RegimeMonitor(model, x).verdict()
+    with pytest.raises(ValueError, match=r"unknown parameter name\(s\) \['weigth'\]"):
+        analysis.RegimeMonitor(model, x, params="weigth")
+    # one class only: found at construction, not at the first record of the training loop
+    with pytest.raises(ValueError, match="probe_y cannot give a kernel alignment.*targets equal"):
+        analysis.RegimeMonitor(model, x, torch.ones(4))
+
+
+def test_monitor_restores_the_mode_of_every_module():
+    # a BatchNorm frozen in eval mode inside a training network must stay frozen
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1)).double().train()
+    model[1].eval()
+    modes = [m.training for m in model.modules()]
+    x = torch.randn(6, 3, dtype=torch.float64)
+    monitor = analysis.RegimeMonitor(model, x, every=1)
+    assert [m.training for m in model.modules()] == modes
+    _train(model, x, torch.zeros(6, 1, dtype=torch.float64), 0.1, 2, monitor)
+    assert [m.training for m in model.modules()] == modes and len(monitor.table()) == 2
+    frozen = model[1].running_mean.clone()
+    model(x)
+    assert torch.equal(model[1].running_mean, frozen)
+
+
+def test_monitor_linearizes_the_function_at_theta0_with_its_buffers():
+    # BatchNorm's running statistics move during training: f_lin must be the
+    # linearization of f(·; θ0) with the statistics of θ0, so that f_lin(θ0) = f0
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double().train()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    held = torch.randn(4, 3, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        f0 = model(held)
+    model.train()
+    monitor = analysis.RegimeMonitor(model, x, every=1, heldout_x=held)
+    _train(model, x + 3.0, torch.zeros(10, 1, dtype=torch.float64), 0.0, 1, monitor)  # stats move, θ does not
+    model.eval()
+    with torch.no_grad():
+        f1 = model(held)
+    assert not torch.allclose(f1, f0)
+    last = monitor.table()[-1]
+    assert last["parameter_movement"] == 0.0
+    # f_lin = f0 when θ = θ0: the whole change comes from the statistics
+    assert last["linearization_gap"] == pytest.approx(metrics.linearization_gap(f1, f0, f0), rel=1e-12)
+    assert last["linearization_gap"] == pytest.approx(1.0)
 
 
 # -- parameterizations ---------------------------------------------------------------
@@ -348,6 +393,45 @@ def test_ntk_parameterization_is_the_standard_network_with_rescaled_weights():
         if i < 2:
             h = torch.relu(h)
     assert torch.allclose(model(x), h, atol=1e-12)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.relu(self.inner(x))
+
+
+def _tied():
+    shared = nn.Linear(16, 16)
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(16, 2))
+
+
+def _weights_shared():
+    first, second = nn.Linear(16, 16), nn.Linear(16, 16)
+    second.weight = first.weight
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), first, nn.ReLU(), second, nn.ReLU(), nn.Linear(16, 2))
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: nn.Sequential(nn.Linear(5, 16), _Block(), nn.Linear(16, 2)), r"module '1.inner' \(Linear\) also has"),
+    (lambda: nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(6, 2)), r"module '0' \(Conv1d\)"),
+    (lambda: nn.Sequential(nn.Linear(5, 16), nn.LayerNorm(16), nn.Linear(16, 2)), r"'1' \(LayerNorm\)"),
+    (_tied, "listed more than once"),
+    (_weights_shared, "share a parameter"),
+    (lambda: nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(5, 16)), nn.ReLU(),
+                           nn.Linear(16, 2)), r"\(ParametrizationList\) also has parameters"),
+    (lambda: nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(5, 16)), nn.ReLU(), nn.Linear(16, 2)),
+     "computes its weight"),
+])
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm is deprecated")
+@pytest.mark.parametrize("parameterization", ["ntk", "mup"])
+def test_reparameterize_refuses_what_it_would_rewrite_wrongly(build, message, parameterization):
+    # each of these came out with the wrong multipliers (or a changed function) and no error
+    with pytest.raises(ValueError, match=message):
+        analysis.reparameterize(build(), parameterization)
 
 
 @pytest.mark.parametrize("parameterization", ["ntk", "mup", "standard"])
@@ -455,6 +539,38 @@ def test_fit_power_law_exact():
     assert stderr == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="at least 3"):
         analysis.fit_power_law([1, 2], [1, 2])
+    with pytest.raises(ValueError, match="two distinct x values"):
+        analysis.fit_power_law([64, 64, 64], [1, 2, 3])
+    with pytest.raises(ValueError, match="positive, finite"):
+        analysis.fit_power_law([1, 2, 3], [1, math.inf, 2])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(probe_size=-5), "probe_size must be an integer ≥ 2"),
+    (dict(every=0), "every must be an integer ≥ 1"),
+    (dict(base_lrs=()), "at least one value"),
+    (dict(train_y="float"), r"train_y must be \[N\] integer class labels, got \(12,\) torch.float32"),
+    (dict(train_y="short"), "train_y has 6 labels for 12 inputs"),
+    (dict(train_y="negative"), "class indices ≥ 0"),
+])
+def test_width_sweep_refuses_bad_arguments_by_name(change, message):
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 4, generator=gen), torch.randint(0, 3, (20,), generator=gen)
+    labels = {"float": y[:12].float(), "short": y[:6], "negative": torch.where(y[:12] == 0, -1, y[:12])}
+    kwargs = dict(widths=(8, 16, 32), steps=2, kernel_regression=False)
+    kwargs.update({k: v for k, v in change.items() if k != "train_y"})
+    train_y = labels[change["train_y"]] if "train_y" in change else y[:12]
+    with pytest.raises(ValueError, match=message):
+        analysis.width_sweep(x[:12], train_y, x[12:], y[12:], **kwargs)
+
+
+def test_width_sweep_takes_labels_of_any_integer_dtype():
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(20, 4, generator=gen), torch.randint(0, 3, (20,), generator=gen)
+    kwargs = dict(widths=(8, 16, 32), steps=2, probe_size=4, kernel_regression=False)
+    wide = analysis.width_sweep(x[:12], y[:12], x[12:], y[12:], **kwargs)
+    narrow = analysis.width_sweep(x[:12], y[:12].int(), x[12:], y[12:].to(torch.uint8), **kwargs)
+    assert [r["train_loss"] for r in narrow.rows] == [r["train_loss"] for r in wide.rows]
 
 
 def test_width_sweep_rows_and_fits():

@@ -55,7 +55,10 @@ class RegimeMonitor:
     * ``parameter_movement`` ``‖θ − θ0‖/‖θ0‖`` and ``parameter_movement/<name>`` per tensor;
     * ``linearization_gap`` on the held-out inputs, with ``f_lin`` from one
       ``torch.func.jvp`` at θ0 along ``θ − θ0`` of the selected parameters (the
-      others stay at θ0 in ``f_lin``, so their movement counts in the gap);
+      others stay at θ0 in ``f_lin``, so their movement counts in the gap, and so
+      do the buffers: ``f_lin`` uses the running statistics of θ0's BatchNorm, so
+      the change of the network's own statistics during training is part of what
+      the linearization does not explain);
     * ``cka/<layer>``: linear CKA of each chosen representation to its value at θ0;
     * any extra scalars passed to :meth:`step` (e.g. the loss).
 
@@ -118,7 +121,15 @@ class RegimeMonitor:
             # the parameters not selected, at θ0 too: f_lin moves only the selected ones
             self._others0 = {n: p.detach().clone() for n, p in model.named_parameters()
                              if n not in self.theta0}
+            # buffers (BatchNorm's running statistics) are part of the function at θ0
+            self._buffers0 = {n: b.detach().clone() for n, b in model.named_buffers()}
             self.k0 = empirical_ntk(model, probe_x, output=ntk_output, params=params)
+            if probe_y is not None and self.k0.dim() == 2:
+                try:
+                    metrics.centered_kernel_alignment(self.k0, probe_y)
+                except ValueError as error:
+                    raise ValueError(f"probe_y cannot give a kernel alignment ({error}): are all its "
+                                     "targets equal? Use probe inputs of several classes") from error
             self.f0 = self._outputs(self.heldout_x)
             self.representations0 = self._representations()
 
@@ -131,6 +142,10 @@ class RegimeMonitor:
             chosen = [(n, p) for n, p in named if self._params(n, p)]
         else:
             wanted = {self._params} if isinstance(self._params, str) else set(self._params)
+            unknown = sorted(wanted - {n for n, _ in self.model.named_parameters()})
+            if unknown:
+                raise ValueError(f"unknown parameter name(s) {unknown}; the model's are "
+                                 f"{[n for n, _ in self.model.named_parameters()][:20]}")
             chosen = [(n, p) for n, p in named if n in wanted]
         if not chosen:
             raise ValueError("no trainable parameters selected")
@@ -145,11 +160,14 @@ class RegimeMonitor:
             self.model = model
 
         def __enter__(self):
-            self.was_training = self.model.training
+            # each module's own flag: a BatchNorm frozen in eval mode while the rest
+            # trains must stay frozen afterwards
+            self.modes = [(module, module.training) for module in self.model.modules()]
             self.model.eval()
 
         def __exit__(self, *exc):
-            self.model.train(self.was_training)
+            for module, training in self.modes:
+                module.training = training
 
     def _evaluating(self):
         # ntk() refuses training-mode BatchNorm/Dropout, and measurements should not see them.
@@ -178,7 +196,8 @@ class RegimeMonitor:
         tangent = {n: (current[n].detach() - self.theta0[n]) for n in self._names}
 
         def f(values):
-            return restoring_functional_call(self.model, {**self._others0, **values}, self.heldout_x)
+            return restoring_functional_call(self.model, {**self._buffers0, **self._others0, **values},
+                                             self.heldout_x)
 
         with torch.no_grad():
             f0, df = jvp(f, (self.theta0,), (tangent,))

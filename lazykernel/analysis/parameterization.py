@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.func import functional_call
 
 __all__ = ["PARAMETERIZATIONS", "Scale", "mlp", "cnn", "reparameterize", "learning_rate", "AlphaScaled"]
@@ -215,12 +216,13 @@ def reparameterize(model: nn.Sequential, parameterization: str, *, sigma_w: floa
         raise ValueError(f"model must be an nn.Sequential, got {type(model).__name__}")
     if sigma_w <= 0 or sigma_b <= 0:
         raise ValueError(f"reparameterize needs sigma_w > 0 and sigma_b > 0, got {sigma_w} and {sigma_b}")
-    model = copy.deepcopy(model)
     if parameterization == "standard":
-        return model
+        return copy.deepcopy(model)
     positions = [i for i, m in enumerate(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
     if not positions:
         raise ValueError("model has no nn.Linear or nn.Conv2d layer to reparameterize")
+    _check_reparameterizable(model, positions)
+    model = copy.deepcopy(model)
     first = model[positions[0]]
     width = first.out_features if isinstance(first, nn.Linear) else first.out_channels
     layers = list(model)
@@ -238,6 +240,35 @@ def reparameterize(model: nn.Sequential, parameterization: str, *, sigma_w: floa
         else:
             layers[i] = nn.Sequential(Scale(c / outer), layer, Scale(outer))
     return nn.Sequential(*layers)
+
+
+def _check_reparameterizable(model: nn.Sequential, positions: List[int]) -> None:
+    """Refuse what the layer-by-layer rewrite would get wrong without a sign: parameters
+    outside the top-level Linear/Conv2d layers (nested blocks, Conv1d, norms, embeddings,
+    which would keep their scale and shift which layer counts as input and output), a
+    layer listed twice (its weight would be divided twice), and computed weights."""
+    counted = {id(model[i]) for i in positions}
+    listed = [id(m) for m in model]
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)) and id(module) not in counted:
+            raise ValueError(
+                f"reparameterize rewrites the nn.Linear/nn.Conv2d layers listed directly in the "
+                f"nn.Sequential, but module {name!r} ({type(module).__name__}) also has parameters; "
+                "flatten nested blocks into one nn.Sequential, or build the model with "
+                "lazykernel.analysis.mlp / cnn")
+    owners: Dict[int, int] = {}
+    for i in positions:
+        layer = model[i]
+        for p in layer.parameters(recurse=False):
+            if owners.setdefault(id(p), i) != i:
+                raise ValueError(f"layers {owners[id(p)]} and {i} share a parameter: the rewrite would "
+                                 "scale it once per layer")
+        if listed.count(id(layer)) > 1:
+            raise ValueError(f"layer {i} ({type(layer).__name__}) is listed more than once: its weight "
+                             "is shared, and the rewrite would scale it once per use")
+        if parametrize.is_parametrized(layer) or layer._forward_pre_hooks:
+            raise ValueError(f"layer {i} ({type(layer).__name__}) computes its weight (a parametrization "
+                             "or a pre-hook such as weight_norm); reparameterize needs plain weights")
 
 
 def learning_rate(parameterization: str, base_lr: float, width: int) -> float:

@@ -29,8 +29,10 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> Tuple[float, float]
     """
     if len(x) != len(y) or len(x) < 3:
         raise ValueError(f"need at least 3 (x, y) pairs of equal length, got {len(x)} and {len(y)}")
-    if any(not v > 0 for v in list(x) + list(y)):
-        raise ValueError("fit_power_law needs positive x and y")
+    if any(not (v > 0 and math.isfinite(v)) for v in list(x) + list(y)):
+        raise ValueError("fit_power_law needs positive, finite x and y")
+    if len(set(float(v) for v in x)) < 2:
+        raise ValueError(f"fit_power_law needs at least two distinct x values, got {list(x)}")
     lx = torch.tensor([math.log(v) for v in x], dtype=torch.float64)
     ly = torch.tensor([math.log(v) for v in y], dtype=torch.float64)
     dx = lx - lx.mean()
@@ -104,8 +106,23 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
         raise ValueError("widths must not be empty")
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
-    if train_y.dim() != 1 or test_y.dim() != 1:
-        raise ValueError("train_y and test_y must be [N] integer class labels")
+    for name, labels, inputs in (("train_y", train_y, train_x), ("test_y", test_y, test_x)):
+        if not torch.is_tensor(labels) or labels.dim() != 1 or labels.is_floating_point() \
+                or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"{name} must be [N] integer class labels, got "
+                             f"{tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__}"
+                             f"{' ' + str(labels.dtype) if torch.is_tensor(labels) else ''}")
+        if labels.shape[0] != inputs.shape[0]:
+            raise ValueError(f"{name} has {labels.shape[0]} labels for {inputs.shape[0]} inputs")
+        if labels.numel() and int(labels.min()) < 0:
+            raise ValueError(f"{name} must hold class indices ≥ 0, got {int(labels.min())}")
+    if not isinstance(probe_size, int) or isinstance(probe_size, bool) or not 2 <= probe_size:
+        raise ValueError(f"probe_size must be an integer ≥ 2, got {probe_size!r}")
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        raise ValueError(f"every must be an integer ≥ 1 (or None for steps // 10), got {every!r}")
+    if len(alphas) == 0 or len(base_lrs) == 0:
+        raise ValueError("alphas and base_lrs must each list at least one value ((None,) for no α scaling)")
+    train_y, test_y = train_y.long(), test_y.long()
     classes = int(max(train_y.max().item(), test_y.max().item())) + 1
     every = every or max(1, steps // 10)
     train_x = train_x.to(device=device, dtype=dtype)
