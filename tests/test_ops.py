@@ -65,7 +65,7 @@ def test_reference_matches_explicit_per_example_gradients(output, layers):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("output", ["trace", "diagonal", "full"])
 @pytest.mark.parametrize("layers", list(LAYER_SETS))
-@pytest.mark.parametrize("sizes", [(6, 6), (5, 3), (70, 130)])
+@pytest.mark.parametrize("sizes", [(6, 6), (5, 3), (70, 130), (1030, 9)])
 def test_cpu_kernel_matches_reference(dtype, output, layers, sizes):
     n1, n2 = sizes
     gen = torch.Generator().manual_seed(2)
@@ -81,7 +81,7 @@ def test_cpu_kernel_matches_reference(dtype, output, layers, sizes):
 @compiled_cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("output", ["trace", "diagonal", "full"])
-@pytest.mark.parametrize("n", [1, 7, 200])
+@pytest.mark.parametrize("n", [1, 7, 200, 1030])  # 1030: the larger tiles from N = 1024, a ragged last one
 def test_cpu_kernel_symmetric_fills_both_triangles(dtype, output, n):
     gen = torch.Generator().manual_seed(3)
     a1, _, g1, _ = _layers(n, n, 2, [(1, 6, 4), (2, 3, 5)], dtype, gen)

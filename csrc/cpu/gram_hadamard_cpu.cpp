@@ -46,11 +46,13 @@ TilePlan plan_tiles(const GramProblem& p, bool symmetric) {
   int64_t tile = std::max<int64_t>(p.n1, p.n2);
   for (const auto& layer : p.layers) {
     const int64_t rows = std::max<int64_t>(rows_per_sample(p, layer), 1);
-    // Measured on 2 cores (MKL, one thread per tile): the per-tile GEMMs run best
-    // with about 128 rows when their inner dimension is O*D (trace, long rows) and
-    // about 640 rows when it is D (full); smaller tiles also let a symmetric
-    // problem skip more of the lower triangle.
-    const int64_t target_rows = p.output == GramOutput::Full ? 640 : 128;
+    // Measured on 2 cores (MKL, one thread per tile): a single-threaded GEMM with
+    // long rows (trace: inner dimension O*D) reaches its peak from about 256 rows
+    // (65 % of it at 128), and about 640 rows suit the full mode (inner dimension
+    // D). Smaller tiles let a symmetric problem skip more of the lower triangle
+    // and give the threads more tiles, which wins below N = 1024: there 128 rows.
+    const bool large = std::max<int64_t>(p.n1, p.n2) >= 1024;
+    const int64_t target_rows = p.output == GramOutput::Full ? 640 : (large ? 256 : 128);
     const int64_t by_speed = std::max<int64_t>(1, target_rows / rows);
     const int64_t by_memory = std::max<int64_t>(1, static_cast<int64_t>(budget_side / rows));
     tile = std::min<int64_t>(tile, std::min(by_speed, by_memory));
