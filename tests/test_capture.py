@@ -178,7 +178,7 @@ def test_convolution_gradient_form_is_exact_with_every_capture(output, capture, 
         # patches gathered two examples at a time, the last chunk ragged (5 examples);
         # the chain's backward in chunks of three, so the gradients are built 2+1, 2
         monkeypatch.setattr(rules, "_patch_chunk", lambda nbytes, device, n: min(n, patch_chunk))
-        monkeypatch.setattr(_chain, "_chunk_examples", lambda nbytes, device, n: min(n, 3))
+        monkeypatch.setattr(_chain, "_chunk_examples", lambda nbytes, device, n, at_least=0: min(n, 3))
     per_output = capture == "per_output"
     if capture != "chain":
         _without_chain(monkeypatch)

@@ -164,16 +164,19 @@ def _verified_plan(model, x):
     return plan
 
 
-def test_the_plan_takes_the_chain_only_for_convolutions_with_several_outputs():
+def test_the_plan_takes_the_chain_only_with_several_outputs():
     torch.manual_seed(1)
     x = torch.randn(4, 1, 4, 4)
     assert _verified_plan(_cnn(nn.ReLU()), x).chain is not None
     # one output is one plain backward already
     one = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 1))
     assert _verified_plan(one, x).chain is None
-    # linear maps batch their backward in autograd as fast
-    mlp = nn.Sequential(nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 3))
-    assert _verified_plan(mlp, x.flatten(1)).chain is None
+    # a perceptron too: its cotangents come out in the layout the Gram op reads
+    mlp = nn.Sequential(nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    assert _verified_plan(mlp, x.flatten(1).double()).chain is not None
+    for output in ("trace", "full"):
+        got = lazykernel.ntk(mlp, x.flatten(1).double(), output=output)
+        assert_close_to_reference(got, reference_ntk(mlp, x.flatten(1), output=output), torch.float64)
 
 
 @pytest.mark.parametrize("pool", [nn.AvgPool2d(3, stride=2), nn.AvgPool2d(2, padding=1),

@@ -27,11 +27,13 @@ def test_plan_of_an_mlp_counts_the_structured_flops():
     pairs = 10 * 7
     assert plan.groups[0].flops == pytest.approx(2 * pairs * (7 + 3 * 8))
     assert plan.groups[1].flops == pytest.approx(2 * pairs * (9 + 3 * 3))
-    # forward: 2·(6·8 + 8·3) FLOPs per example; the operands need it and, per
-    # output, the backward product of the last layer (2·3·8; the first layer's
-    # input needs no gradient)
+    # forward: 2·(6·8 + 8·3) FLOPs per example; the operands need it and at most,
+    # per output, the backward product of the last layer (2·3·8; the first layer's
+    # input needs no gradient). The layer chain takes that product once for all
+    # examples, as the one-hot seeds are the same for every example.
     assert plan.forward_flops == pytest.approx(2 * (6 * 8 + 8 * 3))
-    assert plan.operand_flops == pytest.approx((10 + 7) * (plan.forward_flops + 3 * 2 * 3 * 8))
+    assert plan.capture == "one backward of the layer chain, batched over outputs"
+    assert (10 + 7) * plan.forward_flops < plan.operand_flops <= (10 + 7) * (plan.forward_flops + 3 * 2 * 3 * 8)
     assert plan.flops == pytest.approx(plan.operand_flops + sum(g.flops for g in plan.groups))
     assert plan.result_bytes == 10 * 7 * 4
     assert plan.peak_bytes > plan.result_bytes

@@ -259,7 +259,8 @@ def test_a_wrong_batched_backward_is_found_and_replaced_by_one_per_output(monkey
 
     monkeypatch.setattr(_structured, "_output_cotangents", wrong_when_batched)
     torch.manual_seed(10)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    # a LayerNorm: no layer chain takes the backward, autograd's batched one does
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
     x = torch.randn(5, 4, dtype=torch.float64)
     plan = _plan(model, x)
     assert plan.batched_is_wrong and plan.per_output_backward(1)
