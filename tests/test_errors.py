@@ -431,3 +431,13 @@ def test_a_kernel_that_overflows_warns():
         kernel = lazykernel.ntk(model, torch.ones(2, 3))
     assert not bool(torch.isfinite(kernel).all())
     assert caught[0].filename == __file__
+    # one example alone overflows: its own entry Θ(x, x), not its products with the others
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    x = torch.ones(4, 3)
+    x[2] = 1e25
+    for x2 in (None, x.clone()):  # the symmetric kernel's diagonal, and one sum otherwise
+        with pytest.warns(UserWarning, match="NaN or Inf values"):
+            lazykernel.ntk(model, x, x2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lazykernel.ntk(model, torch.ones(4, 3), output="full")
