@@ -49,10 +49,7 @@ def per_example_jacobian(adapter: ModelAdapter, names: List[str], x: torch.Tenso
 
 
 def _per_example_jacobian_by_backward(adapter: ModelAdapter, names: List[str], x: torch.Tensor) -> torch.Tensor:
-    values = {name: p.detach() for name, p in adapter.params.items()}
-    leaves = {name: values[name].clone().requires_grad_() for name in names}
-    values.update(leaves)
-    params = [leaves[name] for name in names]
+    values, params = adapter.with_leaves(names)
     rows = []
     with torch.enable_grad():
         for i in range(x.shape[0]):

@@ -67,6 +67,16 @@ class ModelAdapter:
     def detached_params(self) -> Dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.params.items()}
 
+    def with_leaves(self, names: List[str]) -> Tuple[Dict[str, torch.Tensor], List[torch.Tensor]]:
+        """The detached parameters for `call`, those of ``names`` replaced by copies
+        that require grad: leaves of a backward of its own, whether or not the
+        caller's tensors require grad. Returns the mapping and the leaves in the
+        order of ``names``."""
+        values = self.detached_params()
+        leaves = [values[name].clone().requires_grad_(True) for name in names]
+        values.update(zip(names, leaves))
+        return values, leaves
+
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
@@ -205,6 +215,12 @@ def check_eval_mode(module: nn.Module) -> None:
             )
 
 
+def first_line(error: Exception) -> str:
+    """The first line of an error's message (PyTorch's go on with a request to file an issue)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 @contextlib.contextmanager
 def explained_autograd_errors() -> Iterator[None]:
     """Autograd's refusal to differentiate a tensor in ``params`` (a functional
@@ -216,7 +232,7 @@ def explained_autograd_errors() -> Iterator[None]:
             raise
         raise ValueError(
             f"the parameters hold a tensor the model cannot be differentiated in "
-            f"({str(error).splitlines()[0]}). "
+            f"({first_line(error)}). "
             "Every floating-point tensor in params counts as a trainable parameter: keep buffers such "
             "as BatchNorm's running statistics out of params (inside fn, or as a constant it closes over)"
         ) from error

@@ -739,9 +739,7 @@ def _directional_by_backward(adapter: ModelAdapter, names: List[str],
                              direction: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     # leaves of their own: a functional model's tensors need not require grad
-    values = adapter.detached_params()
-    params = [values[name].clone().requires_grad_(True) for name in names]
-    values.update(zip(names, params))
+    values, params = adapter.with_leaves(names)
     with torch.enable_grad():
         out = adapter.call(values, x).reshape(n, -1)
         y = out @ check_weights(out.shape[1], out).squeeze(1)

@@ -23,8 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lazykernel import _memory
 from lazykernel._chain import plain_leaves
-from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, make_adapter,
-                               one_call_per_model, restoring_functional_call)
+from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, first_line,
+                               make_adapter, one_call_per_model, restoring_functional_call)
 from lazykernel._precision import check_precision, matmul_precision
 from lazykernel.ntk import _probe
 from lazykernel.ops import linear_jvp_stacked
@@ -217,7 +217,7 @@ def _jvp(adapter: ModelAdapter, x: torch.Tensor, tangent: Tangent, method: str, 
         raise ValueError("method='structured' needs a plain nn.Sequential model (no hooks, no parametrized "
                          "layers, no layer with parameters listed twice) with at least one nn.Linear "
                          "layer; use method='generic' (or 'auto') for this model")
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in values.values()))
+    needs_grad = _result_needs_grad(x, values)
     if method == "structured" and needs_grad:
         raise ValueError("method='structured' does not propagate gradients to the tangent or to x; use "
                          "method='generic' to differentiate the result")
@@ -253,38 +253,34 @@ def _generic_jvp(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x: torc
         return torch.func.jvp(lambda p: adapter.call(p, x), (primals,), (values,))
     except NotImplementedError as forward_error:
         try:
-            return _jvp_by_double_backward(adapter, primals, values, x)
+            return _jvp_by_double_backward(adapter, values, x)
         except NotImplementedError as reverse_error:
             raise ValueError(
                 "this model's Jacobian-vector products need forward-mode AD, or reverse mode "
-                f"differentiated twice, and PyTorch has neither for one of its ops ({_first_line(forward_error)}; "
-                f"{_first_line(reverse_error)}). lazykernel.ntk and vjp need reverse mode only; for the products, "
+                f"differentiated twice, and PyTorch has neither for one of its ops ({first_line(forward_error)}; "
+                f"{first_line(reverse_error)}). lazykernel.ntk and vjp need reverse mode only; for the products, "
                 "replace that op (e.g. torch.cdist by an explicit distance, nn.EmbeddingBag by nn.Embedding "
                 "and a sum or mean)"
             ) from None
 
 
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+def _result_needs_grad(x: torch.Tensor, tangent: Mapping[str, torch.Tensor]) -> bool:
+    """Must a gradient flow through the JVP's result, to ``x`` or to the tangent?"""
+    return torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in tangent.values()))
 
 
-def _jvp_by_double_backward(adapter: ModelAdapter, primals: Dict[str, torch.Tensor],
-                            tangent: Dict[str, torch.Tensor], x: torch.Tensor
+def _jvp_by_double_backward(adapter: ModelAdapter, tangent: Dict[str, torch.Tensor], x: torch.Tensor
                             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(f(x), J θ̇)`` from reverse mode alone: ``J θ̇ = ∂/∂u ⟨Jᵀu, θ̇⟩``, which is
     linear in ``u``, so the second backward can start from ``u = 0``. For ops with a
     backward that is itself differentiable but no forward-mode rule (grid_sample)."""
     names = list(tangent)
-    leaves = {name: primals[name].clone().requires_grad_(True) for name in names}
-    merged = dict(primals)
-    merged.update(leaves)
-    keep_graph = torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in tangent.values()))
+    merged, leaves = adapter.with_leaves(names)
+    keep_graph = _result_needs_grad(x, tangent)
     with torch.enable_grad():
         y = adapter.call(merged, x)
         u = torch.zeros_like(y, requires_grad=True)
-        grads = torch.autograd.grad(y, [leaves[name] for name in names], grad_outputs=u, create_graph=True,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(y, leaves, grad_outputs=u, create_graph=True, allow_unused=True)
         inner = sum(((g * tangent[name]).sum() for g, name in zip(grads, names) if g is not None),
                     torch.zeros((), dtype=y.dtype, device=y.device))
         if inner.requires_grad:
@@ -368,7 +364,7 @@ def _generic_layer(leaf: nn.Module, own: Mapping[str, torch.Tensor], xs: torch.T
             y, y_dot = torch.func.jvp(lambda p: restoring_functional_call(leaf, p, x), (primals,), (dict(own),))
     except NotImplementedError as error:
         raise _WalkRefused(f"layer {type(leaf).__name__} has an op without forward-mode AD "
-                           f"({_first_line(error)})") from None
+                           f"({first_line(error)})") from None
     return torch.stack([y, y_dot]) if isinstance(y, torch.Tensor) else y
 
 
