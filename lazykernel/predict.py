@@ -62,6 +62,27 @@ class Predictions:
     test: Optional[torch.Tensor]
 
 
+def _one_minus_power(x: torch.Tensor, steps: float) -> torch.Tensor:
+    """``1 − (1 − x)^steps`` elementwise, accurate when ``x`` is tiny.
+
+    ``1 − x`` rounds ``x`` below ε away, so the plain power loses every digit of
+    ``steps·x`` there; ``−expm1(steps·log1p(−x))`` keeps them. Where ``1 − x ≤ 0``
+    the logarithm does not exist and the plain power has no such cancellation.
+    """
+    below_one = x < 1
+    stable = -torch.expm1(steps * torch.log1p(-torch.where(below_one, x, torch.zeros_like(x))))
+    return torch.where(below_one, stable, 1.0 - torch.pow(1.0 - x, steps))
+
+
+def _check_symmetric(k: torch.Tensor, name: str) -> None:
+    """Refuse a kernel matrix that is not symmetric (eigh would read one triangle only)."""
+    asym = (k - k.T).abs().max().item() if k.numel() else 0.0
+    scale = k.abs().max().item() if k.numel() else 0.0
+    if asym > 1e-5 * max(scale, 1e-300):
+        raise ValueError(f"{name} is not symmetric (max |K - Kᵀ| = {asym:.3g}, max |K| = {scale:.3g}); "
+                         "pass the train-train kernel Θ(x_train, x_train)")
+
+
 def _check_number(name: str, value, allow_zero: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or value < 0 or (value == 0 and not allow_zero):
@@ -73,7 +94,7 @@ def _check_number(name: str, value, allow_zero: bool) -> float:
 def _as_targets(y_train: torch.Tensor, n: int, outputs: Optional[int]) -> torch.Tensor:
     if not isinstance(y_train, torch.Tensor) or not y_train.is_floating_point():
         raise ValueError("y_train must be a floating-point tensor [N] or [N, O]")
-    if y_train.shape[0] != n or y_train.dim() > 2:
+    if y_train.dim() not in (1, 2) or y_train.shape[0] != n:
         raise ValueError(f"y_train must be [N] or [N, O] with N = {n} (the kernel's size), "
                          f"got {tuple(y_train.shape)}")
     if outputs is not None and y_train.reshape(n, -1).shape[1] != outputs:
@@ -148,10 +169,7 @@ def gradient_descent_mse(
     n = k_train_train.shape[0]
     outputs = k_train_train.shape[2] if k_train_train.dim() == 4 else None
     y = _as_targets(y_train, n, outputs)
-    asym = (k - k.T).abs().max().item()
-    scale = k.abs().max().item()
-    if asym > 1e-5 * max(scale, 1e-300):
-        raise ValueError(f"k_train_train is not symmetric (max |K - Kᵀ| = {asym:.3g}, max |K| = {scale:.3g})")
+    _check_symmetric(k, "k_train_train")
     eigenvalues, eigenvectors = torch.linalg.eigh((k + k.T) / 2)
     a = eigenvalues + lam
     top = max(a.abs().max().item(), 1e-300)
@@ -206,13 +224,18 @@ def _gain(a: torch.Tensor, eta: float, time: float, discrete: bool, tiny: float)
             raise ValueError(
                 f"the kernel is singular ({int(zero.sum())} eigenvalue(s) of k_train_train + ridge·I are "
                 f"within {tiny:.3g} of zero): t = inf has no unique solution. Pass ridge > 0, or a finite t.")
+        if discrete and eta * a.max().item() >= 2.0:
+            # |1 − η a| ≥ 1: the steps grow or oscillate along that eigenvector, no limit exists
+            raise ValueError(
+                f"gradient descent with learning_rate {eta:g} does not converge on this kernel: "
+                f"learning_rate·(λ_max + ridge) = {eta * a.max().item():.4g} ≥ 2, so t = inf has no limit. "
+                f"Use learning_rate < {2.0 / a.max().item():.4g}, discrete=False, or a finite t.")
         return 1.0 / a
     safe = torch.where(zero, torch.ones_like(a), a)
     if discrete:
         if time != int(time):
             raise ValueError(f"with discrete=True, t counts gradient steps and must be an integer, got {time}")
-        decay = torch.pow(1.0 - eta * safe, int(time))
-        gain = (1.0 - decay) / safe
+        gain = _one_minus_power(eta * safe, int(time)) / safe
     else:
         gain = -torch.expm1(-eta * safe * time) / safe
     # Along the null space of K + λI (λ = 0) neither the training outputs nor, for a
@@ -262,6 +285,10 @@ class CGSolution:
         """
         if callable(k_test_train):
             change = k_test_train(self.alpha).to(torch.float64)
+        elif isinstance(k_test_train, torch.Tensor) and k_test_train.dim() == 4:
+            raise ValueError(
+                f"CGSolution.test takes a full [M, N, O, O] kernel flattened like the train kernel, got "
+                f"{tuple(k_test_train.shape)}: pass k.permute(0, 2, 1, 3).reshape(M·O, N·O)")
         else:
             change = _flatten_kernel(k_test_train, "k_test_train", cols=self.alpha.shape[0]) @ self.alpha
         if fx_test_0 is not None:
@@ -314,6 +341,11 @@ def gradient_descent_mse_cg(
     if callable(k_train_train):
         operator = k_train_train
     else:
+        if isinstance(k_train_train, torch.Tensor) and k_train_train.dim() == 4:
+            raise ValueError(
+                f"gradient_descent_mse_cg takes a full [N, N, O, O] kernel flattened, got "
+                f"{tuple(k_train_train.shape)}: pass k.permute(0, 2, 1, 3).reshape(N·O, N·O) with "
+                "y_train.reshape(N·O) (and fx_train_0 likewise)")
         matrix = _flatten_kernel(k_train_train, "k_train_train", rows=n, cols=n)
         if matrix.shape != (n, n):
             raise ValueError("gradient_descent_mse_cg takes an [N, N] kernel or a kernel-vector function")

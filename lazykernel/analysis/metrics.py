@@ -7,9 +7,12 @@ metrics"); the monitor and the sweep only call these.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
+
+from lazykernel.predict import _check_symmetric, _one_minus_power
 
 __all__ = [
     "kernel_distance",
@@ -66,7 +69,9 @@ def kernel_distance(k0: torch.Tensor, k1: torch.Tensor) -> float:
     a, b = _as_kernel_matrix(k0, "k0"), _as_kernel_matrix(k1, "k1")
     na = _nonzero_norm(torch.linalg.norm(a).item(), "k0")
     nb = _nonzero_norm(torch.linalg.norm(b).item(), "k1")
-    return 1.0 - (a * b).sum().item() / (na * nb)
+    # 1 − cos(a, b) = ½‖a/‖a‖ − b/‖b‖‖²: the same number without the cancellation of
+    # 1 − cos, so a lazy network's tiny distance keeps its digits and is never negative
+    return 0.5 * torch.linalg.norm(a / na - b / nb).item() ** 2
 
 
 def relative_kernel_change(k0: torch.Tensor, k1: torch.Tensor) -> float:
@@ -138,9 +143,17 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
         raise ValueError(f"x and y must describe the same inputs, got {a.shape[0]} and {b.shape[0]} rows")
     a = a - a.mean(dim=0, keepdim=True)
     b = b - b.mean(dim=0, keepdim=True)
-    cross = torch.linalg.norm(b.T @ a).item() ** 2
-    na = _nonzero_norm(torch.linalg.norm(a.T @ a).item(), "x (centered)")
-    nb = _nonzero_norm(torch.linalg.norm(b.T @ b).item(), "y (centered)")
+    if a.shape[0] < max(a.shape[1], b.shape[1]):
+        # wide features: the same three norms from the [N, N] Grams, since
+        # ‖Ycᵀ Xc‖_F² = ⟨Xc Xcᵀ, Yc Ycᵀ⟩_F and ‖Xcᵀ Xc‖_F = ‖Xc Xcᵀ‖_F; a [p, p]
+        # matrix of a convolution's flattened features would not fit in memory
+        ka, kb = a @ a.T, b @ b.T
+        cross = (ka * kb).sum().item()
+    else:
+        ka, kb = a.T @ a, b.T @ b
+        cross = torch.linalg.norm(b.T @ a).item() ** 2
+    na = _nonzero_norm(torch.linalg.norm(ka).item(), "x (centered)")
+    nb = _nonzero_norm(torch.linalg.norm(kb).item(), "y (centered)")
     return cross / (na * nb)
 
 
@@ -176,6 +189,11 @@ def debiased_linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
         raise ValueError(f"x and y must describe the same inputs, got {a.shape[0]} and {b.shape[0]} rows")
     if a.shape[0] < 4:
         raise ValueError(f"debiased CKA needs at least 4 inputs, got {a.shape[0]}")
+    # The unbiased HSIC does not change when a feature is shifted by a constant, but its
+    # terms cancel: features with a large common offset (post-ReLU activations) would
+    # lose every digit to it in the uncentered Grams
+    a = a - a.mean(dim=0, keepdim=True)
+    b = b - b.mean(dim=0, keepdim=True)
     k, l = a @ a.T, b @ b.T
     hkk = _unbiased_hsic(k, k)
     hll = _unbiased_hsic(l, l)
@@ -257,9 +275,9 @@ def ntk_regression(k_train: torch.Tensor, k_test_train: torch.Tensor, y_train: t
     kernel's dtype, count as zero, so a float32 kernel of rank below N is not fitted to
     its round-off).
 
-With ``lr`` and ``steps`` instead of ``time``, the same formulas for ``steps`` steps of
-full-batch gradient descent on the linearized network, exact for any step size:
-``e^{−tΘ/N}`` becomes ``(I − lr Θ/N)^steps``.
+    With ``lr`` and ``steps`` instead of ``time``, the same formulas for ``steps`` steps of
+    full-batch gradient descent on the linearized network, exact for any step size:
+    ``e^{−tΘ/N}`` becomes ``(I − lr Θ/N)^steps``.
 
     Args:
         k_train: ``[N, N]`` (one kernel shared by all O outputs, e.g. the trace kernel
@@ -269,12 +287,26 @@ full-batch gradient descent on the linearized network, exact for any step size:
         f0_train, f0_test: ``[N, O]``, ``[M, O]`` outputs at initialization; default 0.
         time: ``learning rate × steps`` (≥ 0) of gradient flow; ``None`` or ``math.inf``
             (and no ``lr``) for infinite time.
-        lr, steps: learning rate and number of steps of discrete gradient descent
-            (both or neither; not with ``time``).
+        lr, steps: learning rate and number of steps (an integer ≥ 0) of discrete
+            gradient descent (both or neither; not with ``time``).
 
     Returns:
         ``(f_train, f_test)``: ``[N, O]`` and ``[M, O]`` float64 predictions.
+
+    Raises:
+        ValueError: bad shapes or numbers, NaN or Inf in any input, or a ``k_train``
+            that is not symmetric.
     """
+    for name, value in (("k_train", k_train), ("k_test_train", k_test_train), ("y_train", y_train),
+                        ("f0_train", f0_train), ("f0_test", f0_test)):
+        if value is None and name.startswith("f0"):
+            continue
+        if not torch.is_tensor(value):
+            raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} contains NaN or Inf values; the predictions need finite inputs")
+    if y_train.dim() not in (1, 2):
+        raise ValueError(f"y_train must be [N, O] (or [N] for O = 1), got shape {tuple(y_train.shape)}")
     device = k_train.device
     # eigenvalues below N·ε·λ_max of the kernel's own dtype are its round-off (a float32
     # kernel of rank r < N has N − r eigenvalues of order 1e-7·λ_max): they count as zero
@@ -285,6 +317,9 @@ full-batch gradient descent on the linearized network, exact for any step size:
         y = y[:, None]
     n, o = y.shape
     m = k_test_train.shape[0]
+    for name, value, rows in (("f0_train", f0_train, n), ("f0_test", f0_test, m)):
+        if value is not None and value.numel() != rows * o:
+            raise ValueError(f"{name} must be [{rows}, {o}] like the predictions, got shape {tuple(value.shape)}")
     f0_train = (torch.zeros_like(y) if f0_train is None
                 else f0_train.detach().to(device=device, dtype=torch.float64).reshape(n, o))
     f0_test = (torch.zeros(m, o, dtype=torch.float64, device=device) if f0_test is None
@@ -309,8 +344,10 @@ full-batch gradient descent on the linearized network, exact for any step size:
         raise ValueError("give both lr and steps (gradient descent) or neither")
     if lr is not None and time is not None:
         raise ValueError("give either time (gradient flow) or lr and steps (gradient descent), not both")
-    if lr is not None and (not lr > 0 or steps < 0):
-        raise ValueError(f"need lr > 0 and steps ≥ 0, got {lr} and {steps}")
+    if lr is not None and (not lr > 0 or isinstance(steps, bool) or not isinstance(steps, numbers.Integral)
+                           or steps < 0):
+        raise ValueError(f"need lr > 0 and steps an integer ≥ 0 (time=None for t → ∞), got {lr!r} and {steps!r}")
+    _check_symmetric(kt, "k_train")
     if time is not None and not time >= 0:
         raise ValueError(f"time must be ≥ 0 (math.inf or None for t → ∞), got {time}")
     if time is not None and math.isinf(time):
@@ -329,7 +366,7 @@ full-batch gradient descent on the linearized network, exact for any step size:
         if time is not None:
             decay = -torch.expm1(-time * evals / n)  # 1 − e^{−tλ/N}, accurate for small tλ
         else:
-            decay = 1.0 - (1.0 - lr * evals / n) ** steps
+            decay = _one_minus_power(lr * evals / n, int(steps))
         safe = torch.where(null, torch.zeros_like(evals), decay / evals.where(~null, torch.ones_like(evals)))
         projected = evecs.T @ residual
         coef = evecs @ (safe[:, None] * projected)
