@@ -39,15 +39,19 @@ Kernel = torch.Tensor
 KernelOperator = Callable[[torch.Tensor], torch.Tensor]
 Times = Union[float, int, Sequence[float], torch.Tensor]
 
-# Eigenvalues below this fraction of the largest (times N) count as zero when
-# deciding whether a kernel without ridge can be inverted; a kernel computed in a
-# coarser dtype than float64 uses that dtype's epsilon instead (`_singular_rtol`).
+# Eigenvalues within N·ε·λ_max of zero count as zero, ε the epsilon of the dtype
+# the kernel was computed in, and at least this: a float64 fit along an eigenvalue
+# of 1e-13·λ_max takes coefficients 1e13 times the targets, whose round-off alone
+# moves the test predictions by far more than the targets' size.
 _SINGULAR_RTOL = 1e-12
 
 
 def _singular_rtol(k: torch.Tensor) -> float:
-    """The relative size below which eigenvalues of ``k`` are its round-off."""
-    return max(_SINGULAR_RTOL, torch.finfo(k.dtype).eps)
+    """The relative size below which eigenvalues of ``k`` are its round-off (a float32
+    kernel of rank r < N has N − r eigenvalues of order 1e-7·λ_max).
+    `gradient_descent_mse` and `analysis.ntk_regression` share it, so they treat the
+    same kernels as singular."""
+    return max(_SINGULAR_RTOL, torch.finfo(k.dtype if k.is_floating_point() else torch.float64).eps)
 
 
 @dataclass

@@ -198,3 +198,18 @@ def test_ntk_regression_refuses_bad_shapes_by_name():
         metrics.ntk_regression(k, kt, y, f0_train=y[:3])
     with pytest.raises(ValueError, match=r"f0_test must be \[3, 2\].*\(3, 1\)"):
         metrics.ntk_regression(k, kt, y, f0_test=torch.zeros(3, 1, dtype=torch.float64))
+
+
+def test_closed_form_and_ntk_regression_take_the_same_eigenvalues_for_round_off():
+    """A float64 kernel whose smallest eigenvalue is 1e-13 of the largest: below both
+    solvers' cut-off (N·max(ε, 1e-12)·λ_max). Fitting along it would take coefficients
+    1e13 times the targets and blow the test predictions up by round-off; neither does."""
+    k, k_test = _feature_kernels([1.0, 1e-2, 1e-13])
+    y = torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="singular"):
+        gradient_descent_mse(k, y)(math.inf, k_test_train=k_test)
+    _, f_test = metrics.ntk_regression(k, k_test, y)
+    evals, evecs = torch.linalg.eigh(k)
+    top = evecs[:, 1:]                     # the eigenvectors of 1 and 1e-2
+    reference = k_test @ (top @ ((top.T @ y) / evals[1:, None]))
+    torch.testing.assert_close(f_test, reference, rtol=1e-8, atol=1e-8)

@@ -12,7 +12,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from lazykernel.predict import _check_symmetric, _one_minus_power
+from lazykernel.predict import _check_symmetric, _one_minus_power, _singular_rtol
 
 __all__ = [
     "kernel_distance",
@@ -272,8 +272,8 @@ def ntk_regression(k_train: torch.Tensor, k_test_train: torch.Tensor, y_train: t
     from the eigendecomposition of Θ. ``time=None`` is the limit ``t → ∞``,
     ``f_∞(x*) = f_0(x*) + Θ(x*, X) Θ^{−1} (y − f_0)``, computed with a least-squares solve
     (``Θ^{−1}`` is the pseudo-inverse: eigenvalues within ``N·ε·λ_max`` of zero, ε of the
-    kernel's dtype, count as zero, so a float32 kernel of rank below N is not fitted to
-    its round-off).
+    kernel's dtype and at least 1e-12, count as zero, so a float32 kernel of rank below N
+    is not fitted to its round-off; `predict.gradient_descent_mse` takes the same cut-off).
 
     With ``lr`` and ``steps`` instead of ``time``, the same formulas for ``steps`` steps of
     full-batch gradient descent on the linearized network, exact for any step size:
@@ -308,9 +308,8 @@ def ntk_regression(k_train: torch.Tensor, k_test_train: torch.Tensor, y_train: t
     if y_train.dim() not in (1, 2):
         raise ValueError(f"y_train must be [N, O] (or [N] for O = 1), got shape {tuple(y_train.shape)}")
     device = k_train.device
-    # eigenvalues below N·ε·λ_max of the kernel's own dtype are its round-off (a float32
-    # kernel of rank r < N has N − r eigenvalues of order 1e-7·λ_max): they count as zero
-    eps = torch.finfo(k_train.dtype).eps if k_train.is_floating_point() else torch.finfo(torch.float64).eps
+    # eigenvalues below N·ε·λ_max (ε of the kernel's own dtype, at least 1e-12) are its round-off
+    eps = _singular_rtol(k_train)
     y = y_train.detach().to(device=device, dtype=torch.float64)
     squeeze = y.dim() == 1
     if squeeze:
