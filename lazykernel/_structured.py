@@ -310,11 +310,13 @@ class StructuredPlan:
         return f
 
     def _drop_failing_taps(self, x: torch.Tensor) -> None:
-        """Demote broadcast-parameter rules whose expanded parameter the forward cannot take."""
+        """Demote broadcast-parameter rules whose expanded parameter the forward cannot take,
+        or that changes what the forward computes."""
         if self._taps():
             with torch.no_grad():
-                self.outputs = self.adapter.forward(x).reshape(x.shape[0], -1).shape[1]
-            self._demote_taps_failing_on(x, search_lead=True)
+                plain = [self.adapter.forward(x[:rows]).reshape(rows, -1) for rows in _tap_batch_sizes(x)]
+            self.outputs = plain[0].shape[1]
+            self._demote_taps_failing_on(x, search_lead=True, plain=plain)
 
     def check_taps_at(self, probe: torch.Tensor, rows: int) -> None:
         """Demote broadcast-parameter rules that a batch of ``rows`` examples breaks.
@@ -331,32 +333,43 @@ class StructuredPlan:
     def _taps(self) -> List[BroadcastParameterRule]:
         return [rule for rule in self.rules if isinstance(rule, BroadcastParameterRule)]
 
-    def _demote_taps_failing_on(self, x: torch.Tensor, search_lead: bool) -> None:
+    def _demote_taps_failing_on(self, x: torch.Tensor, search_lead: bool,
+                                plain: Optional[List[torch.Tensor]] = None) -> None:
         """All taps together decide the common case; only a failure tries them one by one,
-        each (with ``search_lead``) at every number of singleton axes after the batch axis."""
+        each (with ``search_lead``) at every number of singleton axes after the batch axis.
+        ``plain``: the model's own outputs for `_tap_batch_sizes`, if the values are to be compared."""
         taps = self._taps()
-        if self._forward_accepts(taps, x):
+        if self._forward_accepts(taps, x, plain):
             return
         for rule in taps:
             leads = range(rule.max_lead + 1) if search_lead else (rule.lead,)
             for lead in leads:
                 rule.lead = lead
-                if self._forward_accepts([rule], x):
+                if self._forward_accepts([rule], x, plain):
                     break
             else:
                 self.demote(rule)
 
-    def _forward_accepts(self, taps: List[StructuredRule], x: torch.Tensor) -> bool:
+    def _forward_accepts(self, taps: List[StructuredRule], x: torch.Tensor,
+                         plain: Optional[List[torch.Tensor]] = None) -> bool:
         """Does the forward take the expanded parameters, at ``x``'s batch size and one less?
 
         An expanded ``[n, ...]`` parameter also broadcasts against another axis of
-        size n, which the two sizes cannot both match.
+        size n, which the two sizes cannot both match. With ``plain`` (the
+        model's own outputs at those sizes) the outputs must also be the same:
+        a forward that reduces or reorders a parameter along its first axis
+        (``softmax(p, 0)``, ``p / p.norm()``, ``p.flip(0)``) does so along the
+        batch axis of the expanded copy and computes something else, whose
+        cotangents would fail every other rule's check too.
         """
-        for rows in ((x.shape[0], x.shape[0] - 1) if x.shape[0] > 2 else (x.shape[0],)):
+        for index, rows in enumerate(_tap_batch_sizes(x)):
             try:
                 with torch.no_grad(), _expanded_parameters_quietly():
                     y = self.adapter.forward_with({rule.names[""]: rule.tap(rows) for rule in taps}, x[:rows])
-                if y.reshape(rows, -1).shape[1] != self.outputs:
+                y = y.reshape(rows, -1)
+                if y.shape[1] != self.outputs:
+                    return False
+                if plain is not None and not _close(y, plain[index], _tolerance(y.dtype)):
                     return False
             except Exception:
                 return False
@@ -468,6 +481,11 @@ def term_cost(shape: TermShape, form: str, outputs: int, output: str) -> Tuple[f
     # formed block by block from its operands when those are the smaller (`GradientOf`)
     held = 1 + outputs * d * k if not is_deferred(shape, form, outputs) else t * (k + outputs * d)
     return 2.0 * m * d * k, 2.0 * t * outputs * d * k, float(held)
+
+
+def _tap_batch_sizes(x: torch.Tensor) -> Tuple[int, ...]:
+    """The batch sizes at which `StructuredPlan._forward_accepts` runs the forward: ``x``'s and one less."""
+    return (x.shape[0], x.shape[0] - 1) if x.shape[0] > 2 else (x.shape[0],)
 
 
 def is_deferred(shape: TermShape, form: str, outputs: int) -> bool:

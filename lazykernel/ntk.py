@@ -306,7 +306,9 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: boo
     dtype = next(iter(adapter.params.values())).dtype
     precise = matmul_precision("highest", sample.device, dtype)
     try:
-        with torch.no_grad(), precise, counting:
+        # without the fused inference path of transformer layers, which under no_grad
+        # turns padded batches into nested tensors and computes them otherwise
+        with torch.no_grad(), precise, counting, explicit_attention(adapter.module):
             y = adapter.forward(sample)
     except Exception as error:
         raise ValueError(
@@ -341,7 +343,8 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: boo
             f"{name}), so its tangent kernel has no entries; check the size of its last layer"
         )
     if not exact_by_construction(adapter.module, sample):
-        _check_independent(adapter, sample, y, name, dtype, max(peaks, default=0.0))
+        with explicit_attention(adapter.module):
+            _check_independent(adapter, sample, y, name, dtype, max(peaks, default=0.0))
     return max(1, y[0].numel()), sum(seen) // k
 
 

@@ -1,0 +1,300 @@
+"""Structured rules in layer configurations the other tests leave out.
+
+Every kernel is compared with the float64 reference of explicit per-example
+Jacobians (`conftest.reference_ntk`), and the plan says which parameters keep
+their structured rule and which go to the generic one.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lazykernel
+
+from conftest import assert_close_to_reference, reference_ntk
+
+
+def _rule_of_each_parameter(model, x, **kwargs):
+    plan = lazykernel.plan(model, x, method="structured", **kwargs)
+    return {name: group.rule for group in plan.groups for name in group.params}
+
+
+def _assert_exact(model, x1, x2=None, outputs=("full",), methods=("structured", "auto"), **kwargs):
+    for output in outputs:
+        ref = reference_ntk(model, x1, x2, output=output, params_selection=kwargs.get("params"))
+        for method in methods:
+            got = lazykernel.ntk(model, x1, x2, output=output, method=method, **kwargs)
+            assert_close_to_reference(got, ref, torch.float64)
+
+
+# -- a parameter used directly in forward ------------------------------------------------
+
+class _ParameterInForward(nn.Module):
+    """Linear layers around a parameter the forward reduces or reorders along its first axis."""
+
+    def __init__(self, use):
+        super().__init__()
+        self.use = use
+        self.inner = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        self.p = nn.Parameter(torch.randn(3, 4) if use == "cumulative" else torch.randn(4))
+
+    def forward(self, x):                      # x: [N, 3, 4]
+        h = torch.tanh(self.inner(x))
+        if self.use == "softmax":
+            h = h * torch.softmax(self.p, 0)
+        elif self.use == "normalised":
+            h = h * self.p / self.p.norm()
+        else:
+            h = h + self.p.cumsum(0)
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize("use", ["softmax", "normalised", "cumulative"])
+def test_a_parameter_reduced_along_its_first_axis_leaves_the_other_layers_their_rules(use):
+    # Expanded along the batch axis, such a parameter changes what the forward
+    # computes; it must go to the generic rule alone, not take the layers'
+    # structured rules with it.
+    torch.manual_seed(0)
+    model = _ParameterInForward(use).double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    _assert_exact(model, x, outputs=("full", "trace"))
+    rules = _rule_of_each_parameter(model, x)
+    assert rules == {"p": "PerExampleJacobian", "inner.weight": "LinearRule", "inner.bias": "LinearRule",
+                     "head.weight": "LinearRule", "head.bias": "LinearRule"}
+
+
+# -- convolutions ----------------------------------------------------------------------------
+
+def _conv_net(conv, shape):
+    with torch.no_grad():
+        features = conv(torch.zeros((1,) + shape[1:])).numel()
+    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(features, 3)).double()
+
+
+CONVOLUTIONS = {
+    "same padding, even kernel": (lambda: nn.Conv2d(2, 3, (2, 4), padding="same"), (4, 2, 5, 6)),
+    "same padding, circular, dilated": (lambda: nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(1, 2),
+                                                          padding_mode="circular"), (4, 2, 5, 6)),
+    "replicate padding, stride that does not divide": (
+        lambda: nn.Conv2d(2, 3, 3, stride=(3, 2), padding=(2, 1), padding_mode="replicate"), (4, 2, 7, 6)),
+    "kernel as large as the input": (lambda: nn.Conv2d(2, 3, (5, 6)), (4, 2, 5, 6)),
+    "1x1 kernel, no bias": (lambda: nn.Conv2d(2, 3, 1, bias=False), (4, 2, 3, 3)),
+    "depthwise conv1d, dilated": (lambda: nn.Conv1d(2, 4, 2, dilation=3, groups=2), (4, 2, 9)),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVOLUTIONS))
+def test_convolution_configurations_are_exact_with_their_rule(name):
+    torch.manual_seed(1)
+    make, shape = CONVOLUTIONS[name]
+    model = _conv_net(make(), shape)
+    x = torch.randn(shape, dtype=torch.float64)
+    _assert_exact(model, x)
+    assert {rule for rule in _rule_of_each_parameter(model, x).values()} <= {"Conv2dRule", "Conv1dRule",
+                                                                            "LinearRule"}
+
+
+def test_channels_last_inputs_and_weights_are_exact():
+    torch.manual_seed(2)
+    model = _conv_net(nn.Conv2d(2, 3, 3, stride=2, padding=1), (4, 2, 7, 6)).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 2, 7, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    _assert_exact(model, x, torch.randn(3, 2, 7, 6, dtype=torch.float64))
+
+
+# -- embeddings ------------------------------------------------------------------------------
+
+class _Tokens(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.embed = nn.Embedding(7, 5, **kwargs)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids):                    # ids: [N, *]
+        h = torch.tanh(self.embed(ids))
+        return self.head(h.reshape(ids.shape[0], -1, 5).mean(1))
+
+
+IDS = {
+    "one token per example": torch.tensor([1, 3, 3, 0]),
+    "ids [N, T1, T2] with padding": torch.tensor([[[1, 2, 0], [2, 2, 6]], [[0, 0, 0], [3, 1, 1]],
+                                                  [[5, 0, 4], [4, 4, 4]], [[6, 2, 0], [1, 0, 3]]]),
+    "int32 ids": torch.tensor([[1, 2, 2, 0], [3, 3, 3, 3], [0, 0, 1, 5]], dtype=torch.int32),
+}
+
+
+@pytest.mark.parametrize("name", list(IDS))
+def test_embedding_id_layouts_are_exact_with_the_token_rule(name):
+    torch.manual_seed(3)
+    model = _Tokens(padding_idx=0).double()
+    ids = IDS[name]
+    _assert_exact(model, ids, outputs=("full", "diagonal"))
+    assert _rule_of_each_parameter(model, ids)["embed.weight"] == "EmbeddingRule"
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_norm=0.5), dict(sparse=True)], ids=["max_norm", "sparse"])
+def test_embeddings_the_rule_does_not_describe_are_exact(kwargs):
+    torch.manual_seed(4)
+    model = _Tokens(**kwargs).double()
+    ids = torch.tensor([[1, 2, 2, 0], [3, 3, 3, 3], [0, 0, 1, 5]])
+    with torch.no_grad():
+        model(ids)          # max_norm renormalises the looked-up rows in place, outside autograd
+    # a plain table with those rows computes the same function and takes dense gradients
+    reference = _Tokens().double()
+    reference.load_state_dict(model.state_dict())
+    ref = reference_ntk(reference, ids, output="full")
+    for method in ("structured", "auto"):
+        assert_close_to_reference(lazykernel.ntk(model, ids, output="full", method=method), ref, torch.float64)
+
+
+# -- normalisation layers -------------------------------------------------------------------
+
+def _with_statistics(model):
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2.0)
+            with torch.no_grad():
+                module.weight.uniform_(-1.5, 1.5)
+                module.bias.uniform_(-1, 1)
+    return model.double().eval()
+
+
+NORMS = {
+    "batch norm on [N, C]": (lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)),
+                             (4, 4), "BatchNorm1dRule"),
+    "batch norm on [N, C, L]": (lambda: nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.Tanh(),
+                                                      nn.Flatten(), nn.Linear(20, 3)), (4, 2, 7), "BatchNorm1dRule"),
+    "layer norm without bias": (lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6, bias=False), nn.Tanh(),
+                                                      nn.Linear(6, 3)), (4, 4), "LayerNormRule"),
+    "group norm on [N, C]": (lambda: nn.Sequential(nn.Linear(4, 6), nn.GroupNorm(3, 6), nn.Tanh(), nn.Linear(6, 3)),
+                             (4, 4), "GroupNormRule"),
+    "instance norm with affine parameters": (
+        lambda: nn.Sequential(nn.Conv1d(2, 4, 3), nn.InstanceNorm1d(4, affine=True), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(20, 3)), (4, 2, 7), "PerExampleJacobian"),
+}
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_norm_layer_configurations_are_exact(name):
+    torch.manual_seed(5)
+    make, shape, rule = NORMS[name]
+    model = _with_statistics(make())
+    x = torch.randn(shape, dtype=torch.float64)
+    _assert_exact(model, x)
+    assert _rule_of_each_parameter(model, x)["1.weight"] == rule
+
+
+def test_batch_norm_without_tracked_statistics_is_refused_in_eval_mode():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 2)).eval()
+    for method in ("structured", "auto"):
+        with pytest.raises(ValueError, match="batch statistics"):
+            lazykernel.ntk(model, torch.randn(4, 4), method=method)
+
+
+# -- attention -------------------------------------------------------------------------------
+
+class _MaskedPerExample(nn.Module):
+    """Self-attention with a float mask of one [L, S] block per example and head."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):                      # x: [N, 5, 6]
+        mask = torch.einsum("nl,ns->nls", x[..., 0], x[..., 1]).repeat_interleave(2, 0)
+        y, _ = self.attn(x, x, x, attn_mask=mask)
+        return self.head(torch.tanh(y)).mean(1)
+
+
+class _Decoder(nn.Module):
+    """A decoder layer: its cross-attention's queries (3 positions) and memory (4) differ in length."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerDecoderLayer(6, 2, 8, dropout=0.0, batch_first=True, norm_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):                      # x: [N, 7, 6]
+        return self.head(self.layer(x[:, :3], x[:, 3:])).mean(1)
+
+
+@pytest.mark.parametrize("model_class", [_MaskedPerExample, _Decoder])
+def test_attention_configurations_are_exact_with_the_attention_rule(model_class):
+    torch.manual_seed(6)
+    model = model_class().double().eval()
+    x = torch.randn(4, 7 if model_class is _Decoder else 5, 6, dtype=torch.float64)
+    _assert_exact(model, x)
+    rules = _rule_of_each_parameter(model, x)
+    assert "PerExampleJacobian" not in rules.values()
+    assert {rule for name, rule in rules.items() if "in_proj" in name} == {"MultiheadAttentionRule"}
+
+
+# -- linear maps -----------------------------------------------------------------------------
+
+class _Positions2d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):                      # x: [N, T1, T2, 4]
+        return self.head(torch.tanh(self.inner(x))).mean(dim=(1, 2))
+
+
+def test_linear_on_a_grid_of_positions_is_exact_with_its_rule():
+    torch.manual_seed(7)
+    model = _Positions2d().double()
+    x = torch.randn(4, 2, 3, 4, dtype=torch.float64)
+    _assert_exact(model, x, torch.randn(2, 2, 3, 4, dtype=torch.float64), outputs=("full", "trace"))
+    assert set(_rule_of_each_parameter(model, x).values()) == {"LinearRule"}
+
+
+class _WeightAlsoUsedDirectly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x)) + torch.tanh(F.linear(x, self.inner.weight)))
+
+
+def test_a_linear_weight_also_used_outside_the_module_goes_to_the_generic_rule():
+    torch.manual_seed(8)
+    model = _WeightAlsoUsedDirectly().double()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    _assert_exact(model, x)
+    rules = _rule_of_each_parameter(model, x)
+    assert rules["inner.weight"] == "PerExampleJacobian" and rules["head.weight"] == "LinearRule"
+
+
+class _PaddedEncoder(nn.Module):
+    """nn.TransformerEncoder (nested-tensor fast path enabled by default) under a
+    key padding mask that pads the last position of some examples."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(6, 2, 8, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):                       # x: [N, 5, 6]
+        pad = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        pad[:, -1] = x[:, -1, 0] > 0
+        return self.head(self.encoder(x, src_key_padding_mask=pad)).mean(1)
+
+
+@pytest.mark.parametrize("method", ["auto", "jacobian"])
+def test_a_padded_transformer_encoder_is_exact(method):
+    # The model is first run under no_grad, where PyTorch's fused inference path
+    # makes nested tensors of a padded batch: the kernel must not depend on it.
+    torch.manual_seed(0)
+    model = _PaddedEncoder().double().eval()
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    x[::2, -1, 0] = x[::2, -1, 0].abs()
+    x[1::2, -1, 0] = -x[1::2, -1, 0].abs()
+    ref = reference_ntk(model, x, output="trace")
+    assert_close_to_reference(lazykernel.ntk(model, x, output="trace", method=method), ref, torch.float64)
