@@ -14,7 +14,22 @@ DEFAULT_FRACTION = 0.25
 _FALLBACK_CPU_BYTES = 4 << 30
 
 
+# Where Linux describes the memory cgroup a process runs in (a container's limit).
+_PROC_CGROUP = "/proc/self/cgroup"
+_CGROUP_ROOT = "/sys/fs/cgroup"
+# cgroup v1 writes "no limit" as the largest page-aligned int64, v2 as "max"
+_NO_CGROUP_LIMIT = 1 << 62
+
+
 def _available_cpu_bytes() -> int:
+    """Memory this process can still take: the machine's available memory, or less
+    where a memory cgroup (a container's limit) leaves less."""
+    available = _meminfo_available_bytes()
+    in_cgroup = _cgroup_available_bytes()
+    return available if in_cgroup is None else min(available, in_cgroup)
+
+
+def _meminfo_available_bytes() -> int:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -25,8 +40,84 @@ def _available_cpu_bytes() -> int:
     return _FALLBACK_CPU_BYTES
 
 
+def _cgroup_available_bytes() -> Optional[int]:
+    """Bytes the memory cgroups of this process still allow, or None where none sets a limit.
+
+    /proc/meminfo describes the whole machine, and a container limited to a
+    part of it is killed when it goes past its limit, not the machine's. The
+    cgroup (v2, or v1's memory controller) and each one above it are read;
+    their usage counts the page cache, of which the inactive part is reclaimed
+    before the limit is enforced, so it counts as available.
+    """
+    try:
+        with open(_PROC_CGROUP) as lines:
+            entries = [line.rstrip("\n").split(":", 2) for line in lines]
+    except OSError:
+        return None
+    found = []
+    for entry in entries:
+        if len(entry) != 3:
+            continue
+        _, controllers, path = entry
+        if controllers == "":
+            found.append(_cgroup_headroom(_CGROUP_ROOT, path, "memory.max", "memory.current", "inactive_file"))
+        elif "memory" in controllers.split(","):
+            found.append(_cgroup_headroom(f"{_CGROUP_ROOT}/memory", path, "memory.limit_in_bytes",
+                                          "memory.usage_in_bytes", "total_inactive_file"))
+    limits = [bytes_ for bytes_ in found if bytes_ is not None]
+    return min(limits) if limits else None
+
+
+def _cgroup_headroom(mount: str, path: str, limit_file: str, usage_file: str, inactive_key: str
+                     ) -> Optional[int]:
+    """The least ``limit − (usage − inactive page cache)`` of the cgroup at ``path`` and
+    those above it that are visible under ``mount``, or None where none has a limit.
+
+    Inside a container the path names the cgroup on the host, and the
+    container sees its own cgroup at the mount's root: every ancestor of the
+    path is tried, the root included.
+    """
+    parts = [part for part in path.split("/") if part]
+    headroom = None
+    for depth in range(len(parts), -1, -1):
+        folder = "/".join([mount] + parts[:depth])
+        limit = _read_int(f"{folder}/{limit_file}")
+        if limit is None or limit >= _NO_CGROUP_LIMIT:
+            continue
+        usage = _read_int(f"{folder}/{usage_file}") or 0
+        inactive = _read_stat(f"{folder}/memory.stat", inactive_key)
+        free = max(0, limit - max(0, usage - inactive))
+        headroom = free if headroom is None else min(headroom, free)
+    return headroom
+
+
+def _read_int(filename: str) -> Optional[int]:
+    """The integer in a cgroup file, or None where it is missing or says "max"."""
+    try:
+        with open(filename) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _read_stat(filename: str, key: str) -> int:
+    """A value of a cgroup's memory.stat, 0 where it is missing."""
+    try:
+        with open(filename) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key and value.strip().isdigit():
+                    return int(value)
+    except OSError:
+        pass
+    return 0
+
+
 def default_memory_budget(device: torch.device) -> int:
-    """Bytes of working memory a call may use on ``device`` when none is given."""
+    """Bytes of working memory a call may use on ``device`` when none is given: on the
+    CPU a quarter of the memory available (within the process's memory cgroup, a
+    container's limit), on CUDA half the device's free memory."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(2 * DEFAULT_FRACTION * free)

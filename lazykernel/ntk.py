@@ -481,7 +481,8 @@ class _StructuredEngine(_Engine):
         super().__init__(plan.adapter, *args)
         self.plan = plan
         self.probe = probe
-        if any(form == "gradient" for forms in plan.forms for form in (forms or [])):
+        # per-example gradient slabs and gathered embedding rows are formed in `block`
+        if any(form in ("gradient", "tokens") for forms in plan.forms for form in (forms or [])):
             self.reserve = 0.25
 
     def features(self, x):
@@ -501,10 +502,10 @@ class _StructuredEngine(_Engine):
             a1, a2, g1, g2 = ([t for t, one in zip(terms, flat) if not one] for terms in (a1, a2, g1, g2))
         if a1:
             gram_hadamard_accumulate(out, a1, a2, g1, g2, self.mode, symmetric=same)
+        held = _features_bytes(f1) + (0 if same else _features_bytes(f2)) + out.numel() * self.elt
         for rows1, rows2 in zip(f1[2], f2[2]):
-            token_gram_accumulate(out, rows1, rows2, self.mode)
+            token_gram_accumulate(out, rows1, rows2, self.mode, max_pairs_elements=self.token_batch(held))
         if f1[3]:
-            held = _features_bytes(f1) + (0 if same else _features_bytes(f2)) + out.numel() * self.elt
             spare = self.slab_space(held)
             slabs = [self._slab_features(term1, term2, same, spare) for term1, term2 in zip(f1[3], f2[3])]
             # one buffer, sized for the largest slab, serves every slab of every term: a
@@ -523,6 +524,12 @@ class _StructuredEngine(_Engine):
         """Bytes for per-example gradient slabs beside ``held`` bytes of operands and kernel
         block: what the budget leaves, and at least the `reserve` chunk planning kept."""
         return max(self.budget - held, self.budget * self.reserve)
+
+    def token_batch(self, held: float) -> int:
+        """``max_pairs_elements`` of `token_gram_accumulate` beside ``held`` bytes: its
+        batches hold three tensors of that many elements (both sides' gathered rows
+        and their product), within what the budget leaves and at most its default."""
+        return max(1, min(_TOKEN_BATCH_ELEMENTS, int(self.slab_space(held) // (3 * self.elt))))
 
     def _slab_features(self, term1, term2, same: bool, spare: float) -> Tuple[int, int]:
         """(D', elements): output features per slab of a term's per-example gradients, and the
@@ -543,10 +550,18 @@ class _StructuredEngine(_Engine):
         # cotangent buffers and forward graph, or the cotangents copied into the
         # operands' layout
         operands = self.plan.elements_per_example()
-        return self.elt * (operands + max(operands, (o + 2) * self.activations))
+        # torch.func forms the generic group's Jacobian per use of a parameter and
+        # sums them (a tied weight, what sends a parameter there, has two): one more
+        # Jacobian than the operands hold while it is formed
+        forming = o * self.plan.generic_size() if self.plan.generic else 0
+        return self.elt * (operands + max(operands, (o + 2) * self.activations) + forming)
 
     def held_per_example(self):
         return self.elt * self.plan.elements_per_example()
+
+
+# `token_gram_accumulate`'s batches where the budget does not ask for smaller ones
+_TOKEN_BATCH_ELEMENTS = 1 << 22
 
 
 def _gradient_block(term1, term2, same: bool, out: torch.Tensor, mode: str, slab: int,

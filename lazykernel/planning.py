@@ -18,9 +18,9 @@ import torch
 from lazykernel import _memory
 from lazykernel._model import ParamSelection, explained_autograd_errors, one_call_per_model
 from lazykernel._structured import is_deferred, term_cost
-from lazykernel.rules import explicit_attention
-from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _StructuredEngine, _setup,
-                            _tile_sizes, _working_bytes)
+from lazykernel.rules import TOKENS, explicit_attention
+from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _NtvpEngine, _StructuredEngine,
+                            _check_examples, _setup, _tile_sizes, _working_bytes)
 
 
 @dataclass
@@ -65,7 +65,10 @@ class NTKPlan:
             formed up front and the generic group's Jacobians. Measured on the
             probe examples and scaled to the examples processed.
         flops: total FLOPs (groups plus operands).
-        peak_bytes: predicted peak working memory plus the result, in bytes.
+        peak_bytes: predicted peak working memory plus the result, in bytes:
+            forming a chunk's operands, holding them with a block's temporaries
+            (per-example gradient slabs, gathered embedding rows), or checking
+            the rules on the probe examples, whichever takes most.
         result_bytes: bytes of the returned kernel.
         capture: for the structured method, how the cotangents of the O outputs
             are taken: ``"one backward batched over outputs"``, ``"one
@@ -152,7 +155,7 @@ def plan(
         report.method = engine.name
         cell = math.prod(call.shape[2:]) if len(call.shape) > 2 else 1
         b1, b2 = _tile_sizes(engine, n1, n2, call.symmetric, cell * call.elt, call.budget, batch_size)
-        report.chunks = (b1, b2)
+        report.chunks = (int(b1), int(b2))
         pairs, square_pairs, featurised, block_examples = _schedule(n1, n2, b1, b2, call.symmetric)
         probe = x1[:_PROBE_EXAMPLES]
         # counted with autograd on (`_counted_flops`), which cannot save inference tensors
@@ -168,13 +171,61 @@ def plan(
             report.capture = engine.plan.capture_name(max(b1, b2))
     working = _working_bytes(engine, n1, b1, b2, call.symmetric, cell * call.elt)
     if isinstance(engine, _StructuredEngine):
-        # gradients formed a slab at a time beside the chunks' operands, in what the budget leaves
-        rows = b1 if call.symmetric and b1 >= n1 else b1 + b2
+        # the temporaries of a block beside the chunks' operands: per-example gradient
+        # slabs, in what the budget leaves, or the embedding rows two examples share
+        one_chunk = call.symmetric and b1 >= n1
+        rows = b1 if one_chunk else b1 + b2
         held = rows * engine.held_per_example() + b1 * b2 * cell * call.elt
-        slabs = min(engine.slab_space(held), rows * engine.plan.largest_deferred_gradient() * call.elt)
-        working = max(working, held + slabs)
-    report.peak_bytes = working + result_bytes
+        # (a symmetric kernel's tiles are square, and its diagonal blocks the largest)
+        temporaries = max(_slab_bytes(engine, rows, engine.slab_space(held)),
+                          _token_gram_bytes(engine, b1, b2, call.symmetric, held))
+        working = max(working, held + temporaries)
+    # the rules or Jacobians are checked on the probe examples before any chunk is formed
+    checked = len(_check_examples(x1, None if call.symmetric else call.x2))
+    check = 0.0 if isinstance(engine, _NtvpEngine) else checked * engine.bytes_per_example(checked)
+    report.peak_bytes = max(working + result_bytes, check)
     return report
+
+
+def _slab_bytes(engine: _StructuredEngine, rows: int, spare: float) -> float:
+    """Bytes of the buffer `block` forms per-example gradient slabs in, as `_slab_features`
+    sizes it: ``rows·O·D'·K`` elements for the largest slab, at least one output feature."""
+    o, elt = engine.outputs, engine.elt
+    largest = 0
+    for rule, forms in zip(engine.plan.rules, engine.plan.forms):
+        for shape, form in zip(rule.shapes, forms or []):
+            if is_deferred(shape, form, o):
+                slab = int(max(1, min(shape.d, spare // max(rows * o * shape.k * elt, 1))))
+                largest = max(largest, rows * o * slab * shape.k)
+    return float(largest * elt)
+
+
+def _token_gram_bytes(engine: _StructuredEngine, rows1: int, rows2: int, same: bool, held: float) -> float:
+    """Bytes of the temporaries of `token_gram_accumulate` for one block of ``rows1 × rows2``
+    examples beside ``held`` bytes: both sides' gathered rows and their product, in
+    batches of at most `_StructuredEngine.token_batch` gathered elements, and four int64
+    indices per row pair.
+
+    Row pairs are estimated from the shared token rows of the probe examples
+    (``TermShape.matches``); in a diagonal block each example also meets all its own rows.
+    """
+    o, elt = engine.outputs, engine.elt
+    cap = engine.token_batch(held)
+    largest = 0.0
+    for rule, forms in zip(engine.plan.rules, engine.plan.forms):
+        for shape, form in zip(rule.shapes, forms or []):
+            if form != TOKENS:
+                continue
+            if same:
+                pairs = rows1 * (rows1 - 1) * shape.matches + rows1 * shape.positions
+            else:
+                pairs = rows1 * rows2 * shape.matches
+            per_pair = o * shape.d
+            # a batch holds whole rows: at least all the partners of one row (one per example)
+            batch = min(pairs, max(cap // max(per_pair, 1), rows2))
+            product = o * o if engine.mode == "full" else per_pair
+            largest = max(largest, batch * ((2 * per_pair + product) * elt + 4 * 8))
+    return largest
 
 
 def _schedule(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> Tuple[float, float, float, float]:
