@@ -342,7 +342,7 @@ class StructuredPlan:
         if self._forward_accepts(taps, x, plain):
             return
         for rule in taps:
-            leads = range(rule.max_lead + 1) if search_lead else (rule.lead,)
+            leads = rule.leads() if search_lead else (rule.lead,)
             for lead in leads:
                 rule.lead = lead
                 if self._forward_accepts([rule], x, plain):

@@ -279,7 +279,15 @@ class BroadcastParameterRule(StructuredRule):
     def __init__(self, name: str, param: torch.Tensor):
         super().__init__(None, {"": name})
         self.param = param
-        self.lead = 0
+        self.lead = self.leads()[0]
+
+    def leads(self) -> Tuple[int, ...]:
+        """The values of `lead` to try, the likeliest first. A parameter with a leading
+        singleton axis (``[1, T, D]`` positions added to ``[N, T, D]``) is most often
+        written to broadcast along the batch axis with it: ``lead = -1`` expands that
+        axis itself to the batch, ``[N, T, D]``."""
+        own = tuple(range(self.max_lead + 1))
+        return (-1,) + own if self.param.dim() and self.param.shape[0] == 1 else own
 
     def attach(self):
         self.clear()
@@ -288,10 +296,14 @@ class BroadcastParameterRule(StructuredRule):
         pass
 
     def tap(self, n: int) -> torch.Tensor:
-        """The expanded parameter ``[n, 1 × lead, *θ.shape]``, recorded as this rule's output."""
-        shape = (1,) * self.lead + tuple(self.param.shape)
+        """The expanded parameter ``[n, 1 × lead, *θ.shape]`` (``[n, *θ.shape[1:]]`` for
+        ``lead = -1``), recorded as this rule's output."""
         leaf = self.param.detach().requires_grad_(True)
-        expanded = leaf.reshape((1,) + shape).expand((n,) + shape)
+        if self.lead < 0:
+            expanded = leaf.expand((n,) + tuple(self.param.shape[1:]))
+        else:
+            shape = (1,) * self.lead + tuple(self.param.shape)
+            expanded = leaf.reshape((1,) + shape).expand((n,) + shape)
         self.outputs.append(expanded)
         return expanded
 

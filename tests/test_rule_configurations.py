@@ -298,3 +298,28 @@ def test_a_padded_transformer_encoder_is_exact(method):
     x[1::2, -1, 0] = -x[1::2, -1, 0].abs()
     ref = reference_ntk(model, x, output="trace")
     assert_close_to_reference(lazykernel.ntk(model, x, output="trace", method=method), ref, torch.float64)
+
+
+class _LeadingSingletonParameters(nn.Module):
+    """Positions ``[1, T, D]`` added to ``[N, T, D]`` and a scale ``[1, D]``, written to
+    broadcast along the batch axis with their own leading axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions = nn.Parameter(torch.randn(1, 5, 4))
+        self.scale = nn.Parameter(torch.randn(1, 3))
+        self.inner = nn.Linear(4, 3)
+
+    def forward(self, x):                      # x: [N, 5, 4]
+        return torch.tanh(self.inner(x + self.positions)).mean(1) * self.scale
+
+
+def test_parameters_with_a_leading_singleton_axis_take_the_broadcast_rule():
+    torch.manual_seed(0)
+    model = _LeadingSingletonParameters().double().eval()
+    x = torch.randn(5, 5, 4, dtype=torch.float64)
+    rules = _rule_of_each_parameter(model, x)
+    assert rules == {"positions": "BroadcastParameterRule", "scale": "BroadcastParameterRule",
+                     "inner.weight": "LinearRule", "inner.bias": "LinearRule"}
+    _assert_exact(model, x, outputs=("full", "trace"))
+    _assert_exact(model, x[:3], x[3:], outputs=("diagonal",))
