@@ -213,3 +213,12 @@ def test_closed_form_and_ntk_regression_take_the_same_eigenvalues_for_round_off(
     top = evecs[:, 1:]                     # the eigenvectors of 1 and 1e-2
     reference = k_test @ (top @ ((top.T @ y) / evals[1:, None]))
     torch.testing.assert_close(f_test, reference, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("metric", ["kernel_distance", "relative_kernel_change", "centered_kernel_alignment"])
+def test_kernel_metrics_refuse_what_is_not_a_tensor_by_name(metric):
+    kernel = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="must be a tensor, got list"):
+        getattr(metrics, metric)(kernel.tolist(), kernel)
+    with pytest.raises(ValueError, match="must be a tensor, got list"):
+        getattr(metrics, metric)(kernel, kernel.tolist())

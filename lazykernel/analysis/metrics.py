@@ -42,7 +42,14 @@ def _as_kernel_matrix(k: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"{name} must have 2, 3 or 4 dimensions (an ntk() result), got shape {tuple(k.shape)}")
 
 
+def _check_tensors(**named) -> None:
+    for name, value in named.items():
+        if not torch.is_tensor(value):
+            raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
+
+
 def _check_same_shape(k0: torch.Tensor, k1: torch.Tensor) -> None:
+    _check_tensors(k0=k0, k1=k1)
     if k0.shape != k1.shape:
         raise ValueError(f"the two kernels must have the same shape, got {tuple(k0.shape)} and {tuple(k1.shape)}")
 
@@ -107,6 +114,7 @@ def centered_kernel_alignment(k: torch.Tensor, y: torch.Tensor) -> float:
     Returns:
         A float in [−1, 1]; higher means the kernel's geometry matches the labels.
     """
+    _check_tensors(k=k, y=y)
     if k.dim() != 2 or k.shape[0] != k.shape[1]:
         raise ValueError(f"k must be a square [N, N] kernel, got shape {tuple(k.shape)}")
     y = y.detach().to(torch.float64)
