@@ -165,8 +165,9 @@ class StructuredRule:
 
     @classmethod
     def handled(cls, module: nn.Module) -> Dict[str, nn.Parameter]:
-        """Local name -> parameter of everything this rule can take over."""
-        return dict(module.named_parameters(recurse=False))
+        """Local name -> parameter of everything this rule can take over: the module's
+        own weight and bias (a subclass's further parameters go to other rules)."""
+        return {name: p for name, p in module.named_parameters(recurse=False) if name in ("weight", "bias")}
 
     # -- capture ---------------------------------------------------------------
     def attach(self) -> None:

@@ -323,3 +323,30 @@ def test_parameters_with_a_leading_singleton_axis_take_the_broadcast_rule():
                      "inner.weight": "LinearRule", "inner.bias": "LinearRule"}
     _assert_exact(model, x, outputs=("full", "trace"))
     _assert_exact(model, x[:3], x[3:], outputs=("diagonal",))
+
+
+class _ScaledLinear(nn.Linear):
+    """A Linear subclass with a parameter of its own that the model multiplies in."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out)
+        self.gain = nn.Parameter(torch.randn(d_out))
+
+
+class _UsesTheGain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = _ScaledLinear(4, 3)
+
+    def forward(self, x):
+        return torch.tanh(self.layer(x)) * self.layer.gain
+
+
+def test_a_linear_subclass_keeps_its_rule_beside_a_parameter_of_its_own():
+    torch.manual_seed(0)
+    model = _UsesTheGain().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    rules = _rule_of_each_parameter(model, x)
+    assert rules["layer.weight"] == rules["layer.bias"] == "LinearRule"
+    assert rules["layer.gain"] != "LinearRule"
+    _assert_exact(model, x, outputs=("full",))
