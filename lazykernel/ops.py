@@ -197,6 +197,9 @@ def token_gram_accumulate(
             else:
                 values = torch.bmm(left, right.transpose(1, 2))
             out.index_put_((ex1[local], ex2[partner]), values.to(out.dtype), accumulate=True)
+            # freed before the next batch is gathered, not when its names are rebound:
+            # a batch's temporaries then never meet the next one's
+            del left, right, values, local, partner
         start_row = stop
     return out
 

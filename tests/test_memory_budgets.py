@@ -137,3 +137,40 @@ def test_ntk_gathers_shared_embedding_rows_in_batches_the_budget_holds(monkeypat
     budgeted = lazykernel.ntk(model, x, memory_budget=budget)
     assert caps and max(caps) * 3 * 4 <= budget
     torch.testing.assert_close(budgeted, unbudgeted, rtol=1e-5, atol=1e-5)
+
+
+class _MeanOverPositions(nn.Module):
+    def forward(self, h):
+        return h.mean(1)
+
+
+def _peak_allocated_bytes(fn) -> int:
+    """The most bytes ``fn`` holds allocated at once on the CPU, from the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def test_a_transformer_kernel_stays_within_a_tight_budget():
+    # an embedding table whose rows every pair of examples shares, beside attention
+    # and feed-forward terms in gradient form: the gathered rows, the gradient slabs
+    # and the held operands together must fit in the budget
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(200, 64),
+                          nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True),
+                          _MeanOverPositions(), nn.Linear(64, 3)).eval()
+    x = torch.randint(0, 200, (128, 16))
+    budget = 43e6
+    unbudgeted = lazykernel.ntk(model, x)
+    result = {}
+    peak = _peak_allocated_bytes(lambda: result.update(k=lazykernel.ntk(model, x, memory_budget=budget)))
+    assert peak <= 1.02 * budget + unbudgeted.numel() * 4
+    assert peak <= 1.02 * lazykernel.plan(model, x, memory_budget=budget).peak_bytes
+    torch.testing.assert_close(result["k"], unbudgeted, rtol=1e-4, atol=1e-4)
