@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -49,38 +51,8 @@ def _cgroup_available_bytes() -> Optional[int]:
     their usage counts the page cache, of which the inactive part is reclaimed
     before the limit is enforced, so it counts as available.
     """
-    try:
-        with open(_PROC_CGROUP) as lines:
-            entries = [line.rstrip("\n").split(":", 2) for line in lines]
-    except OSError:
-        return None
-    found = []
-    for entry in entries:
-        if len(entry) != 3:
-            continue
-        _, controllers, path = entry
-        if controllers == "":
-            found.append(_cgroup_headroom(_CGROUP_ROOT, path, "memory.max", "memory.current", "inactive_file"))
-        elif "memory" in controllers.split(","):
-            found.append(_cgroup_headroom(f"{_CGROUP_ROOT}/memory", path, "memory.limit_in_bytes",
-                                          "memory.usage_in_bytes", "total_inactive_file"))
-    limits = [bytes_ for bytes_ in found if bytes_ is not None]
-    return min(limits) if limits else None
-
-
-def _cgroup_headroom(mount: str, path: str, limit_file: str, usage_file: str, inactive_key: str
-                     ) -> Optional[int]:
-    """The least ``limit − (usage − inactive page cache)`` of the cgroup at ``path`` and
-    those above it that are visible under ``mount``, or None where none has a limit.
-
-    Inside a container the path names the cgroup on the host, and the
-    container sees its own cgroup at the mount's root: every ancestor of the
-    path is tried, the root included.
-    """
-    parts = [part for part in path.split("/") if part]
     headroom = None
-    for depth in range(len(parts), -1, -1):
-        folder = "/".join([mount] + parts[:depth])
+    for folder, limit_file, usage_file, inactive_key in _cgroup_folders(_PROC_CGROUP, _CGROUP_ROOT):
         limit = _read_int(f"{folder}/{limit_file}")
         if limit is None or limit >= _NO_CGROUP_LIMIT:
             continue
@@ -89,6 +61,40 @@ def _cgroup_headroom(mount: str, path: str, limit_file: str, usage_file: str, in
         free = max(0, limit - max(0, usage - inactive))
         headroom = free if headroom is None else min(headroom, free)
     return headroom
+
+
+@functools.lru_cache(maxsize=4)
+def _cgroup_folders(proc_cgroup: str, root: str) -> Tuple[Tuple[str, str, str, str], ...]:
+    """The memory cgroups of this process that have a limit file: (folder, limit file,
+    usage file, memory.stat key of the inactive page cache), found once per process.
+
+    Inside a container the path names the cgroup on the host, and the
+    container sees its own cgroup at the mount's root: every ancestor of the
+    path is tried, the root included.
+    """
+    try:
+        with open(proc_cgroup) as lines:
+            entries = [line.rstrip("\n").split(":", 2) for line in lines]
+    except OSError:
+        return ()
+    found = []
+    for entry in entries:
+        if len(entry) != 3:
+            continue
+        _, controllers, path = entry
+        if controllers == "":
+            files = (root, "memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            files = (f"{root}/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        mount, limit_file = files[0], files[1]
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts), -1, -1):
+            folder = "/".join([mount] + parts[:depth])
+            if os.path.isfile(f"{folder}/{limit_file}"):
+                found.append((folder,) + files[1:])
+    return tuple(found)
 
 
 def _read_int(filename: str) -> Optional[int]:
