@@ -273,7 +273,7 @@ class Extras(nn.Module):
         self.proj = nn.Linear(3, 4)
         self.pos = nn.Parameter(torch.randn(5, 4))        # [T, D]: h + pos lines up per example
         self.mix = nn.Parameter(torch.randn(4, 4))        # h @ mix on [N, T, D]: batched product
-        self.cls = nn.Parameter(torch.randn(1, 4))        # expanded by hand: cannot take a batch axis
+        self.cls = nn.Parameter(torch.randn(1, 4))        # expanded by hand along its own first axis
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):                                 # x: [N, 5, 3]
@@ -288,7 +288,7 @@ class Extras(nn.Module):
 
 @pytest.mark.parametrize("kind, broadcast, generic", [
     ("plain", {"pos", "mix", "cls"}, set()),       # an unused parameter has a zero gradient either way
-    ("cls", {"pos", "mix"}, {"cls"}),
+    ("cls", {"pos", "mix", "cls"}, set()),         # its leading axis of 1 becomes the batch axis
     ("pooled", {"pos", "cls"}, {"mix"}),
 ])
 def test_parameters_used_in_forward_get_the_broadcast_rule_where_it_applies(kind, broadcast, generic):
