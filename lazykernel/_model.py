@@ -116,18 +116,16 @@ def _select_module_parameters(module: nn.Module, params: ParamSelection) -> Dict
     named = dict(module.named_parameters())
     if params is None:
         chosen = list(named)
-    elif isinstance(params, str):
-        chosen = [params]
-    elif callable(params):
-        chosen = [name for name, p in named.items() if params(name, p)]
     elif isinstance(params, Mapping):
         raise ValueError(
             "params must be None, a list of parameter names or a predicate "
             "(name, param) -> bool for an nn.Module; a dict of values is only "
             "accepted with a functional model fn(params, x)"
         )
+    elif callable(params):
+        chosen = [name for name, p in named.items() if params(name, p)]
     else:
-        chosen = list(params)
+        chosen = _selected_names(params)
         unknown = [name for name in chosen if name not in named]
         if unknown:
             raise ValueError(
@@ -139,10 +137,48 @@ def _select_module_parameters(module: nn.Module, params: ParamSelection) -> Dict
     return {name: p for name, p in named.items() if name in chosen_set and p.requires_grad}
 
 
+def _selected_names(params) -> List[str]:
+    """The names of a ``params`` given as one name or an iterable of names."""
+    if isinstance(params, str):
+        return [params]
+    try:
+        chosen = list(params)
+    except TypeError:
+        raise ValueError(
+            "params must be None, a parameter name, a list of names from model.named_parameters() "
+            f"or a predicate (name, param) -> bool; got {type(params).__name__}"
+        ) from None
+    wrong = [type(name).__name__ for name in chosen if not isinstance(name, str)]
+    if wrong:
+        raise ValueError(
+            f"params must list parameters by name (strings from model.named_parameters()), "
+            f"got entries of type {sorted(set(wrong))}; to select tensors, pass their names or "
+            "a predicate such as lambda name, p: p is model.fc.weight"
+        )
+    return chosen
+
+
+def _refuse_complex(params: Mapping[str, torch.Tensor], where: str) -> None:
+    complex_names = [name for name, value in params.items() if value.is_complex()]
+    if complex_names:
+        raise ValueError(
+            f"{where} {complex_names} are complex; the NTK is defined here for real parameters "
+            "only. Hold each as a real tensor (its real and imaginary parts, as torch.view_as_real "
+            "gives them) and form the complex value inside the model with torch.view_as_complex"
+        )
+
+
 def make_adapter(model, params: ParamSelection) -> ModelAdapter:
     """Build the functional view of ``model`` and check that it has something to differentiate."""
+    if isinstance(model, nn.DataParallel):
+        raise ValueError(
+            "model is an nn.DataParallel wrapper, whose parameters torch.func cannot swap; pass "
+            "the model it wraps, model.module (the same function, with parameter names without "
+            "the 'module.' prefix)"
+        )
     if isinstance(model, nn.Module):
         selected = _select_module_parameters(model, params)
+        _refuse_complex(selected, "the selected parameters")
         adapter = ModelAdapter(model, None, selected, {})
         where = "the model"
     elif callable(model):
@@ -151,10 +187,13 @@ def make_adapter(model, params: ParamSelection) -> ModelAdapter:
                 "a functional model fn(params, x) needs params: a dict mapping names to "
                 f"tensors, got {type(params).__name__}"
             )
-        selected, constants = {}, {}
         for name, value in params.items():
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"params[{name!r}] must be a tensor, got {type(value).__name__}")
+        # a complex entry would otherwise pass for a constant and drop out of the kernel
+        _refuse_complex(params, "the entries of params")
+        selected, constants = {}, {}
+        for name, value in params.items():
             (selected if value.is_floating_point() else constants)[name] = value
         adapter = ModelAdapter(None, model, selected, constants)
         where = "params"
@@ -170,6 +209,19 @@ def make_adapter(model, params: ParamSelection) -> ModelAdapter:
             "parameters or change `params`."
         )
     return adapter
+
+
+def parameters_device_and_dtype(adapter: ModelAdapter) -> Tuple[torch.device, torch.dtype]:
+    """The one device and dtype of the selected parameters; ValueError if they have several."""
+    devices = {p.device for p in adapter.params.values()}
+    dtypes = {p.dtype for p in adapter.params.values()}
+    if len(devices) > 1:
+        raise ValueError(f"the selected parameters are spread over several devices {sorted(map(str, devices))}; "
+                         "move the model to one device")
+    if len(dtypes) > 1:
+        raise ValueError(f"the selected parameters mix dtypes {sorted(map(str, dtypes))}; "
+                         "convert the model to one dtype (e.g. model.float())")
+    return devices.pop(), dtypes.pop()
 
 
 def check_eval_mode(module: nn.Module) -> None:
@@ -240,6 +292,13 @@ def explained_autograd_errors() -> Iterator[None]:
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     """Raise ValueError naming ``name`` if ``tensor`` holds a NaN or an Inf."""
+    if tensor.is_meta:
+        # nothing to read, here or in any later step
+        raise ValueError(
+            f"{name} is on the meta device, which holds shapes but no values, so nothing can be computed "
+            "from it; create it on a real device (a model built on meta: model.to_empty(device=...), "
+            "then load its weights)"
+        )
     if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
         return
     # One reduction decides the common case; only a non-finite sum (which can

@@ -18,7 +18,8 @@ from lazykernel._chain import exact_by_construction
 from lazykernel._jacobian import ntk_block_by_ntvp, per_example_jacobian
 from lazykernel._precision import check_precision, gemm_gram_accumulate, matmul_precision, uses_tf32
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite,
-                               explained_autograd_errors, make_adapter, model_tensors, one_call_per_model)
+                               explained_autograd_errors, make_adapter, model_tensors, one_call_per_model,
+                               parameters_device_and_dtype)
 from lazykernel._structured import StructuredPlan, jacobians_agree, ntvp_agrees
 from lazykernel.rules import RuleDoesNotApply, explicit_attention
 from lazykernel.ops import OUTPUTS, gram_hadamard_accumulate, token_gram_accumulate
@@ -120,6 +121,16 @@ def _ntk(model, x1, x2, output, method, params, batch_size, memory_budget, progr
         warnings.warn(f"the kernel holds NaN or Inf values although the inputs and parameters are finite: "
                       f"the model's outputs or their derivatives overflow in {setup.dtype} on some examples "
                       "(try float64, or smaller weights or inputs)", stacklevel=4)
+    if setup.dtype != setup.compute_dtype:
+        narrow = kernel
+        kernel = narrow.to(setup.dtype)
+        largest = float(narrow.abs().max()) if narrow.numel() else 0.0
+        limit = torch.finfo(setup.dtype).max
+        if math.isfinite(largest) and largest > limit:
+            warnings.warn(f"the kernel, computed in {setup.compute_dtype}, has entries up to {largest:.3g}, beyond "
+                          f"the range of the model's {setup.dtype} (at most {limit:.3g}): they are Inf in the "
+                          f"result. For a {setup.compute_dtype} kernel, call ntk on model.float() with float "
+                          "inputs.", stacklevel=4)
     return kernel
 
 
@@ -137,13 +148,14 @@ def _looks_finite(kernel: torch.Tensor, symmetric: bool) -> bool:
 
 
 def _compute(setup: "_Call", x1: torch.Tensor, batch_size: Optional[int], progress: bool) -> torch.Tensor:
-    """The kernel of a set-up call, in the model's dtype."""
+    """The kernel of a set-up call, in its compute dtype (float32 for a float16 or
+    bfloat16 model; `_ntk` casts it to the model's dtype)."""
     result = torch.zeros(setup.shape, dtype=setup.compute_dtype, device=setup.device)
     if setup.engine is not None:
         with setup.running():
             _run_tiles(setup.engine, x1, setup.x2, setup.symmetric, result, setup.mode, setup.budget,
                        setup.elt, batch_size, progress)
-    return result.to(setup.dtype)
+    return result
 
 
 @dataclass
@@ -243,16 +255,7 @@ def _check_inputs(adapter: ModelAdapter, x1, x2) -> Tuple[torch.dtype, torch.dev
             f"x1 and x2 must have the same trailing shape (one example's shape): "
             f"x1 is {tuple(x1.shape)}, x2 is {tuple(x2.shape)}"
         )
-    values = list(adapter.params.items())
-    devices = {p.device for _, p in values}
-    dtypes = {p.dtype for _, p in values}
-    if len(devices) > 1:
-        raise ValueError(f"the selected parameters are spread over several devices {sorted(map(str, devices))}; "
-                         "move the model to one device")
-    if len(dtypes) > 1:
-        raise ValueError(f"the selected parameters mix dtypes {sorted(map(str, dtypes))}; "
-                         "convert the model to one dtype (e.g. model.float())")
-    device, dtype = devices.pop(), dtypes.pop()
+    device, dtype = parameters_device_and_dtype(adapter)
     for name, x in (("x1", x1), ("x2", x2)):
         if x is None:
             continue

@@ -24,7 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lazykernel import _memory
 from lazykernel._chain import plain_leaves
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, first_line,
-                               make_adapter, one_call_per_model, restoring_functional_call)
+                               make_adapter, one_call_per_model, parameters_device_and_dtype,
+                               restoring_functional_call)
 from lazykernel._precision import check_precision, matmul_precision
 from lazykernel.ntk import _probe
 from lazykernel.ops import linear_jvp_stacked
@@ -59,15 +60,25 @@ def _check_batch(adapter: ModelAdapter, x, name: str) -> torch.dtype:
         raise ValueError(f"{name} must be a torch.Tensor of shape [N, *in], got {type(x).__name__}")
     if x.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension first, [N, *in]; got a scalar")
-    first = next(iter(adapter.params.values()))
-    if x.device != first.device:
+    device, dtype = parameters_device_and_dtype(adapter)
+    if x.device != device:
         raise ValueError(f"{name} is on device {x.device} but the model's parameters are on "
-                         f"{first.device}; move them to the same device")
-    if x.is_floating_point() and x.dtype != first.dtype:
+                         f"{device}; move them to the same device")
+    if x.is_floating_point() and x.dtype != dtype:
         raise ValueError(f"{name} has dtype {x.dtype} but the model's parameters have dtype "
-                         f"{first.dtype}; convert one of them (e.g. {name}.to({first.dtype}))")
+                         f"{dtype}; convert one of them (e.g. {name}.to({dtype}))")
     check_finite(name, x)
-    return first.dtype
+    return dtype
+
+
+def _check_vector(v: torch.Tensor, name: str, device: torch.device) -> None:
+    """An output-space vector (``vjp``'s cotangent, ``ntk_vp``'s v): real, on the inputs' device."""
+    if v.is_complex():
+        # its imaginary part would be dropped without a word by the conversion
+        raise ValueError(f"{name} must be real (it is converted to the model's dtype), got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"{name} is on device {v.device} but the inputs and the model's parameters are on "
+                         f"{device}; move it there (e.g. {name}.to({str(device)!r}))")
 
 
 def _tangent_dict(adapter: ModelAdapter, tangent: Tangent, what: str = "tangent"
@@ -395,6 +406,7 @@ def vjp(
     if not isinstance(cotangent, torch.Tensor):
         raise ValueError(f"cotangent must be a tensor shaped like the model's output, got "
                          f"{type(cotangent).__name__}")
+    _check_vector(cotangent, "cotangent", x.device)
     with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype):
         return _vjp(adapter, x, cotangent, batch_size, memory_budget)
 
@@ -493,6 +505,7 @@ def ntk_vp(
     x2_ = x if x2 is None else x2
     if not isinstance(v, torch.Tensor) or not v.is_floating_point():
         raise ValueError(f"v must be a floating-point tensor, got {type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}")
+    _check_vector(v, "v", x.device)
     with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype), \
             _attention_with_forward_mode():
         return _ntk_vp(adapter, x, v, x2, x2_, output, dtype, batch_size, memory_budget)
