@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import re
 import threading
 import weakref
@@ -116,13 +117,14 @@ def _select_module_parameters(module: nn.Module, params: ParamSelection) -> Dict
     named = dict(module.named_parameters())
     if params is None:
         chosen = list(named)
-    elif isinstance(params, Mapping):
+    elif isinstance(params, (Mapping, nn.Module)):
         raise ValueError(
             "params must be None, a list of parameter names or a predicate "
-            "(name, param) -> bool for an nn.Module; a dict of values is only "
-            "accepted with a functional model fn(params, x)"
+            "(name, param) -> bool for an nn.Module; a dict of values (or a "
+            f"{type(params).__name__}) is only accepted with a functional model fn(params, x)"
         )
     elif callable(params):
+        _check_predicate(params)
         chosen = [name for name, p in named.items() if params(name, p)]
     else:
         chosen = _selected_names(params)
@@ -135,6 +137,22 @@ def _select_module_parameters(module: nn.Module, params: ParamSelection) -> Dict
     # in the model's order, whatever the order of the names given
     chosen_set = set(chosen)
     return {name: p for name, p in named.items() if name in chosen_set and p.requires_grad}
+
+
+def _check_predicate(predicate: Callable) -> None:
+    """Refuse a ``params`` predicate that cannot be called as ``predicate(name, param)``."""
+    try:
+        inspect.signature(predicate).bind("name", None)
+    except TypeError:
+        given = getattr(predicate, "__qualname__", type(predicate).__name__)
+        raise ValueError(
+            "a params predicate is called as predicate(name, param) -> bool, with the name from "
+            f"model.named_parameters() and the parameter; {given} does not take those two "
+            "arguments (e.g. lambda name, p: name.startswith('fc'))"
+        ) from None
+    except ValueError:
+        # a builtin without a signature: calling it will tell
+        pass
 
 
 def _selected_names(params) -> List[str]:

@@ -140,3 +140,15 @@ def test_a_half_precision_kernel_beyond_float16s_range_says_so():
     finite = torch.isfinite(kernel)
     assert not finite.all() and (wide.abs() > 65504).any()
     torch.testing.assert_close(kernel[finite].float(), wide[finite], rtol=2e-3, atol=0)
+
+
+def test_a_params_predicate_of_one_argument_is_refused_with_the_expected_call():
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"predicate\(name, param\)"):
+        lazykernel.ntk(model, torch.randn(2, 3), params=lambda name: "weight" in name)
+
+
+def test_a_parameter_container_passed_as_params_is_refused():
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="ParameterDict"):
+        lazykernel.ntk(model, torch.randn(2, 3), params=nn.ParameterDict({"w": nn.Parameter(torch.ones(2))}))
