@@ -405,13 +405,6 @@ class StructuredPlan:
             totals.append(total)
         return totals
 
-    def largest_deferred_gradient(self) -> int:
-        """Elements of the largest per-example gradient formed block by block (`GradientOf`)."""
-        o = self.outputs or 1
-        sizes = [o * s.d * s.k for rule, forms in zip(self.rules, self.forms)
-                 for s, form in zip(rule.shapes, forms or []) if is_deferred(s, form, o)]
-        return max(sizes, default=0)
-
     def generic_size(self) -> int:
         """Parameters in the generic (per-example Jacobian) group."""
         return sum(self.adapter.params[name].numel() for name in self.generic)
