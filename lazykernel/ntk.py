@@ -296,7 +296,8 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: boo
         if isinstance(out, torch.Tensor):
             seen.append(out.numel())
             if out.is_floating_point() and out.numel():
-                peaks.append(float(out.detach().abs().max()))
+                # read after the forward: a float() here would break a compiled model's graph
+                peaks.append(out.detach().abs().max())
 
     if adapter.module is not None:
         handles = [m.register_forward_hook(lambda module, args, out: count(out))
@@ -347,7 +348,7 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: boo
         )
     if not exact_by_construction(adapter.module, sample):
         with explicit_attention(adapter.module):
-            _check_independent(adapter, sample, y, name, dtype, max(peaks, default=0.0))
+            _check_independent(adapter, sample, y, name, dtype, max((float(p) for p in peaks), default=0.0))
     return max(1, y[0].numel()), sum(seen) // k
 
 

@@ -1,6 +1,8 @@
 """How the public functions treat PyTorch's conventions: parameter selections,
 model kinds, dtypes and devices they cannot use, and the vectors of the products."""
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -152,3 +154,17 @@ def test_a_parameter_container_passed_as_params_is_refused():
     model = nn.Sequential(nn.Linear(3, 2))
     with pytest.raises(ValueError, match="ParameterDict"):
         lazykernel.ntk(model, torch.randn(2, 3), params=nn.ParameterDict({"w": nn.Parameter(torch.ones(2))}))
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_a_compiled_model_gives_the_eager_kernel_without_breaking_its_graph(caplog):
+    # the probe reads each layer's largest value after the forward, not inside a hook
+    # (a float() there is a graph break, which torch.compile reports at length)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with caplog.at_level("WARNING"):
+        compiled = lazykernel.ntk(torch.compile(model), x, output="full")
+    torch.testing.assert_close(compiled, lazykernel.ntk(model, x, output="full"), rtol=1e-12, atol=1e-12)
+    assert not [r for r in caplog.records if "Graph break" in r.getMessage()]
