@@ -29,8 +29,7 @@ __all__ = [
 
 def _as_kernel_matrix(k: torch.Tensor, name: str) -> torch.Tensor:
     """A kernel of any output mode, as a float64 matrix (full ``[N, N, O, O]`` → ``[NO, NO]``)."""
-    if not torch.is_tensor(k):
-        raise ValueError(f"{name} must be a tensor, got {type(k).__name__}")
+    _check_tensors(**{name: k})
     k = k.detach().to(torch.float64)
     if k.dim() == 2:
         return k
@@ -43,6 +42,7 @@ def _as_kernel_matrix(k: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _check_tensors(**named) -> None:
+    """Refuse, by name, an argument that is not a tensor."""
     for name, value in named.items():
         if not torch.is_tensor(value):
             raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
@@ -305,12 +305,11 @@ def ntk_regression(k_train: torch.Tensor, k_test_train: torch.Tensor, y_train: t
         ValueError: bad shapes or numbers, NaN or Inf in any input, or a ``k_train``
             that is not symmetric.
     """
-    for name, value in (("k_train", k_train), ("k_test_train", k_test_train), ("y_train", y_train),
-                        ("f0_train", f0_train), ("f0_test", f0_test)):
-        if value is None and name.startswith("f0"):
-            continue
-        if not torch.is_tensor(value):
-            raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
+    given = {"k_train": k_train, "k_test_train": k_test_train, "y_train": y_train, "f0_train": f0_train,
+             "f0_test": f0_test}
+    given = {name: value for name, value in given.items() if value is not None or not name.startswith("f0")}
+    _check_tensors(**given)
+    for name, value in given.items():
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name} contains NaN or Inf values; the predictions need finite inputs")
     if y_train.dim() not in (1, 2):
