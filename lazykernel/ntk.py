@@ -541,7 +541,11 @@ class _StructuredEngine(_Engine):
         must fit in ``spare`` bytes."""
         (a1, g1), (a2, _) = term1, term2
         rows = a1.shape[0] + (0 if same else a2.shape[0])
-        o, d, k = g1.shape[0], g1.shape[3], a1.shape[2]
+        return self.slab(rows, g1.shape[0], g1.shape[3], a1.shape[2], spare)
+
+    def slab(self, rows: int, o: int, d: int, k: int, spare: float) -> Tuple[int, int]:
+        """`_slab_features` for ``rows`` examples of a term with O outputs, D output
+        features and K input features (`planning` sizes the slab buffer with it too)."""
         slab = int(max(1, min(d, spare // max(rows * o * k * self.elt, 1))))
         return slab, rows * o * slab * k
 

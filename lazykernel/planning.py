@@ -188,16 +188,13 @@ def plan(
 
 
 def _slab_bytes(engine: _StructuredEngine, rows: int, spare: float) -> float:
-    """Bytes of the buffer `block` forms per-example gradient slabs in, as `_slab_features`
-    sizes it: ``rows·O·D'·K`` elements for the largest slab, at least one output feature."""
-    o, elt = engine.outputs, engine.elt
-    largest = 0
-    for rule, forms in zip(engine.plan.rules, engine.plan.forms):
-        for shape, form in zip(rule.shapes, forms or []):
-            if is_deferred(shape, form, o):
-                slab = int(max(1, min(shape.d, spare // max(rows * o * shape.k * elt, 1))))
-                largest = max(largest, rows * o * slab * shape.k)
-    return float(largest * elt)
+    """Bytes of the buffer `block` forms per-example gradient slabs in: the largest slab
+    of any term formed block by block, as `_StructuredEngine.slab` sizes it."""
+    o = engine.outputs
+    largest = max((engine.slab(rows, o, shape.d, shape.k, spare)[1]
+                   for rule, forms in zip(engine.plan.rules, engine.plan.forms)
+                   for shape, form in zip(rule.shapes, forms or []) if is_deferred(shape, form, o)), default=0)
+    return float(largest * engine.elt)
 
 
 def _token_gram_bytes(engine: _StructuredEngine, rows1: int, rows2: int, same: bool, held: float) -> float:
