@@ -117,16 +117,16 @@ def _ntk(model, x1, x2, output, method, params, batch_size, memory_budget, progr
                       "is computed with method='jacobian'", stacklevel=4)
         setup = _setup(model, x1, x2, output, "jacobian", params, batch_size, memory_budget, precision)
         kernel = _compute(setup, x1, batch_size, progress)
-    if kernel.is_floating_point() and kernel.numel() and not _looks_finite(kernel, setup.symmetric):
+    finite = not kernel.numel() or _looks_finite(kernel, setup.symmetric)
+    if not finite:
         warnings.warn(f"the kernel holds NaN or Inf values although the inputs and parameters are finite: "
                       f"the model's outputs or their derivatives overflow in {setup.dtype} on some examples "
                       "(try float64, or smaller weights or inputs)", stacklevel=4)
     if setup.dtype != setup.compute_dtype:
-        narrow = kernel
-        kernel = narrow.to(setup.dtype)
-        largest = float(narrow.abs().max()) if narrow.numel() else 0.0
-        limit = torch.finfo(setup.dtype).max
-        if math.isfinite(largest) and largest > limit:
+        wide, kernel = kernel, kernel.to(setup.dtype)
+        # a finite kernel in its compute dtype that is not in the model's overflowed in the cast
+        if finite and kernel.numel() and not _looks_finite(kernel, setup.symmetric):
+            largest, limit = float(wide.abs().max()), torch.finfo(setup.dtype).max
             warnings.warn(f"the kernel, computed in {setup.compute_dtype}, has entries up to {largest:.3g}, beyond "
                           f"the range of the model's {setup.dtype} (at most {limit:.3g}): they are Inf in the "
                           f"result. For a {setup.compute_dtype} kernel, call ntk on model.float() with float "
