@@ -22,7 +22,7 @@ from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, ch
                                parameters_device_and_dtype)
 from lazykernel._structured import StructuredPlan, jacobians_agree, ntvp_agrees
 from lazykernel.rules import RuleDoesNotApply, explicit_attention
-from lazykernel.ops import OUTPUTS, gram_hadamard_accumulate, token_gram_accumulate
+from lazykernel.ops import OUTPUTS, TOKEN_BATCH_ELEMENTS, gram_hadamard_accumulate, token_gram_accumulate
 
 METHODS = ("auto", "structured", "jacobian", "ntvp")
 _PROBE_EXAMPLES = 3
@@ -533,7 +533,7 @@ class _StructuredEngine(_Engine):
         """``max_pairs_elements`` of `token_gram_accumulate` beside ``held`` bytes: its
         batches hold three tensors of that many elements (both sides' gathered rows
         and their product), within what the budget leaves and at most its default."""
-        return max(1, min(_TOKEN_BATCH_ELEMENTS, int(self.slab_space(held) // (3 * self.elt))))
+        return max(1, min(TOKEN_BATCH_ELEMENTS, int(self.slab_space(held) // (3 * self.elt))))
 
     def _slab_features(self, term1, term2, same: bool, spare: float) -> Tuple[int, int]:
         """(D', elements): output features per slab of a term's per-example gradients, and the
@@ -566,10 +566,6 @@ class _StructuredEngine(_Engine):
 
     def held_per_example(self):
         return self.elt * self.plan.elements_per_example()
-
-
-# `token_gram_accumulate`'s batches where the budget does not ask for smaller ones
-_TOKEN_BATCH_ELEMENTS = 1 << 22
 
 
 def _gradient_block(term1, term2, same: bool, out: torch.Tensor, mode: str, slab: int,

@@ -137,12 +137,16 @@ def gram_hadamard_accumulate(
     return out
 
 
+# gathered elements per batch of `token_gram_accumulate` where no budget asks for fewer
+TOKEN_BATCH_ELEMENTS = 1 << 22
+
+
 def token_gram_accumulate(
     out: torch.Tensor,
     rows1: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     rows2: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     output: str = "trace",
-    max_pairs_elements: int = 1 << 22,
+    max_pairs_elements: int = TOKEN_BATCH_ELEMENTS,
 ) -> torch.Tensor:
     """Gram of per-example gradients that are sparse in token ids, added to ``out``.
 
