@@ -60,7 +60,8 @@ def ntk(
             ``lambda p, x: functional_call(model, {**p, **buffers}, (x,))``).
         x1: ``[N1, *in]`` inputs (floating point in the model's dtype, or integer
             token ids).
-        x2: ``[N2, *in]`` inputs; ``None`` means ``x1`` (and half the work).
+        x2: ``[N2, *in]`` inputs; ``None`` means ``x1`` (and half the work);
+            so does an ``x2`` holding exactly ``x1``'s values.
         output: ``"trace"`` → ``[N1, N2]``, ``Σ_o Θ_oo`` (a sum, not a mean);
             ``"diagonal"`` → ``[N1, N2, O]``, ``Θ_oo``; ``"full"`` →
             ``[N1, N2, O, O]``. With O = 1 every mode gives ``[N1, N2]``.
@@ -215,7 +216,7 @@ def _prepare(model, x1, x2, output, method, params, batch_size, memory_budget,
             raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
         budget = float(memory_budget)
 
-    symmetric = x2 is None
+    symmetric = x2 is None or _same_examples(x1, x2)
     x2_ = x1 if symmetric else x2
     outputs, activations = _probe(adapter, x1, "x1")
     if not symmetric:
@@ -269,6 +270,25 @@ def _check_inputs(adapter: ModelAdapter, x1, x2) -> Tuple[torch.dtype, torch.dev
     for name, tensor in model_tensors(adapter).items():
         check_finite(f"parameter {name!r}" if name in adapter.params else f"model tensor {name!r}", tensor)
     return dtype, device
+
+
+def _same_examples(x1: torch.Tensor, x2: torch.Tensor) -> bool:
+    """Does ``x2`` hold exactly ``x1``'s examples (the same tensor, or the same bits)?
+
+    Then ``Θ(x1, x2)`` is symmetric and computed as for ``x2=None``: each example's
+    operands are formed once and only the upper triangle of example pairs is
+    computed, half the work of two independent sides. The comparison reads the
+    inputs once, which is small beside a kernel over them.
+    """
+    if x2 is x1:
+        return True
+    if x1.shape != x2.shape or x1.dtype != x2.dtype or x1.device != x2.device:
+        return False
+    if x1.is_floating_point():
+        # bit patterns, so that -0.0 and 0.0 stay different examples
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x1.element_size()]
+        x1, x2 = x1.view(bits), x2.view(bits)
+    return bool(torch.equal(x1, x2))
 
 
 def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: bool = True) -> Tuple[int, int]:

@@ -463,6 +463,35 @@ def test_x2_none_equals_explicit_x2_equal_x1(method, output):
     torch.testing.assert_close(implicit, explicit, rtol=1e-12, atol=1e-12 * explicit.abs().max().item())
     ref = reference_ntk(case["model"], case["x1"], None, output, None)
     assert_close_to_reference(implicit, ref, torch.float64)
+    # an x2 equal to x1 takes the symmetric path; one differing in its last
+    # example takes the general one, whose other columns are the same kernel
+    x2 = case["x1"].clone()
+    x2[-1] += 1.0
+    general = lazykernel.ntk(case["model"], case["x1"], x2, output=output, method=method)
+    torch.testing.assert_close(general[:, :-1], implicit[:, :-1], rtol=1e-10,
+                               atol=1e-12 * implicit.abs().max().item())
+    assert_close_to_reference(general, reference_ntk(case["model"], case["x1"], x2, output, None), torch.float64)
+
+
+def test_x2_with_the_same_values_as_x1_is_computed_as_a_symmetric_kernel():
+    case = _build("mlp_tanh_bias_O3", torch.float64)
+    model, x = case["model"], case["x1"]
+    symmetric = lazykernel.plan(model, x).flops
+    for x2 in (x, x.clone(), x.t().contiguous().t()):
+        assert lazykernel.plan(model, x, x2).flops == symmetric
+        assert torch.equal(lazykernel.ntk(model, x, x2), lazykernel.ntk(model, x))
+    # the same values in another dtype, a different sign of zero, or one more
+    # example are other inputs: both sides are formed and every pair computed
+    signed = x.clone()
+    signed[0, 0] = 0.0
+    negative = signed.clone()
+    negative[0, 0] = -0.0
+    assert lazykernel.plan(model, signed, negative).flops > lazykernel.plan(model, signed).flops
+    longer = torch.cat([x, x[:1]])
+    assert lazykernel.plan(model, x, longer).flops > symmetric
+    ids = torch.randint(0, 7, (5, 4), generator=torch.Generator().manual_seed(0))
+    tokens = torch.nn.Sequential(torch.nn.Embedding(7, 3), torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    assert lazykernel.plan(tokens, ids, ids.clone()).flops == lazykernel.plan(tokens, ids).flops
 
 
 EXPECTED_SHAPES = {
