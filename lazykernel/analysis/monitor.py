@@ -37,6 +37,22 @@ class Verdict:
     reason: str = field(default="")
 
 
+def _alignment_targets(probe_y: torch.Tensor) -> torch.Tensor:
+    """A copy of ``probe_y``; ``[P]`` integer class labels become ``[P, C]`` one-hot rows.
+
+    ``y yᵀ`` of the label values would rate a pair of classes 2 and 3 (6) above a pair
+    both of class 1 (1): the alignment needs the kernel of "same class or not".
+    """
+    labels = (probe_y.dim() == 1 and not probe_y.is_floating_point() and not probe_y.is_complex()
+              and probe_y.dtype != torch.bool)
+    if not labels:
+        return probe_y.detach().clone()
+    if probe_y.numel() and int(probe_y.min()) < 0:
+        raise ValueError(f"probe_y holds integer class labels, which must be ≥ 0, got {int(probe_y.min())}; "
+                         "pass floating-point targets for a regression")
+    return nn.functional.one_hot(probe_y.long(), int(probe_y.max()) + 1).to(torch.float64)
+
+
 def _last_linear(model: nn.Module) -> Optional[str]:
     names = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
     return names[-1] if names else None
@@ -68,7 +84,9 @@ class RegimeMonitor:
     Args:
         model: the ``nn.Module`` being trained (``model(x)``: ``[N, *in] → [N, *out]``).
         probe_x: ``[P, *in]`` inputs for the NTK and the representations.
-        probe_y: ``[P]`` or ``[P, C]`` targets for the kernel alignment (optional).
+        probe_y: ``[P]`` or ``[P, C]`` targets for the kernel alignment (optional);
+            ``[P]`` integer class labels are one-hot encoded first, so that the
+            target kernel ``Y = y yᵀ`` says which inputs share a class.
         every: record every this many calls of :meth:`step` (default 10).
         heldout_x: ``[M, *in]`` inputs for the linearization gap (default ``probe_x``).
         layers: names of modules (``model.named_modules()``) whose *inputs* are the
@@ -77,10 +95,15 @@ class RegimeMonitor:
         params: which parameters count, as in :func:`lazykernel.ntk` (default all trainable).
         ntk_output: output mode of the probe NTK (default ``"trace"``).
 
+    ``probe_x``, ``probe_y`` and ``heldout_x`` are copied: a training loop that later
+    changes its data in place does not change what is measured.
+
     Use as ``monitor.step(step, loss=…)`` after each optimizer step, or as a context
     manager (``with RegimeMonitor(...) as monitor:``), which records the final state on
     exit. :meth:`table` returns the records, :meth:`save_csv`/:meth:`save_json` write them,
-    and :meth:`verdict` classifies the run.
+    and :meth:`verdict` classifies the run. A record of a network whose parameters,
+    held-out outputs or probe NTK hold NaN or Inf raises a ``RuntimeError`` (training
+    diverged) and stores nothing.
     """
 
     def __init__(self, model: nn.Module, probe_x: torch.Tensor, probe_y: Optional[torch.Tensor] = None, *,
@@ -92,12 +115,16 @@ class RegimeMonitor:
             raise ValueError(f"every must be an integer ≥ 1, got {every!r}")
         if not torch.is_tensor(probe_x) or probe_x.dim() < 1 or probe_x.shape[0] < 2:
             raise ValueError("probe_x must be a [P, *in] tensor with P ≥ 2")
-        if probe_y is not None and (not torch.is_tensor(probe_y) or probe_y.shape[0] != probe_x.shape[0]):
+        if probe_y is not None and (not torch.is_tensor(probe_y) or probe_y.dim() < 1
+                                    or probe_y.shape[0] != probe_x.shape[0]):
             raise ValueError("probe_y must be a tensor with one row per probe input")
+        if heldout_x is not None and (not torch.is_tensor(heldout_x) or heldout_x.dim() < 1):
+            raise ValueError("heldout_x must be a [M, *in] tensor (or None for probe_x)")
         self.model = model
-        self.probe_x = probe_x
-        self.probe_y = probe_y
-        self.heldout_x = probe_x if heldout_x is None else heldout_x
+        # copies: K0 and f0 belong to these values, whatever the caller does to its tensors
+        self.probe_x = probe_x.detach().clone()
+        self.probe_y = None if probe_y is None else _alignment_targets(probe_y)
+        self.heldout_x = self.probe_x if heldout_x is None else heldout_x.detach().clone()
         self.every = every
         self._params = params
         self._output = ntk_output
@@ -123,10 +150,10 @@ class RegimeMonitor:
                              if n not in self.theta0}
             # buffers (BatchNorm's running statistics) are part of the function at θ0
             self._buffers0 = {n: b.detach().clone() for n, b in model.named_buffers()}
-            self.k0 = empirical_ntk(model, probe_x, output=ntk_output, params=params)
-            if probe_y is not None and self.k0.dim() == 2:
+            self.k0 = empirical_ntk(model, self.probe_x, output=ntk_output, params=params)
+            if self.probe_y is not None and self.k0.dim() == 2:
                 try:
-                    metrics.centered_kernel_alignment(self.k0, probe_y)
+                    metrics.centered_kernel_alignment(self.k0, self.probe_y)
                 except ValueError as error:
                     raise ValueError(f"probe_y cannot give a kernel alignment ({error}): are all its "
                                      "targets equal? Use probe inputs of several classes") from error
@@ -222,10 +249,20 @@ class RegimeMonitor:
         return self.record(step, **extra)
 
     def record(self, step: int, **extra: float) -> dict:
-        """Measure now and append a record ``{"step": step, metric: value, …}``; returns it."""
+        """Measure now and append a record ``{"step": step, metric: value, …}``; returns it.
+
+        Raises:
+            RuntimeError: the parameters, the outputs on the held-out inputs or the NTK of
+                the probe hold NaN or Inf values (training diverged); nothing is recorded.
+        """
         with self._evaluating():
             current = self._current()
+            for name, value in current.items():
+                self._refuse_diverged(step, f"parameter {name!r}", value)
+            f = self._outputs(self.heldout_x)
+            self._refuse_diverged(step, "the output on the held-out inputs", f)
             k1 = empirical_ntk(self.model, self.probe_x, output=self._output, params=self._params)
+            self._refuse_diverged(step, "the NTK of the probe inputs", k1)
             row = {"step": int(step)}
             row["kernel_distance"] = metrics.kernel_distance(self.k0, k1)
             row["relative_kernel_change"] = metrics.relative_kernel_change(self.k0, k1)
@@ -235,7 +272,6 @@ class RegimeMonitor:
             row["parameter_movement"] = overall
             for name, value in per_tensor.items():
                 row[f"parameter_movement/{name}"] = value
-            f = self._outputs(self.heldout_x)
             row["linearization_gap"] = metrics.linearization_gap(f, self._linearized(current), self.f0)
             for name, rep in self._representations().items():
                 row[f"cka/{name}"] = metrics.linear_cka(self.representations0[name], rep)
@@ -244,6 +280,12 @@ class RegimeMonitor:
         self._records.append(row)
         self._last_step = int(step)
         return row
+
+    @staticmethod
+    def _refuse_diverged(step: int, what: str, value: torch.Tensor) -> None:
+        if not bool(torch.isfinite(value.detach()).all()):
+            raise RuntimeError(f"training diverged by step {step}: {what} holds NaN or Inf values, so no "
+                               "metric can be measured; lower the learning rate (nothing was recorded)")
 
     def __enter__(self) -> "RegimeMonitor":
         return self

@@ -12,11 +12,16 @@ Layer ``l`` with fan-in ``n_{l−1}`` computes ``h_l = σ_w c_l W_l φ(h_{l−1}
 ============  ======================  =====================  ===================  ================
 name          init of W, b            c_l, input layer       c_l, hidden/output    learning rate
 ============  ======================  =====================  ===================  ================
-``standard``  N(0, σ_w²/fan_in), 0    1 (σ_w in the init)    1                    η
+``standard``  N(0, σ_w²/fan_in), 0    1 (σ_w in the init)    1                    η / n
 ``ntk``       N(0, 1), N(0, 1)        1/√d                   1/√n                 η
 ``mup``       N(0, 1), N(0, 1)        1/√d                   hidden 1/√n,          η · n
                                                              output 1/n
 ============  ======================  =====================  ===================  ================
+
+The learning rates are those of :func:`learning_rate`, the ones under which plain
+gradient descent has the same dynamics at every width: the NTK of the standard
+parameterization grows like n, so its largest stable learning rate falls like 1/n
+(Yang & Hu, 2021), and with η / n it stays stable at every width, in the kernel regime.
 
 Biases are used as ``σ_b b_l``, except the μP output bias, used as ``σ_b b / √n``:
 with the learning rate η·n it then moves by O(1) per step as every μP bias does
@@ -71,6 +76,13 @@ class Scale(nn.Module):
 def _check_parameterization(parameterization: str) -> None:
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"unknown parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}")
+
+
+def _check_sigmas(sigma_w: float, sigma_b: float) -> None:
+    # written so that NaN fails too; a σ_b < 0 would silently mean "no biases"
+    if not (sigma_w > 0 and math.isfinite(sigma_w)) or not (sigma_b >= 0 and math.isfinite(sigma_b)):
+        raise ValueError(f"need a finite sigma_w > 0 and a finite sigma_b ≥ 0 (0: no biases), got {sigma_w} "
+                         f"and {sigma_b}")
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "erf": Erf, "identity": nn.Identity, "tanh": nn.Tanh}
@@ -151,8 +163,7 @@ def mlp(in_features: int, width: int, out_features: int, *, depth: int = 1,
     if depth < 1 or width < 1 or in_features < 1 or out_features < 1:
         raise ValueError(f"depth, width, in_features and out_features must be ≥ 1, got {depth}, {width}, "
                          f"{in_features}, {out_features}")
-    if sigma_w <= 0 or sigma_b < 0:
-        raise ValueError(f"need sigma_w > 0 and sigma_b ≥ 0, got {sigma_w} and {sigma_b}")
+    _check_sigmas(sigma_w, sigma_b)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     layers = []
     fan_in = in_features
@@ -179,6 +190,9 @@ def cnn(in_channels: int, width: int, out_features: int, *, depth: int = 2, kern
     _check_parameterization(parameterization)
     if depth < 1 or width < 1 or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"need depth ≥ 1, width ≥ 1 and an odd kernel_size, got {depth}, {width}, {kernel_size}")
+    if in_channels < 1 or out_features < 1:
+        raise ValueError(f"in_channels and out_features must be ≥ 1, got {in_channels} and {out_features}")
+    _check_sigmas(sigma_w, sigma_b)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     layers = []
     channels = in_channels
@@ -214,8 +228,8 @@ def reparameterize(model: nn.Sequential, parameterization: str, *, sigma_w: floa
     _check_parameterization(parameterization)
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"model must be an nn.Sequential, got {type(model).__name__}")
-    if sigma_w <= 0 or sigma_b <= 0:
-        raise ValueError(f"reparameterize needs sigma_w > 0 and sigma_b > 0, got {sigma_w} and {sigma_b}")
+    if not all(value > 0 and math.isfinite(value) for value in (sigma_w, sigma_b)):
+        raise ValueError(f"reparameterize needs finite sigma_w > 0 and sigma_b > 0, got {sigma_w} and {sigma_b}")
     if parameterization == "standard":
         return copy.deepcopy(model)
     positions = [i for i, m in enumerate(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -273,12 +287,25 @@ def _check_reparameterizable(model: nn.Sequential, positions: List[int]) -> None
 
 def learning_rate(parameterization: str, base_lr: float, width: int) -> float:
     """The learning rate of plain (S)GD that gives width-independent dynamics in the
-    parameterization: ``base_lr`` for standard and NTK, ``base_lr · width`` for μP in the
-    all-N(0, 1) form used here (Yang & Hu, 2021)."""
+    parameterization: ``base_lr`` for NTK, ``base_lr · width`` for μP in the all-N(0, 1)
+    form used here, and ``base_lr / width`` for standard, whose NTK grows like the width,
+    so that a fixed learning rate diverges once the network is wide enough (Yang & Hu,
+    2021: the standard parameterization is stable only with a learning rate O(1/width),
+    and is then in the kernel regime).
+
+    Args:
+        parameterization: ``"standard"``, ``"ntk"`` or ``"mup"``.
+        base_lr: the learning rate before the width scaling (finite, > 0).
+        width: n, the hidden width (≥ 1).
+    """
     _check_parameterization(parameterization)
-    if base_lr <= 0 or width < 1:
-        raise ValueError(f"need base_lr > 0 and width ≥ 1, got {base_lr} and {width}")
-    return base_lr * width if parameterization == "mup" else base_lr
+    if not base_lr > 0 or not math.isfinite(base_lr) or not width >= 1:
+        raise ValueError(f"need a finite base_lr > 0 and width ≥ 1, got {base_lr} and {width}")
+    if parameterization == "mup":
+        return base_lr * width
+    if parameterization == "standard":
+        return base_lr / width
+    return base_lr
 
 
 class AlphaScaled(nn.Module):
@@ -331,6 +358,6 @@ class AlphaScaled(nn.Module):
 
     def learning_rate(self, base_lr: float) -> float:
         """``base_lr / α²``, the learning rate that keeps the function-space speed fixed."""
-        if base_lr <= 0:
-            raise ValueError(f"base_lr must be > 0, got {base_lr}")
+        if not base_lr > 0 or not math.isfinite(base_lr):
+            raise ValueError(f"base_lr must be a finite number > 0, got {base_lr}")
         return base_lr / self.alpha ** 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -65,6 +66,24 @@ class SweepResult:
         return fit_power_law([r["width"] for r in rows], [r[metric] for r in rows])
 
 
+def _positive_finite(value) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
+            and math.isfinite(value))
+
+
+def _checked_widths(widths) -> List[int]:
+    try:
+        widths = list(widths)
+    except TypeError:
+        raise ValueError(f"widths must be a sequence of integers ≥ 1, got {widths!r}") from None
+    if not widths:
+        raise ValueError("widths must not be empty")
+    bad = [w for w in widths if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1]
+    if bad:
+        raise ValueError(f"widths must be integers ≥ 1, got {bad} among {widths}")
+    return [int(w) for w in widths]
+
+
 def _accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
     return (outputs.argmax(1) == labels).double().mean().item()
 
@@ -82,17 +101,26 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     Every run starts from the same seed. With ``alpha`` not None the network is the
     α-scaled model :class:`AlphaScaled` trained with learning rate ``lr / α²``; the
     learning rate is :func:`learning_rate` ``(parameterization, base_lr, width)``.
-    With ``kernel_regression``, the predictions of the linearized network at the same
-    number of gradient-descent steps, from the NTK at initialization
-    (:func:`metrics.ntk_regression`, the
-    trace kernel divided by the number of outputs), are compared with the network's.
+    With ``kernel_regression``, the network's test predictions are compared with those of
+    NTK kernel regression after the same number of gradient-descent steps
+    (:func:`metrics.ntk_regression`) with one kernel shared by all outputs: the trace
+    NTK at initialization divided by the number of outputs, the form ``Θ ⊗ I`` the NTK
+    takes at infinite width (Jacot et al., 2018). At finite width this kernel leaves out
+    the blocks between different outputs and the differences among the outputs' own
+    blocks, so even a network that trains exactly as its linearization (large α)
+    differs from it by an amount that only shrinks as the width grows;
+    ``linearization_gap`` is the measure of laziness at a given width.
+
+    A run stops with a ``RuntimeError`` as soon as its loss is NaN or Inf, before each
+    step and after each step the monitor records.
 
     Args:
         train_x: ``[N, d]``; train_y: ``[N]`` integer class labels (one-hot targets are
             regressed). test_x: ``[M, d]``; test_y: ``[M]``.
-        widths: hidden widths. parameterization, depth, activation, sigma_w, sigma_b:
-            as in :func:`mlp`. alphas: α values (None: the plain network).
-        base_lrs: learning rates before the width/α scaling. steps: GD steps per run.
+        widths: hidden widths (integers ≥ 1). parameterization, depth, activation, sigma_w,
+            sigma_b: as in :func:`mlp`. alphas: α values (finite, > 0; None: the plain network).
+        base_lrs: learning rates (finite, > 0) before the width/α scaling. steps: GD steps
+            per run (an integer ≥ 1).
         every: monitor interval (default ``steps // 10``). probe_size: probe inputs
             (the first ``probe_size`` training inputs) and held-out inputs (the first
             ``probe_size`` test inputs). seed: initialization seed.
@@ -101,11 +129,15 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
 
     Returns:
         A :class:`SweepResult`.
+
+    Raises:
+        ValueError: a bad argument, found before any run trains.
+        RuntimeError: a run diverged.
     """
-    if not widths:
-        raise ValueError("widths must not be empty")
-    if steps < 1:
-        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    # every argument is checked here, before the first run trains, not when its run starts
+    widths = _checked_widths(widths)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be an integer ≥ 1, got {steps!r}")
     for name, labels, inputs in (("train_y", train_y, train_x), ("test_y", test_y, test_x)):
         if not torch.is_tensor(labels) or labels.dim() != 1 or labels.is_floating_point() \
                 or labels.is_complex() or labels.dtype == torch.bool:
@@ -122,6 +154,12 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
         raise ValueError(f"every must be an integer ≥ 1 (or None for steps // 10), got {every!r}")
     if len(alphas) == 0 or len(base_lrs) == 0:
         raise ValueError("alphas and base_lrs must each list at least one value ((None,) for no α scaling)")
+    bad = [a for a in alphas if a is not None and not _positive_finite(a)]
+    if bad:
+        raise ValueError(f"alphas must be finite numbers > 0 (or None for the plain network), got {bad}")
+    bad = [lr for lr in base_lrs if not _positive_finite(lr)]
+    if bad:
+        raise ValueError(f"base_lrs must be finite numbers > 0, got {bad}")
     train_y, test_y = train_y.long(), test_y.long()
     classes = int(max(train_y.max().item(), test_y.max().item())) + 1
     every = every or max(1, steps // 10)
@@ -149,16 +187,26 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
             k_test = empirical_ntk(model, test_x, train_x) / classes
         monitor = RegimeMonitor(model, probe_x, probe_t, every=every, heldout_x=heldout)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-        loss = torch.tensor(float("nan"))
+
+        def diverged(step):
+            return RuntimeError(f"training diverged at width {width}, alpha {alpha}, lr {lr:g} "
+                                f"(step {step}); lower base_lrs")
+
         with monitor:
             for step in range(1, steps + 1):
                 optimizer.zero_grad(set_to_none=True)
                 loss = 0.5 * ((model(train_x) - targets) ** 2).sum(1).mean()
                 if not torch.isfinite(loss):
-                    raise RuntimeError(f"training diverged at width {width}, alpha {alpha}, lr {lr:g} "
-                                       f"(step {step}); lower base_lrs")
+                    raise diverged(step)
                 loss.backward()
                 optimizer.step()
+                if step % every == 0 or step == steps:
+                    # the monitor measures the network after this step, and the last one
+                    # is the network the row reports: neither may have diverged
+                    with torch.no_grad():
+                        after = 0.5 * ((model(train_x) - targets) ** 2).sum(1).mean()
+                    if not torch.isfinite(after):
+                        raise diverged(step)
                 monitor.step(step, loss=loss.item())
         row = {"parameterization": parameterization, "width": width, "alpha": alpha, "base_lr": base_lr,
                "lr": lr, "steps": steps}
