@@ -26,14 +26,15 @@ import math
 import os
 import re
 import time
+import warnings
 from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
 
-from lazykernel import distributed
-from lazykernel._model import ParamSelection, model_tensors, one_call_per_model
-from lazykernel.ntk import _Engine, _features_bytes, _setup, _tile_bytes, _tile_sizes
+from lazykernel import _memory, distributed
+from lazykernel._model import ParamSelection, explained_autograd_errors, model_tensors, one_call_per_model
+from lazykernel.ntk import _Engine, _features_bytes, _looks_finite, _setup, _tile_bytes, _tile_sizes
 from lazykernel.rules import RuleDoesNotApply
 
 _FORMAT = "lazykernel.ntk_to_disk/1"
@@ -45,6 +46,8 @@ _CALL_FIELDS = ("shape", "dtype", "output", "method", "symmetric", "params", "mo
 _CALL_DEFAULTS = {"precision": "highest"}
 # fields a manifest written before them does not record, so cannot be compared
 _UNRECORDED = ("model_structure",)
+# fields every manifest of this format holds
+_REQUIRED = ("shape", "dtype", "symmetric", "memory_budget", "tile_rows", "tile_cols", "tiles", "complete")
 _HASH_CHUNK_BYTES = 1 << 24
 
 
@@ -76,7 +79,8 @@ def ntk_to_disk(
     Resumable: calling again with the same model, inputs and options after an
     interruption (Ctrl-C, ``kill -9``, power loss) computes only the missing
     tiles and gives a bit-identical file. A resumed run keeps the tile grid and
-    memory budget recorded when the store was created.
+    memory budget recorded when the store was created (it warns when this
+    call's ``memory_budget`` or ``batch_size`` asks for others).
 
     Distributed: inside a ``torch.distributed`` process group (e.g. launched
     with ``torchrun``, gloo on CPU, NCCL on GPU) every rank must make the same
@@ -86,12 +90,15 @@ def ntk_to_disk(
 
     Args:
         model, x1, x2, output, method, params, batch_size, precision: as for
-            `lazykernel.ntk` (``x1: [N1, *in]``, ``x2: [N2, *in]``).
+            `lazykernel.ntk` (``x1: [N1, *in]``, ``x2: [N2, *in]``); an ``x2``
+            holding exactly ``x1``'s values is the symmetric kernel of ``x2=None``
+            (and its store).
         out: path of the ``.npy`` file; the manifest and the tile logs are
             written beside it (``out + ".manifest.json"``, ``out + ".tiles/"``).
         memory_budget: bytes of working memory per process (the kernel, which
             is on disk, is not counted); default a quarter of the memory
-            available on the device.
+            available on the device, which the CPU processes of one host
+            (torchrun's ``LOCAL_WORLD_SIZE``) share.
         if_exists: what to do when ``out`` already holds a store: ``"resume"``
             (default) continues it if it was made by the same call and refuses
             it otherwise; ``"overwrite"`` discards it; ``"error"`` refuses it.
@@ -101,25 +108,57 @@ def ntk_to_disk(
     Returns:
         The kernel as a read-only ``numpy.memmap`` of ``out``: ``[N1, N2]``
         (trace), ``[N1, N2, O]`` (diagonal) or ``[N1, N2, O, O]`` (full), in
-        float64 for a float64 model and float32 otherwise.
+        float64 for a float64 model and float32 otherwise; an empty kernel,
+        which cannot be mapped, as a ``numpy.ndarray``. Overwriting the store
+        later leaves a returned kernel as it was.
 
     Raises:
         ValueError: everything `lazykernel.ntk` refuses; an unknown ``if_exists``;
+            an ``out`` that names a folder rather than a file;
             ``out`` holding something that is not a store, or a store made by a
             different call (other model parameters or layers, inputs, output, method,
             parameter selection or precision), unless ``if_exists="overwrite"``; ranks of one
             job making different calls.
-        OSError: ``out`` cannot be written (a read-only path, a full disk); the
-            tiles written before are kept, and the call can be resumed.
+        OSError: ``out`` cannot be written (its folder missing, a read-only
+            path, a full disk); the tiles written before are kept, and the call
+            can be resumed.
         RuntimeError: tiles missing after every rank finished (a rank failed).
+
+    Warns:
+        UserWarning: as `lazykernel.ntk` does, when a tile holds NaN or Inf
+            although the inputs and parameters are finite (the first such tile
+            of the call, as soon as it is computed); when a resumed store keeps
+            a budget or tiles other than this call's; when ``WORLD_SIZE`` says
+            the process is one of a launch but it joined no process group.
     """
+    with explained_autograd_errors():
+        return _ntk_to_disk(model, x1, x2, out, output, method, params, batch_size, memory_budget, if_exists,
+                            progress, precision)
+
+
+def _ntk_to_disk(model, x1, x2, out, output, method, params, batch_size, memory_budget, if_exists, progress,
+                 precision) -> np.ndarray:
     if if_exists not in IF_EXISTS:
         raise ValueError(f"unknown if_exists {if_exists!r}; expected one of {IF_EXISTS}")
     if not isinstance(out, (str, os.PathLike)):
         raise ValueError(f"out must be a path to a .npy file, got {type(out).__name__}")
     paths = _StorePaths(os.fspath(out))
+    if not os.path.basename(paths.data) or os.path.isdir(paths.data):
+        raise ValueError(f"out must be the path of a .npy file, got {paths.data!r}, which names a folder; "
+                         f"give a file in it, e.g. {os.path.join(paths.data or '.', 'K.npy')!r}")
     rank, world = distributed.rank_and_world()
+    launched = distributed.launched_without_group()
+    if launched:
+        warnings.warn(f"WORLD_SIZE={launched} is set (a launch by torchrun?) but this process has joined no "
+                      "torch.distributed process group: it computes every tile of the kernel itself, and the "
+                      "other processes of the launch write the same store at the same time. Call "
+                      "torch.distributed.init_process_group() before ntk_to_disk to share the tiles out.",
+                      stacklevel=4)
 
+    asked_budget = memory_budget
+    if memory_budget is None and world > 1 and isinstance(x1, torch.Tensor) and x1.device.type == "cpu":
+        # the CPU processes of one host share its memory: each takes its part of the default
+        memory_budget = _memory.default_memory_budget(x1.device) / distributed.processes_on_this_host()
     setup = _setup(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
     call = _describe_call(setup, x1, x2, method)
 
@@ -153,6 +192,8 @@ def ntk_to_disk(
         setup.engine.settle(max(manifest["tile_rows"], manifest["tile_cols"]))
 
     if not manifest["complete"]:
+        if rank == 0:
+            _warn_unused_settings(paths, manifest, asked_budget, batch_size)
         grid = _TileGrid(manifest)
         done = _read_done(paths, grid.count)
         mine = [k for k in range(grid.count) if k % world == rank and k not in done]
@@ -211,9 +252,19 @@ def _read_manifest(paths: _StorePaths) -> Optional[dict]:
             f"{paths.manifest} cannot be read as a lazykernel manifest ({broken}); delete it and "
             f"{paths.data}, or pass if_exists='overwrite' (--overwrite)"
         ) from broken
-    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if isinstance(found, str) and found.startswith(_FORMAT.split("/")[0] + "/") and found != _FORMAT:
+        raise ValueError(f"{paths.manifest} was written by another version of lazykernel (format {found}; "
+                         f"this one reads {_FORMAT}), so its store cannot be continued; compute the kernel "
+                         "again into another `out`, or pass if_exists='overwrite' (--overwrite) to replace it")
+    if found != _FORMAT:
         raise ValueError(f"{paths.manifest} is not a manifest written by lazykernel.ntk_to_disk "
                          f"(format {_FORMAT}); pass if_exists='overwrite' (--overwrite) to replace it")
+    lacking = [field for field in _REQUIRED if field not in manifest]
+    if lacking:
+        raise ValueError(f"{paths.manifest} lacks the field(s) {lacking} that every manifest of format {_FORMAT} "
+                         "holds (was it edited?), so its store cannot be continued; pass if_exists='overwrite' "
+                         "(--overwrite) to compute the kernel again")
     return manifest
 
 
@@ -258,6 +309,10 @@ def _open_or_create(paths: _StorePaths, call: dict, setup, batch_size: Optional[
             _write_manifest(paths, manifest)
             _create_data_file(paths, manifest)
         return manifest
+    folder = os.path.dirname(os.path.abspath(paths.data))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"the folder {folder} of out={paths.data!r} does not exist; create it first "
+                                "(os.makedirs) or give another out")
     # A store whose creation was cut short (its manifest is written last, through a
     # temporary file) holds no tile: it is created again.
     cut_short = os.path.exists(paths.manifest + ".tmp")
@@ -298,6 +353,10 @@ def _check_same_call(paths: _StorePaths, manifest: dict, call: dict) -> None:
     what = {"model_fingerprint": "the model's parameters and buffers",
             "model_structure": "the model's layers (its printed form, or the function's name)",
             "inputs_fingerprint": "the inputs' values"}
+    if "params" in differing:
+        only_stored = sorted(set(stored["params"]) - set(call["params"]))
+        only_called = sorted(set(call["params"]) - set(stored["params"]))
+        what["params"] = f"params (only in the store: {_some(only_stored)}; only in this call: {_some(only_called)})"
     details = ", ".join(what.get(field, f"{field} (store: {stored[field]!r}, this call: {call[field]!r})")
                         for field in differing)
     raise ValueError(
@@ -306,12 +365,41 @@ def _check_same_call(paths: _StorePaths, manifest: dict, call: dict) -> None:
     )
 
 
+def _some(names: List[str], shown: int = 8) -> str:
+    """The first ``shown`` names, and how many more there are."""
+    if len(names) <= shown:
+        return repr(names)
+    return f"{names[:shown]!r} and {len(names) - shown} more"
+
+
+def _warn_unused_settings(paths: _StorePaths, manifest: dict, memory_budget: Optional[float],
+                          batch_size: Optional[int]) -> None:
+    """Say so when this call asks for a budget or tiles the store it continues was not made with."""
+    unused = []
+    if memory_budget is not None and float(memory_budget) != manifest["memory_budget"]:
+        unused.append(f"memory_budget={memory_budget:.10g}")
+    if batch_size is not None and batch_size < max(manifest["tile_rows"], manifest["tile_cols"]):
+        unused.append(f"batch_size={batch_size}")
+    if unused:
+        warnings.warn(
+            f"{paths.data} was created with tiles of {manifest['tile_rows']}×{manifest['tile_cols']} examples "
+            f"and memory_budget={manifest['memory_budget']:.10g} bytes, and a resumed run keeps them so that "
+            f"its tiles match the ones already written: {' and '.join(unused)} of this call "
+            f"{'are' if len(unused) > 1 else 'is'} not used. To compute with them, pass if_exists='overwrite' "
+            "(--overwrite) or give another out.", stacklevel=5)
+
+
 def _create_data_file(paths: _StorePaths, manifest: dict) -> None:
     """An empty ``.npy`` of the kernel's shape (sparse on disk) and no tile logs."""
     if os.path.isdir(paths.tiles):
         for name in os.listdir(paths.tiles):
             os.remove(os.path.join(paths.tiles, name))
     os.makedirs(paths.tiles, exist_ok=True)
+    # A new file, not the old one truncated: a kernel an earlier call returned maps the
+    # old one, which keeps its values (and a shorter file would kill its reader, SIGBUS).
+    existing = os.path.realpath(paths.data)
+    if os.path.isfile(existing):
+        os.remove(existing)
     kernel = np.lib.format.open_memmap(paths.data, mode="w+", dtype=np.dtype(manifest["dtype"]),
                                        shape=tuple(manifest["shape"]))
     kernel.flush()
@@ -363,7 +451,8 @@ def _describe_call(setup, x1, x2, method: str) -> dict:
         model_hash.update(name.encode() + b"\0")
         _hash_tensor(model_hash, tensor)
     inputs_hash = hashlib.blake2b(digest_size=20)
-    for x in (x1, x2):
+    # an x2 holding x1's values is the symmetric kernel, and its store (`_setup`)
+    for x in (x1, None if setup.symmetric else x2):
         inputs_hash.update(b"none" if x is None else b"tensor")
         if x is not None:
             _hash_tensor(inputs_hash, x)
@@ -432,6 +521,7 @@ def _compute_tiles(engine: _Engine, x1, x2, grid: _TileGrid, todo: List[int], pa
         if cached2 is None:
             panel_rows += int(max(0.0, spare) // max(1, _features_bytes(rows_features[first])))
         position = 0
+        finite = True
         while position < len(row_starts):
             panel = row_starts[position:position + panel_rows]
             for i in panel:
@@ -454,10 +544,21 @@ def _compute_tiles(engine: _Engine, x1, x2, grid: _TileGrid, todo: List[int], pa
                         same = grid.symmetric and i == j
                         block = torch.zeros((rows, cols) + cell_shape, dtype=engine.dtype, device=x1.device)
                         engine.block(rows_features[i], f2, same, block)
+                        if finite and not _looks_finite(block, same):
+                            finite = False
+                            _warn_not_finite(paths, engine, i, j, rows, cols)
                         _write_tile(writer, data, log, block.cpu().numpy(), i, j, k, grid.symmetric and not same)
                         bar.update(rows * cols * (1 if same or not grid.symmetric else 2))
             rows_features = {}
         bar.close()
+
+
+def _warn_not_finite(paths: _StorePaths, engine: _Engine, i: int, j: int, rows: int, cols: int) -> None:
+    # `ntk`'s warning; the run goes on, as a long one may be stopped by whoever reads it
+    warnings.warn(f"the kernel holds NaN or Inf values although the inputs and parameters are finite (first "
+                  f"in the tile of rows {i}:{i + rows} and columns {j}:{j + cols} of {paths.data}): the model's "
+                  f"outputs or their derivatives overflow in {engine.dtype} on some examples (try float64, or "
+                  "smaller weights or inputs)", stacklevel=6)
 
 
 def _write_tile(writer: "_TileWriter", data, log, host: np.ndarray, i: int, j: int, k: int,

@@ -72,3 +72,24 @@ def barrier() -> None:
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()
+
+
+def processes_on_this_host() -> int:
+    """How many ranks of the job share this machine: torchrun's ``LOCAL_WORLD_SIZE``, or,
+    where that is not set, the whole world (the cautious guess for their shared memory)."""
+    world = rank_and_world()[1]
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ""))
+    except ValueError:
+        return world
+    return local if 1 <= local <= world else world
+
+
+def launched_without_group() -> int:
+    """The ``WORLD_SIZE`` of a launch (torchrun's environment) that this process has not
+    joined as a process group, or 0: then it runs as rank 0 of 1, beside the others."""
+    try:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0
+    return launched if launched > 1 and rank_and_world()[1] == 1 else 0
