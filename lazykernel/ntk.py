@@ -122,7 +122,7 @@ def _ntk(model, x1, x2, output, method, params, batch_size, memory_budget, progr
     if not finite:
         warnings.warn(f"the kernel holds NaN or Inf values although the inputs and parameters are finite: "
                       f"the model's outputs or their derivatives overflow in {setup.dtype} on some examples "
-                      "(try float64, or smaller weights or inputs)", stacklevel=4)
+                      f"({overflow_advice(setup.dtype)})", stacklevel=4)
     if setup.dtype != setup.compute_dtype:
         wide, kernel = kernel, kernel.to(setup.dtype)
         # a finite kernel in its compute dtype that is not in the model's overflowed in the cast
@@ -133,6 +133,13 @@ def _ntk(model, x1, x2, output, method, params, batch_size, memory_budget, progr
                           f"result. For a {setup.compute_dtype} kernel, call ntk on model.float() with float "
                           "inputs.", stacklevel=4)
     return kernel
+
+
+def overflow_advice(dtype: torch.dtype) -> str:
+    """What to try when a kernel in ``dtype`` overflows: a wider dtype where there is one."""
+    if dtype == torch.float64:
+        return "try smaller weights or inputs"
+    return "try float64, or smaller weights or inputs"
 
 
 def _looks_finite(kernel: torch.Tensor, symmetric: bool) -> bool:

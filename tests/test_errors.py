@@ -435,9 +435,16 @@ def test_a_kernel_that_overflows_warns():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
     x = torch.ones(4, 3)
     x[2] = 1e25
-    for x2 in (None, x.clone()):  # the symmetric kernel's diagonal, and one sum otherwise
-        with pytest.warns(UserWarning, match="NaN or Inf values"):
+    other = x.clone()
+    other[0] += 1.0  # other examples than x1's, so that the kernel is not symmetric
+    for x2 in (None, other):  # the symmetric kernel's diagonal, and one sum otherwise
+        with pytest.warns(UserWarning, match="NaN or Inf values.*try float64"):
             lazykernel.ntk(model, x, x2)
+    # in float64 there is no wider dtype to suggest
+    with pytest.warns(UserWarning, match="NaN or Inf values") as caught:
+        lazykernel.ntk(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)).double(),
+                       torch.full((2, 3), 1e200, dtype=torch.float64))
+    assert "float64, or" not in str(caught[0].message) and "smaller weights or inputs" in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lazykernel.ntk(model, torch.ones(4, 3), output="full")

@@ -84,7 +84,8 @@ def kernel_distance(k0: torch.Tensor, k1: torch.Tensor) -> float:
 def relative_kernel_change(k0: torch.Tensor, k1: torch.Tensor) -> float:
     """Relative kernel change ``‖K1 − K0‖_F / ‖K0‖_F`` (Lee et al., 2019, "Wide Neural
     Networks of Any Depth Evolve as Linear Models Under Gradient Descent", Fig. 1
-    uses this quantity; it falls like ``width^(-1/2)`` under NTK parameterization).
+    uses this quantity; under NTK parameterization it is bounded by a multiple of
+    ``width^(-1/2)``, and can fall faster in a given run).
 
     Args:
         k0: kernel at initialization, k1: kernel later; same shape, any output mode.
