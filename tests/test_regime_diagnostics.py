@@ -76,6 +76,26 @@ def test_monitor_built_and_read_under_a_grad_mode_leaves_the_training_state_alon
     assert rows[0] == rows[1]
 
 
+def test_monitor_refuses_a_kernel_over_other_parameters_than_at_the_start():
+    # freezing a layer mid-training would drop its part of the NTK: K1 would cover fewer
+    # parameters than K0 and read as a large kernel change
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    monitor = analysis.RegimeMonitor(model, x, every=1)
+    assert monitor.record(0)["relative_kernel_change"] == 0.0
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no longer trainable: \['0.weight'\]; newly trainable: \[\]"):
+        monitor.record(1)
+    model[0].weight.requires_grad_(True)
+    assert monitor.record(2)["relative_kernel_change"] == 0.0
+    # a selection that names the parameters that stay trainable is measured as before
+    named = analysis.RegimeMonitor(model, x, every=1, params=["2.weight", "2.bias"])
+    model[0].weight.requires_grad_(False)
+    assert named.record(0)["relative_kernel_change"] == 0.0
+    assert [row["step"] for row in monitor.table()] == [0, 2]
+
+
 def test_monitor_says_training_diverged_when_the_parameters_are_not_finite():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.1), nn.Linear(4, 1)).train()

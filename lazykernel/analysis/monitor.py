@@ -254,7 +254,18 @@ class RegimeMonitor:
         Raises:
             RuntimeError: the parameters, the outputs on the held-out inputs or the NTK of
                 the probe hold NaN or Inf values (training diverged); nothing is recorded.
+            ValueError: parameters among the selected ones were frozen or unfrozen since
+                the monitor was built, so the NTK would cover other parameters than K0.
         """
+        selected = self._selected_names()
+        if selected != self._names:
+            frozen = [n for n in self._names if n not in selected]
+            added = [n for n in selected if n not in self._names]
+            raise ValueError(
+                f"the parameters the NTK is taken over changed since the monitor was built (no longer "
+                f"trainable: {frozen}; newly trainable: {added}), so K0 and the kernel now would not "
+                "be comparable; build the RegimeMonitor after freezing or unfreezing parameters, or "
+                "pass params= naming the ones that stay trainable")
         with self._evaluating():
             current = self._current()
             for name, value in current.items():
