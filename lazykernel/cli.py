@@ -109,6 +109,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _check_cuda_index(device, option: str) -> None:
+    import torch
+
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"{option}: there is no {device}; this machine has {count} CUDA device(s), "
+                         f"cuda:0 to cuda:{count - 1}")
+
+
 def _device(text: str):
     """``--device`` as a torch.device, refused with a clear error where it cannot be used."""
     import torch
@@ -122,23 +131,41 @@ def _device(text: str):
                          "has no GPU); use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {text}: only cpu and cuda devices are supported")
+    if device.type == "cuda":
+        _check_cuda_index(device, f"--device {text}")
     return device
 
 
 def _load_factory(spec: str):
     """``"package.module:factory"`` → the model ``factory()`` returns."""
     import importlib
+    import inspect
 
     module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"--model must be module:factory (e.g. mypackage.models:make_mlp), got {spec!r}")
+    if not module_name or not attribute or module_name.startswith("."):
+        raise ValueError(f"--model must be module:factory with an absolute module name "
+                         f"(e.g. mypackage.models:make_mlp), got {spec!r}")
     if os.getcwd() not in sys.path:
         # a factory in a file next to the batch script, as `python -m` would find it
         sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot load the model factory {spec!r}: {error}") from error
+        hint = ""
+        if module_name.endswith(".py"):
+            hint = (f"; name the module as an import does (e.g. {module_name[:-3].replace(os.sep, '.')}), "
+                    "not its file")
+        raise ValueError(f"cannot load the model factory {spec!r}: {error}{hint}") from error
+    if not callable(factory):
+        raise ValueError(f"--model {spec!r} names a {type(factory).__name__}, not a function; name a function "
+                         "that takes no arguments and returns the nn.Module")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as error:
+        raise ValueError(f"--model {spec!r}: the factory must be callable without arguments ({error}); "
+                         "wrap it in a function that takes none") from None
+    except ValueError:  # no signature to read (a built-in): calling it will tell
+        pass
     return factory()
 
 
@@ -154,6 +181,7 @@ def _ntk(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        _check_cuda_index(device, f"--device {args.device} with LOCAL_RANK={device.index}")
         torch.cuda.set_device(device)
     dtype = getattr(torch, args.dtype)
     model = _load_factory(args.model)
@@ -170,6 +198,9 @@ def _ntk(args: argparse.Namespace) -> int:
             array.close()
             raise ValueError(f"{path!r} holds several arrays (an .npz archive); save the inputs alone "
                              "with numpy.save(path, x) as a .npy file")
+        if array.dtype.fields is None and not array.dtype.isnative:
+            # written on (or for) a machine of the other byte order, which torch cannot wrap
+            array = array.astype(array.dtype.newbyteorder("="))
         try:
             x = torch.from_numpy(array)
         except TypeError as error:
@@ -211,7 +242,8 @@ def _add_ntk_command(commands) -> None:
                      help="dtype the model and the inputs are converted to (default float32)")
     ntk.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per rank, from LOCAL_RANK)")
     ntk.add_argument("--memory-budget", type=_parse_bytes, default=None,
-                     help="working memory per process, e.g. 8GB (default: a quarter of what is free)")
+                     help="working memory per process, e.g. 8GB (default: on the CPU a quarter of the "
+                          "available memory, on CUDA half the device's free memory)")
     ntk.add_argument("--batch-size", type=_positive_int, default=None, help="at most this many examples per tile side")
     ntk.add_argument("--resume", action="store_true", help="continue the store at --out if it exists")
     ntk.add_argument("--overwrite", action="store_true", help="discard the store at --out if it exists")
