@@ -187,6 +187,7 @@ def _labelled_data():
     (dict(base_lrs=(1.0, -1.0)), r"base_lrs must be finite numbers > 0, got \[-1.0\]"),
     (dict(base_lrs=(float("nan"),)), r"base_lrs must be finite numbers > 0, got \[nan\]"),
     (dict(base_lrs=(float("inf"),)), r"base_lrs must be finite numbers > 0, got \[inf\]"),
+    (dict(probe_size=9), "probe_size 9 is more than the 12 training and 8 test inputs .*at most 8"),
 ])
 def test_width_sweep_checks_every_argument_before_any_run_trains(change, message):
     done = []

@@ -150,6 +150,10 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
             raise ValueError(f"{name} must hold class indices ≥ 0, got {int(labels.min())}")
     if not isinstance(probe_size, int) or isinstance(probe_size, bool) or not 2 <= probe_size:
         raise ValueError(f"probe_size must be an integer ≥ 2, got {probe_size!r}")
+    if probe_size > min(train_x.shape[0], test_x.shape[0]):
+        raise ValueError(f"probe_size {probe_size} is more than the {train_x.shape[0]} training and "
+                         f"{test_x.shape[0]} test inputs it is taken from; give at most "
+                         f"{min(train_x.shape[0], test_x.shape[0])}")
     if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
         raise ValueError(f"every must be an integer ≥ 1 (or None for steps // 10), got {every!r}")
     if len(alphas) == 0 or len(base_lrs) == 0:
