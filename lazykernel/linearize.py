@@ -28,8 +28,11 @@ class LinearizedModel(nn.Module):
     (``lin.parameters()`` goes to any torch optimizer); ``lin.theta()`` returns
     them by the network's names.
     θ0 and the network are a private copy taken at construction: later changes
-    to the original network do not move the linearization point. Build it on
-    the device and in the dtype it will run in: ``.to()`` moves θ but not that copy.
+    to the original network do not move the linearization point (for a
+    functional model, its tensors, constants included, are copied; ``fn``
+    itself is called as given). ``.to()``, ``.double()``, ``.cuda()`` and the
+    like convert θ, θ0 and that copy together (a functional ``fn`` must then
+    compute where its tensors are).
 
     ``forward(x)``: ``x: [N, *in]`` → ``[N, *out]``, one JVP (differentiable in θ).
     """
@@ -54,7 +57,9 @@ class LinearizedModel(nn.Module):
             adapter = make_adapter(model, params)
             self.__dict__["_network"] = None
             self._fn = model
-            self._constants = dict(adapter._constants)
+            # copies, as θ0 is: a mask or an index tensor the caller later edits in
+            # place must not move the linearization
+            self._constants = {name: value.clone() for name, value in adapter._constants.items()}
             theta0 = {name: p.detach().clone() for name, p in adapter.params.items()}
         self._names: List[str] = list(theta0)
         self._theta0 = {name: value.detach().clone() for name, value in theta0.items()}
@@ -64,6 +69,19 @@ class LinearizedModel(nn.Module):
             self._keys[name] = key
             self.register_parameter(key, nn.Parameter(value.detach().clone()))
         self._function_params = theta0
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .double(), .cuda(), ...: the copy of the network, θ0 and the constants
+        # live outside the module tree, and θ − θ0 and the JVP need them where θ is
+        super()._apply(fn, recurse)
+        with torch.no_grad():
+            if self._network is not None:
+                self._network._apply(fn)
+            else:
+                self._function_params = {name: fn(value) for name, value in self._function_params.items()}
+                self._constants = {name: fn(value) for name, value in self._constants.items()}
+            self._theta0 = {name: fn(value) for name, value in self._theta0.items()}
+        return self
 
     def _free_key(self, name: str) -> str:
         """``name`` with ``.`` as ``__``, and ``_`` appended while another parameter or an

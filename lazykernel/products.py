@@ -13,13 +13,19 @@ full-size temporaries are parameter-space vectors (P numbers each).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import numbers
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch._C._functorch import is_functorch_wrapped_tensor
+from torch.autograd import forward_ad
+from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from lazykernel import _memory
 from lazykernel._chain import plain_leaves
@@ -86,14 +92,13 @@ def _tangent_dict(adapter: ModelAdapter, tangent: Tangent, what: str = "tangent"
     """``tangent`` as a dict over exactly the selected parameters, checked against them."""
     names = list(adapter.params)
     if isinstance(tangent, Mapping):
-        unknown = [name for name in tangent if name not in adapter.params]
+        extra = [name for name in tangent if name not in adapter.params]
         missing = [name for name in names if name not in tangent]
-        if unknown or missing:
-            raise ValueError(
-                f"{what} must have one entry per selected parameter {names}; "
-                + (f"unknown names {unknown}" if unknown else "")
-                + ("; " if unknown and missing else "")
-                + (f"missing names {missing} (pass zeros for a fixed parameter)" if missing else ""))
+        if extra or missing:
+            raise ValueError(f"{what} must have one entry per selected parameter {names}; "
+                             + "; ".join(_extra_names(adapter, extra)
+                                         + ([f"missing names {missing} (pass zeros for a fixed parameter)"]
+                                            if missing else [])))
         values = {name: tangent[name] for name in names}
     elif isinstance(tangent, (list, tuple)):
         if len(tangent) != len(names):
@@ -118,11 +123,71 @@ def _tangent_dict(adapter: ModelAdapter, tangent: Tangent, what: str = "tangent"
     return {name: value.to(adapter.params[name].dtype) for name, value in values.items()}
 
 
+def _extra_names(adapter: ModelAdapter, extra: Sequence[str]) -> List[str]:
+    """What is wrong with each tangent entry that no selected parameter has: a
+    parameter left out of the selection, a functional model's constant, or a name
+    the model does not have."""
+    if not extra:
+        return []
+    if adapter.module is not None:
+        known = {name for name, _ in adapter.module.named_parameters()}
+        unselected = ("not selected {} (parameters with requires_grad=False or left out by params "
+                      "have no tangent: drop them)")
+    else:
+        known = set(adapter._constants)
+        unselected = "{} are not floating point: params entries that are constants have no tangent (drop them)"
+    parts = []
+    unknown = [name for name in extra if name not in known]
+    if unknown:
+        parts.append(f"unknown names {unknown}")
+    if len(unknown) < len(extra):
+        parts.append(unselected.format([name for name in extra if name in known]))
+    return parts
+
+
 def _attention_with_forward_mode():
     """``F.scaled_dot_product_attention`` by its composite (math) form, which has
     forward-mode AD; the fused CPU and GPU kernels have none, so a JVP through a
     model that calls it directly (a functional transformer) would fail."""
     return sdpa_kernel([SDPBackend.MATH])
+
+
+_EMBEDDING_SIGNATURE = inspect.signature(F.embedding)
+
+
+class _PaddingLookupsHeld(TorchFunctionMode):
+    """Lookups of an embedding's ``padding_idx`` row carry no tangent.
+
+    PyTorch's backward of ``F.embedding`` gives that row no gradient from the
+    lookup although the forward reads it, so the Jacobian of ``ntk`` and ``vjp``
+    (and the padding row's own training) leaves it out; forward-mode AD
+    differentiates the lookup like any other. Holding the looked-up padding
+    vectors constant makes ``J θ̇`` the same J. Only the lookup is held: a
+    table tied to another layer keeps that layer's derivative.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is not F.embedding or not isinstance(out, torch.Tensor):
+            return out
+        bound = _EMBEDDING_SIGNATURE.bind(*args, **kwargs).arguments
+        padding_idx = bound.get("padding_idx")
+        if padding_idx is None:
+            return out
+        if padding_idx < 0:
+            padding_idx += bound["weight"].shape[0]
+        padded = (bound["input"] == padding_idx).unsqueeze(-1)
+        return torch.where(padded, out.detach(), out)
+
+
+def _padding_lookups_held(adapter: ModelAdapter):
+    """`_PaddingLookupsHeld` where the model may look up a padding row: a module with
+    an ``nn.Embedding`` that has one, or a functional model (it cannot be inspected)."""
+    if adapter.module is not None and not any(
+            isinstance(m, nn.Embedding) and m.padding_idx is not None for m in adapter.module.modules()):
+        return contextlib.nullcontext()
+    return _PaddingLookupsHeld()
 
 
 def _budget_bytes(memory_budget: Optional[float], device: torch.device) -> float:
@@ -200,7 +265,8 @@ def jvp(
             not a subclass, when no gradient has to flow through the result;
             generic otherwise.
         batch_size: at most this many examples per chunk.
-        memory_budget: bytes of working memory; default a quarter of what is free.
+        memory_budget: bytes of working memory; default a quarter of the memory
+            available on the CPU, half of the free memory on a CUDA device.
         precision: ``"highest"`` or ``"tf32"``, as in :func:`lazykernel.ntk`:
             on CUDA in float32, whether PyTorch's matrix products and cuDNN
             convolutions may use TF32 during the call (the fused ``linear_jvp``
@@ -210,19 +276,27 @@ def jvp(
     Returns:
         ``(f(x), J(x)·θ̇)``, both shaped like the model's output ``[N, *out]``.
         Differentiable with respect to ``tangent`` and ``x`` on the generic path,
-        which ``"auto"`` takes whenever either of them requires grad.
+        which ``"auto"`` takes whenever either of them requires grad or is a
+        tensor of an enclosing ``torch.func`` transform (``torch.func.jvp`` of
+        this function). A ``torch.autograd.forward_ad`` dual tensor is refused:
+        PyTorch cannot nest forward mode inside that API.
+
+    Embedding lookups of a ``padding_idx`` row count as constant, as in
+    PyTorch's backward and so in ``vjp`` and :func:`lazykernel.ntk`: ``J`` is
+    the same Jacobian in all of them.
     """
     if method not in JVP_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {JVP_METHODS}")
     adapter, dtype = _prepare(model, x, params, precision)
     with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype), \
-            _attention_with_forward_mode():
+            _attention_with_forward_mode(), _padding_lookups_held(adapter):
         return _jvp(adapter, x, tangent, method, batch_size, memory_budget)
 
 
 def _jvp(adapter: ModelAdapter, x: torch.Tensor, tangent: Tangent, method: str, batch_size: Optional[int],
          memory_budget: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
     values = _tangent_dict(adapter, tangent)
+    _refuse_forward_ad_duals(x, values)
     structured_ok = _is_structured(adapter)
     if method == "structured" and not structured_ok:
         raise ValueError("method='structured' needs a plain nn.Sequential model (no hooks, no parametrized "
@@ -276,8 +350,27 @@ def _generic_jvp(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x: torc
 
 
 def _result_needs_grad(x: torch.Tensor, tangent: Mapping[str, torch.Tensor]) -> bool:
-    """Must a gradient flow through the JVP's result, to ``x`` or to the tangent?"""
-    return torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in tangent.values()))
+    """Must a derivative flow through the JVP's result, to ``x`` or to the tangent?
+
+    In reverse mode, where one of them requires grad; and where one of them is a
+    tensor of an enclosing ``torch.func`` transform, forward mode included (a
+    ``LinearizedModel`` under ``lazykernel.ntk``'s forward-mode method).
+    """
+    tensors = [x, *tangent.values()]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return any(is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _refuse_forward_ad_duals(x: torch.Tensor, tangent: Mapping[str, torch.Tensor]) -> None:
+    """A ``torch.autograd.forward_ad`` dual tensor cannot go through the JVP: it is
+    forward-mode AD itself, which PyTorch does not nest inside that API's."""
+    duals = [name for name, t in [("x", x), *((f"tangent[{n!r}]", v) for n, v in tangent.items())]
+             if not is_functorch_wrapped_tensor(t) and forward_ad.unpack_dual(t).tangent is not None]
+    if duals:
+        raise ValueError(f"torch.autograd.forward_ad dual tensors given as {', '.join(duals)}: the JVP is "
+                         "forward-mode AD itself, which PyTorch cannot nest inside forward_ad's dual level; "
+                         "differentiate through lazykernel.jvp with torch.func.jvp (or reverse mode) instead")
 
 
 def _jvp_by_double_backward(adapter: ModelAdapter, tangent: Dict[str, torch.Tensor], x: torch.Tensor
@@ -507,7 +600,7 @@ def ntk_vp(
         raise ValueError(f"v must be a floating-point tensor, got {type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}")
     _check_vector(v, "v", x.device)
     with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype), \
-            _attention_with_forward_mode():
+            _attention_with_forward_mode(), _padding_lookups_held(adapter):
         return _ntk_vp(adapter, x, v, x2, x2_, output, dtype, batch_size, memory_budget)
 
 
