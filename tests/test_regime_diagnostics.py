@@ -96,6 +96,71 @@ def test_monitor_refuses_a_kernel_over_other_parameters_than_at_the_start():
     assert [row["step"] for row in monitor.table()] == [0, 2]
 
 
+def _train(model, monitor, x, y, steps, start=1, optimizer=None):
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for step in range(start, steps + 1):
+        optimizer.zero_grad()
+        loss = _mse(model, x, y)
+        loss.backward()
+        optimizer.step()
+        monitor.step(step, loss=loss.item())
+    return optimizer
+
+
+def _monitored_net():
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+
+
+def test_monitor_state_carries_a_checkpointed_run_to_the_records_of_an_uninterrupted_one(tmp_path):
+    gen = torch.Generator().manual_seed(8)
+    x, y = torch.randn(12, 3, dtype=torch.float64, generator=gen), torch.randn(12, 2, dtype=torch.float64,
+                                                                               generator=gen)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    model = _monitored_net()
+    whole = analysis.RegimeMonitor(model, x[:6], labels, every=2, heldout_x=x[6:])
+    _train(model, whole, x, y, 10)
+
+    # the same run, checkpointed after step 5 and resumed in a fresh model, optimizer and monitor
+    model = _monitored_net()
+    first = analysis.RegimeMonitor(model, x[:6], labels, every=2, heldout_x=x[6:])
+    optimizer = _train(model, first, x, y, 5)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "monitor": first.state_dict()}, tmp_path / "run.pt")
+    checkpoint = torch.load(tmp_path / "run.pt")
+    resumed = _monitored_net()
+    with torch.no_grad():
+        resumed[0].weight.add_(1.0)  # a fresh model that is not at the run's θ0
+    resumed.load_state_dict(checkpoint["model"])
+    optimizer = torch.optim.SGD(resumed.parameters(), lr=0.5, momentum=0.9)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    # another probe at construction: the run's own probe comes back with the state
+    second = analysis.RegimeMonitor(resumed, x[6:], every=5)
+    second.load_state_dict(checkpoint["monitor"])
+    _train(resumed, second, x, y, 10, start=6, optimizer=optimizer)
+
+    assert [row["step"] for row in second.table()] == [2, 4, 6, 8, 10]
+    for row, expected in zip(second.table(), whole.table()):
+        assert row.keys() == expected.keys()
+        for key in row:
+            assert row[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-14, nan_ok=True), key
+    assert second.verdict() == whole.verdict()
+
+
+def test_monitor_state_of_another_model_or_setting_is_refused():
+    x = torch.randn(6, 3, dtype=torch.float64)
+    state = analysis.RegimeMonitor(_monitored_net(), x).state_dict()
+    wider = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 2)).double()
+    with pytest.raises(ValueError, match=r"other shapes than the model's parameters \['0.weight'"):
+        analysis.RegimeMonitor(wider, x).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"other parameters \(only in the state: \['0.weight', '0.bias'\]"):
+        analysis.RegimeMonitor(_monitored_net(), x, params=["2.weight", "2.bias"]).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with layers=.*ntk_output='trace'.*ntk_output='full'"):
+        analysis.RegimeMonitor(_monitored_net(), x, ntk_output="full").load_state_dict(state)
+    with pytest.raises(ValueError, match="not a RegimeMonitor.state_dict"):
+        analysis.RegimeMonitor(_monitored_net(), x).load_state_dict(_monitored_net().state_dict())
+
+
 def test_monitor_says_training_diverged_when_the_parameters_are_not_finite():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.1), nn.Linear(4, 1)).train()
@@ -187,7 +252,6 @@ def _labelled_data():
     (dict(base_lrs=(1.0, -1.0)), r"base_lrs must be finite numbers > 0, got \[-1.0\]"),
     (dict(base_lrs=(float("nan"),)), r"base_lrs must be finite numbers > 0, got \[nan\]"),
     (dict(base_lrs=(float("inf"),)), r"base_lrs must be finite numbers > 0, got \[inf\]"),
-    (dict(probe_size=9), "probe_size 9 is more than the 12 training and 8 test inputs .*at most 8"),
 ])
 def test_width_sweep_checks_every_argument_before_any_run_trains(change, message):
     done = []
@@ -207,3 +271,60 @@ def test_width_sweep_reports_a_run_that_diverged_on_its_last_steps(base_lr, step
     with pytest.raises(RuntimeError, match=r"training diverged at width 8, alpha None, lr .* lower base_lrs"):
         analysis.width_sweep(*_labelled_data(), widths=(8,), steps=steps, every=1, probe_size=4,
                              base_lrs=(base_lr,), kernel_regression=False)
+
+
+def _assert_same_rows(rows, expected_rows):
+    assert len(rows) == len(expected_rows)
+    for row, expected in zip(rows, expected_rows):
+        assert row.keys() == expected.keys()
+        for key, value in row.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(expected[key], rel=1e-12, abs=1e-15, nan_ok=True), key
+            else:
+                assert value == expected[key], key
+
+
+def test_width_sweep_resumes_from_its_checkpoint_to_the_rows_of_an_uninterrupted_sweep(tmp_path):
+    data = _labelled_data()
+    kwargs = dict(widths=(8, 16, 24), alphas=(None, 4.0), steps=4, probe_size=4, dtype=torch.float64)
+    whole = analysis.width_sweep(*data, **kwargs)
+
+    path = str(tmp_path / "sweep.json")
+
+    def stop_after_three(done, total, description):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        analysis.width_sweep(*data, **kwargs, checkpoint=path, progress=stop_after_three)
+    reported = []
+    resumed = analysis.width_sweep(*data, **kwargs, checkpoint=path,
+                                   progress=lambda *args: reported.append(args))
+    assert [args[0] for args in reported] == [1, 2, 3, 4, 5, 6]
+    assert all("(from" in args[2] for args in reported[:3]) and not any("(from" in a[2] for a in reported[3:])
+    assert len(resumed.rows) == len(whole.rows) == 6
+    _assert_same_rows(resumed.rows, whole.rows)
+    assert len(resumed.histories) == len(whole.histories)
+    for history, expected in zip(resumed.histories, whole.histories):
+        _assert_same_rows(history, expected)
+    # a finished sweep trains nothing more
+    again = analysis.width_sweep(*data, **kwargs, checkpoint=path, progress=lambda *a: None)
+    assert again.rows == resumed.rows
+
+
+def test_width_sweep_refuses_the_checkpoint_of_another_sweep(tmp_path):
+    data = _labelled_data()
+    path = str(tmp_path / "sweep.json")
+    analysis.width_sweep(*data, widths=(8,), steps=2, probe_size=4, kernel_regression=False, checkpoint=path)
+    with pytest.raises(ValueError, match=r"another sweep: steps \(checkpoint 2, this call 3\) differ"):
+        analysis.width_sweep(*data, widths=(8,), steps=3, probe_size=4, kernel_regression=False, checkpoint=path)
+    changed = list(data)
+    changed[0] = changed[0] + 1.0
+    with pytest.raises(ValueError, match=r"another sweep: the data \(train_x"):
+        analysis.width_sweep(*changed, widths=(8,), steps=2, probe_size=4, kernel_regression=False,
+                             checkpoint=path)
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    with pytest.raises(ValueError, match="cannot be read as a width_sweep checkpoint"):
+        analysis.width_sweep(*data, widths=(8,), steps=2, probe_size=4, checkpoint=str(tmp_path / "other.json"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        analysis.width_sweep(*data, widths=(8,), steps=2, probe_size=4, checkpoint=str(tmp_path / "no" / "s.json"))

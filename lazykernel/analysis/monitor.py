@@ -18,6 +18,8 @@ from lazykernel.ntk import ntk as empirical_ntk
 
 __all__ = ["RegimeMonitor", "Verdict"]
 
+_STATE_FORMAT = "lazykernel.RegimeMonitor/1"
+
 
 @dataclass
 class Verdict:
@@ -101,7 +103,8 @@ class RegimeMonitor:
     Use as ``monitor.step(step, loss=…)`` after each optimizer step, or as a context
     manager (``with RegimeMonitor(...) as monitor:``), which records the final state on
     exit. :meth:`table` returns the records, :meth:`save_csv`/:meth:`save_json` write them,
-    and :meth:`verdict` classifies the run. A record of a network whose parameters,
+    and :meth:`verdict` classifies the run. :meth:`state_dict`/:meth:`load_state_dict`
+    carry the monitor across a checkpointed and resumed training run. A record of a network whose parameters,
     held-out outputs or probe NTK hold NaN or Inf raises a ``RuntimeError`` (training
     diverged) and stores nothing.
     """
@@ -304,6 +307,84 @@ class RegimeMonitor:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None and self._seen_step is not None and self._last_step != self._seen_step:
             self.record(self._seen_step)
+
+    # -- checkpoints ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything the monitor measures against, and what it has recorded, for a
+        training run that is checkpointed and resumed.
+
+        The snapshot at initialization (θ0 with the unselected parameters and the
+        buffers at that point, K0, f0, the initial representations), the probe and
+        held-out inputs and the alignment targets, the records and the step counters;
+        tensors as they are held (save with ``torch.save`` beside the model and the
+        optimizer). :meth:`load_state_dict` restores it into a monitor of the resumed model.
+        """
+        def copies(tensors):
+            return {name: t.detach().clone() for name, t in tensors.items()}
+
+        return {
+            "format": _STATE_FORMAT,
+            "names": list(self._names), "layers": list(self.layers), "ntk_output": self._output,
+            "every": self.every,
+            "theta0": copies(self.theta0), "others0": copies(self._others0), "buffers0": copies(self._buffers0),
+            "k0": self.k0.detach().clone(), "f0": self.f0.detach().clone(),
+            "representations0": copies(self.representations0),
+            "probe_x": self.probe_x.clone(), "heldout_x": self.heldout_x.clone(),
+            "heldout_is_probe": self.heldout_x is self.probe_x,
+            "probe_y": None if self.probe_y is None else self.probe_y.clone(),
+            "records": self.table(), "calls": self._calls, "last_step": self._last_step,
+            "seen_step": self._seen_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Go on from a :meth:`state_dict` saved by the monitor of an earlier run.
+
+        Build the monitor on the resumed model with the same ``layers``, ``params`` and
+        ``ntk_output`` (its own snapshot at construction is then replaced), and load the
+        state: the metrics are again measured against the run's initialization, on the
+        probe and held-out inputs and with the ``every`` saved, and new records follow
+        the saved ones. Tensors are moved to the device of the model's parameters.
+
+        Raises:
+            ValueError: ``state`` is not a monitor's state, or was saved for other
+                parameters (names or shapes), layers or output mode.
+        """
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state is not a RegimeMonitor.state_dict() (format {_STATE_FORMAT}), got "
+                             f"{found!r}")
+        if state["names"] != self._names:
+            only_saved = [n for n in state["names"] if n not in self._names]
+            only_here = [n for n in self._names if n not in state["names"]]
+            raise ValueError(f"the state was saved for other parameters (only in the state: {only_saved}; "
+                             f"only in this monitor: {only_here}); build the monitor with the params and "
+                             "requires_grad flags of the run that saved it")
+        current = self._current()
+        shapes = [n for n in self._names if tuple(state["theta0"][n].shape) != tuple(current[n].shape)]
+        if shapes:
+            raise ValueError(f"the state's θ0 has other shapes than the model's parameters {shapes} "
+                             f"(e.g. {tuple(state['theta0'][shapes[0]].shape)} against "
+                             f"{tuple(current[shapes[0]].shape)}): was it saved for another model?")
+        if list(state["layers"]) != list(self.layers) or state["ntk_output"] != self._output:
+            raise ValueError(f"the state was saved with layers={state['layers']} and "
+                             f"ntk_output={state['ntk_output']!r}, this monitor has layers={list(self.layers)} and "
+                             f"ntk_output={self._output!r}; build it with the same ones")
+        device = current[self._names[0]].device
+
+        def moved(tensors):
+            return {name: t.detach().to(device) for name, t in tensors.items()}
+
+        self.theta0, self._others0, self._buffers0 = (moved(state[key]) for key in ("theta0", "others0",
+                                                                                   "buffers0"))
+        self.k0, self.f0 = state["k0"].to(device), state["f0"].to(device)
+        self.representations0 = moved(state["representations0"])
+        self.probe_x = state["probe_x"].to(device)
+        self.heldout_x = self.probe_x if state["heldout_is_probe"] else state["heldout_x"].to(device)
+        self.probe_y = None if state["probe_y"] is None else state["probe_y"].to(device)
+        self.every = int(state["every"])
+        self._records = [dict(row) for row in state["records"]]
+        self._calls = int(state["calls"])
+        self._last_step, self._seen_step = state["last_step"], state["seen_step"]
 
     # -- results -------------------------------------------------------------------
     def table(self) -> List[dict]:

@@ -3,9 +3,12 @@ measure how the regime metrics scale."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -94,7 +97,7 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
                 base_lrs: Sequence[float] = (1.0,), steps: int = 200, every: Optional[int] = None,
                 probe_size: int = 64, seed: int = 0, sigma_w: float = 1.0, sigma_b: float = 0.0,
                 kernel_regression: bool = True, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                progress=None) -> SweepResult:
+                progress=None, checkpoint: Optional[str] = None) -> SweepResult:
     """Train an MLP at each width × α × learning rate with full-batch gradient descent on
     ``L = (1/2N) Σ_i ‖f(x_i) − y_i‖²`` and a :class:`RegimeMonitor` attached.
 
@@ -122,16 +125,24 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
         base_lrs: learning rates (finite, > 0) before the width/α scaling. steps: GD steps
             per run (an integer ≥ 1).
         every: monitor interval (default ``steps // 10``). probe_size: probe inputs
-            (the first ``probe_size`` training inputs) and held-out inputs (the first
-            ``probe_size`` test inputs). seed: initialization seed.
+            (the first ``probe_size`` training inputs, or all of them where there are
+            fewer) and held-out inputs (the first ``probe_size`` test inputs, likewise).
+            seed: initialization seed.
         device, dtype: where and in what precision to train.
         progress: a callable ``(done, total, description)`` called after each run.
+        checkpoint: path of a JSON file that keeps the finished runs: each run's row and
+            history are written to it (atomically) as soon as the run ends, and a call
+            with the same arguments and data finds them there and trains only the runs
+            that are missing, so an interrupted sweep loses at most the run it was in.
+            Runs are seeded, so the rows are those of an uninterrupted sweep (on the
+            same device). A file left by a sweep with other arguments or data is refused.
 
     Returns:
         A :class:`SweepResult`.
 
     Raises:
-        ValueError: a bad argument, found before any run trains.
+        ValueError: a bad argument, found before any run trains; a ``checkpoint`` of
+            another sweep, or not a sweep's checkpoint.
         RuntimeError: a run diverged.
     """
     # every argument is checked here, before the first run trains, not when its run starts
@@ -150,10 +161,6 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
             raise ValueError(f"{name} must hold class indices ≥ 0, got {int(labels.min())}")
     if not isinstance(probe_size, int) or isinstance(probe_size, bool) or not 2 <= probe_size:
         raise ValueError(f"probe_size must be an integer ≥ 2, got {probe_size!r}")
-    if probe_size > min(train_x.shape[0], test_x.shape[0]):
-        raise ValueError(f"probe_size {probe_size} is more than the {train_x.shape[0]} training and "
-                         f"{test_x.shape[0]} test inputs it is taken from; give at most "
-                         f"{min(train_x.shape[0], test_x.shape[0])}")
     if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
         raise ValueError(f"every must be an integer ≥ 1 (or None for steps // 10), got {every!r}")
     if len(alphas) == 0 or len(base_lrs) == 0:
@@ -176,7 +183,20 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     heldout = test_x[:probe_size]
     runs = list(itertools.product(widths, alphas, base_lrs))
     result = SweepResult()
+    if checkpoint is not None:
+        settings = dict(widths=widths, alphas=list(alphas), base_lrs=[float(lr) for lr in base_lrs],
+                        parameterization=parameterization, depth=depth, activation=activation, steps=steps,
+                        every=every, probe_size=probe_size, seed=seed, sigma_w=float(sigma_w),
+                        sigma_b=float(sigma_b), kernel_regression=bool(kernel_regression), dtype=str(dtype),
+                        data=_fingerprint(train_x, train_y, test_x, test_y))
+        checkpoint = os.fspath(checkpoint)
+        result = _resume(checkpoint, settings)
+        for index in range(len(result.rows)):
+            if progress is not None:
+                progress(index + 1, len(runs), f"{parameterization} width {runs[index][0]} (from {checkpoint})")
     for index, (width, alpha, base_lr) in enumerate(runs):
+        if index < len(result.rows):
+            continue
         model = mlp(train_x.shape[1], width, classes, depth=depth, parameterization=parameterization,
                     activation=activation, sigma_w=sigma_w, sigma_b=sigma_b, seed=seed)
         model = model.to(device=device, dtype=dtype)
@@ -231,7 +251,61 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
             row["kernel_class_agreement"] = agreement["class_agreement"]
         result.rows.append(row)
         result.histories.append(monitor.table())
+        if checkpoint is not None:
+            _save(checkpoint, settings, result)
         if progress is not None:
             progress(index + 1, len(runs), f"{parameterization} width {width}"
                      + ("" if alpha is None else f" alpha {alpha:g}"))
     return result
+
+
+_CHECKPOINT_FORMAT = "lazykernel.width_sweep/1"
+
+
+def _fingerprint(*tensors: torch.Tensor) -> str:
+    """BLAKE2b of the tensors' dtypes, shapes and bytes: which data a checkpoint belongs to."""
+    digest = hashlib.blake2b(digest_size=20)
+    for tensor in tensors:
+        digest.update(f"{tensor.dtype} {tuple(tensor.shape)};".encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _resume(path: str, settings: dict) -> SweepResult:
+    """The finished runs a checkpoint at ``path`` holds (none if there is no file yet)."""
+    if not os.path.exists(path):
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"the folder {folder} of checkpoint={path!r} does not exist; create it first")
+        return SweepResult()
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+        if not isinstance(saved, dict) or saved.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(f"its format is {saved.get('format') if isinstance(saved, dict) else None!r}")
+        stored, rows, histories = saved["settings"], saved["rows"], saved["histories"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} cannot be read as a width_sweep checkpoint (format {_CHECKPOINT_FORMAT}): "
+                         f"{error}; give another checkpoint path, or delete the file") from None
+    differing = sorted(key for key in set(settings) | set(stored) if stored.get(key) != settings.get(key))
+    if differing:
+        shown = ", ".join("the data (train_x, train_y, test_x, test_y)" if key == "data"
+                          else f"{key} (checkpoint {stored.get(key)!r}, this call {settings.get(key)!r})"
+                          for key in differing)
+        raise ValueError(f"{path} holds runs of another sweep: {shown} differ; give another checkpoint path, "
+                         "or delete the file to start this sweep afresh")
+    return SweepResult(rows=[dict(row) for row in rows], histories=[list(h) for h in histories])
+
+
+def _save(path: str, settings: dict, result: SweepResult) -> None:
+    """Write the finished runs to ``path`` through a temporary file, so that an
+    interruption leaves the previous checkpoint or the new one, never half of one."""
+    payload = {"format": _CHECKPOINT_FORMAT, "settings": settings, "rows": result.rows,
+               "histories": result.histories}
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump(payload, handle, allow_nan=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
