@@ -259,7 +259,8 @@ class _AvgPoolStep(_Step):
 
     def _window(self) -> Tuple[int, ...]:
         layer = self.layer
-        spatial = len(self.input_shape) - 2
+        kinds = _ADAPTIVE_AVG_POOL if isinstance(layer, _ADAPTIVE_AVG_POOL) else _AVG_POOL
+        spatial = _pooling_rank(layer, kinds, self.input_shape)
         if isinstance(layer, _ADAPTIVE_AVG_POOL):
             size = layer.output_size
             size = (size,) * spatial if isinstance(size, int) else tuple(size)
@@ -308,15 +309,16 @@ class _MaxPoolStep(_Step):
     """Max pooling: its backward adds each cotangent at the input position its window took.
 
     The forward records those positions (``return_indices``), as autograd's
-    backward uses them, ties included.
+    backward uses them, ties included. It pools with the layer's own rank (the
+    rules after the pool record its outputs as their inputs, which no check of
+    the cotangents sees).
     """
 
     def forward(self, x, needs_backward):
         self.input_shape = tuple(x.shape)
         layer = self.layer
-        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[x.dim() - 3] if 3 <= x.dim() <= 5 else None
-        if pool is None:
-            raise ChainDoesNotApply("max pooling of an input that is not batched [N, C, *spatial]")
+        spatial = _pooling_rank(layer, _MAX_POOL, self.input_shape)
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[spatial - 1]
         y, self.indices = pool(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
                                ceil_mode=layer.ceil_mode, return_indices=True)
         if not needs_backward:
@@ -360,6 +362,22 @@ class _FlattenStep(_Step):
 
     def backward(self, g, rows, out):
         return g.reshaped(self.input_shape[1:])
+
+
+def _pooling_rank(layer: nn.Module, kinds: Tuple[Type[nn.Module], ...], input_shape: Tuple[int, ...]) -> int:
+    """The spatial axes a pooling layer of one of ``kinds`` (1d, 2d, 3d) pools, for an input ``[N, C, *spatial]``.
+
+    Refused: an input with one axis less, which PyTorch pools as one unbatched
+    image whose channels are the examples. The pooling steps read axis 1 as
+    the channels and the axes after it as the pooled ones; on such an input
+    their backward would be wrong without failing, and a pooling of another
+    rank than the layer's would be wrong in the forward too.
+    """
+    spatial = kinds.index(type(layer)) + 1
+    if len(input_shape) != spatial + 2:
+        raise ChainDoesNotApply(f"{type(layer).__name__} on an input of {len(input_shape)} axes, "
+                                f"not batched [N, C, *spatial] ({spatial + 2} axes)")
+    return spatial
 
 
 def _tuple(value, size: int) -> Tuple[int, ...]:
