@@ -270,6 +270,8 @@ class StructuredPlan:
         # a perceptron's Linear rules hold by construction: only their shapes are needed
         exact = exact_by_construction(self.adapter.module, x)
         operands: Dict[StructuredRule, Optional[list]] = {}
+        # what each rule read in the plain forward, for the layer chain's check below
+        seen = {rule: list(rule.inputs) for rule in rules}
         for rule, cotangents in zip(rules, per_rule):
             try:
                 if not cotangents or any(a.shape[0] == 0 for a in rule.inputs):
@@ -300,7 +302,7 @@ class StructuredPlan:
         # is already.
         if self.outputs > 1 and self.rules and not self._taps():
             chain = LayerChain.of(self.adapter.module)
-            if chain is not None and _chain_agrees(chain, self.rules, dict(zip(rules, per_rule)), x, f, tol):
+            if chain is not None and _chain_agrees(chain, self.rules, dict(zip(rules, per_rule)), seen, x, f, tol):
                 self.chain = chain
         if self.chain is None and self._batched_checks_deferred:
             # the chain was refused: the captures take autograd's batched backward after all
@@ -701,14 +703,27 @@ def _agrees_along_random_direction(adapter: ModelAdapter, rules: List[Structured
 
 
 def _chain_agrees(chain: LayerChain, rules: List[StructuredRule],
-                  reference: Dict[StructuredRule, List[torch.Tensor]], x: torch.Tensor, f: torch.Tensor,
+                  reference: Dict[StructuredRule, List[torch.Tensor]],
+                  inputs: Dict[StructuredRule, List[torch.Tensor]], x: torch.Tensor, f: torch.Tensor,
                   tol: float) -> bool:
-    """Does the layer chain reproduce autograd's cotangents of ``Σ_o w_o f_o`` (``reference``) at every rule?
+    """Does the layer chain reproduce, at every rule, what the model's own forward fed it
+    (``inputs``) and autograd's cotangents of ``Σ_o w_o f_o`` (``reference``)?
 
-    ``f: [n, O]`` are the model's outputs on ``x``.
+    ``f: [n, O]`` are the model's outputs on ``x``. The chain's forward computes the
+    rules' inputs itself, which the cotangents alone would not show wrong (a rule's
+    cotangents at the head are the seeds whatever its inputs). A rule whose cotangents
+    are all zero on ``x`` (every unit before it off on these examples) leaves the
+    chain's backward to it unchecked: the chain is then not taken.
     """
     try:
         _, per_rule = chain.capture(x, rules, weights=check_weights(f.shape[1], f).squeeze(1))
+        for rule in rules:
+            expected = inputs[rule]
+            if len(expected) != len(rule.inputs):
+                return False
+            for want, got in zip(expected, rule.inputs):
+                if want.shape != got.shape or not _close(got, want, tol):
+                    return False
     except Exception:
         # shapes the chain does not cover, or a layer that fails outside autograd
         return False
@@ -718,6 +733,8 @@ def _chain_agrees(chain: LayerChain, rules: List[StructuredRule],
     for rule, cotangents in zip(rules, per_rule):
         expected = reference[rule]
         if len(expected) != len(cotangents):
+            return False
+        if not any(bool(want.any()) for want in expected):
             return False
         for want, got in zip(expected, cotangents):
             if want.shape != got.shape or not _close(got, want, tol):

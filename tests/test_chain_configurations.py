@@ -174,3 +174,39 @@ def test_average_pooling_of_examples_without_a_channel_axis_matches_the_referenc
     plan = StructuredPlan.build(make_adapter(model, None))
     with pytest.raises(ChainDoesNotApply, match=r"AvgPool3d on an input of 4 axes"):
         LayerChain.of(model).capture(x, plan.rules)
+
+
+def _small_cnn():
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(16, 3)).double()
+
+
+def test_a_chain_whose_forward_feeds_a_rule_other_inputs_is_not_taken(monkeypatch):
+    # A forward that is off after the pool leaves every cotangent as autograd's (the
+    # head's are its seeds), so only a comparison of the rules' inputs can see it.
+    model = _small_cnn()
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    assert lazykernel.plan(model, x, output="full").capture == CHAIN
+    forward = _chain._MaxPoolStep.forward
+
+    def scaled(self, h, needs_backward):
+        return forward(self, h, needs_backward) * 1.01
+
+    monkeypatch.setattr(_chain._MaxPoolStep, "forward", scaled)
+    assert lazykernel.plan(model, x, output="full").capture != CHAIN
+    got = lazykernel.ntk(model, x, output="full")
+    assert_close_to_reference(got, reference_ntk(model, x, output="full"), torch.float64)
+
+
+def test_a_chain_left_unchecked_by_all_zero_cotangents_is_not_taken():
+    # zero biases and zero probe examples (x1's first, middle and last rows): every
+    # cotangent before the ReLU is zero there, so nothing of the chain's backward
+    # to the first convolution would be compared
+    model = _zero_biases(_small_cnn())
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    assert lazykernel.plan(model, x, output="full").capture == CHAIN
+    x[[0, 2, 4]] = 0.0
+    assert lazykernel.plan(model, x, output="full").capture != CHAIN
+    got = lazykernel.ntk(model, x, output="full")
+    assert_close_to_reference(got, reference_ntk(model, x, output="full"), torch.float64)
