@@ -364,9 +364,14 @@ def gradient_descent_mse_cg(
     if tuple(f0.shape) != tuple(y_train.shape):
         raise ValueError(f"fx_train_0 must be shaped like y_train {tuple(y_train.shape)}, got {tuple(f0.shape)}")
 
+    precision = [torch.finfo(torch.float64).eps]
+
     def apply(v: torch.Tensor) -> torch.Tensor:
-        out = operator(v.reshape(y_train.shape)).reshape(n, -1).to(torch.float64)
-        return out + lam * v
+        out = operator(v.reshape(y_train.shape))
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            # the operator's own rounding bounds what a curvature can tell apart from zero
+            precision[0] = max(precision[0], torch.finfo(out.dtype).eps)
+        return out.reshape(n, -1).to(torch.float64) + lam * v
 
     rhs = (y_train - f0).to(torch.float64).reshape(n, -1)
     norms = rhs.norm(dim=0)
@@ -376,6 +381,8 @@ def gradient_descent_mse_cg(
     rr = (residual * residual).sum(0)
     done = norms == 0
     iterations = 0
+    # the largest Rayleigh quotient seen, a lower bound on the largest eigenvalue of K + λI
+    largest = torch.zeros_like(norms)
     while not bool((residual.norm(dim=0) <= tol_ * norms).all()):
         if iterations >= max_iter:
             raise RuntimeError(
@@ -386,7 +393,13 @@ def gradient_descent_mse_cg(
         iterations += 1
         curvature = (direction * kp).sum(0)
         active = ~done
-        if bool((curvature[active] <= 1e-300).any()):
+        length = (direction * direction).sum(0)
+        largest = torch.maximum(largest, curvature / length.clamp_min(1e-300))
+        # A Rayleigh quotient within the operator's rounding of zero, relative to the largest
+        # one: a direction the kernel (numerically) does not see, which no number of further
+        # iterations would resolve.
+        flat = curvature <= max(n, 1) * precision[0] * largest * length
+        if bool((flat[active] | (curvature[active] <= 1e-300)).any()):
             raise RuntimeError(
                 "conjugate gradients met a direction of zero or negative curvature: the kernel is "
                 "singular (or not positive semi-definite) on the targets; pass ridge > 0")

@@ -222,3 +222,35 @@ def test_kernel_metrics_refuse_what_is_not_a_tensor_by_name(metric):
         getattr(metrics, metric)(kernel.tolist(), kernel)
     with pytest.raises(ValueError, match="must be a tensor, got list"):
         getattr(metrics, metric)(kernel, kernel.tolist())
+
+
+def test_cg_stops_at_once_on_a_direction_the_kernel_does_not_see():
+    # A singular kernel and targets outside its range: the residual's part in the null
+    # space never shrinks. CG must say so when it meets it, not after 10·N iterations.
+    # (A rounding-level curvature of either sign used to be taken as a step when
+    # positive, blowing the solution up, for 4 to 46 iterations over these seeds.)
+    for seed in range(10):
+        gen = torch.Generator().manual_seed(seed)
+        a = torch.randn(60, 3, dtype=torch.float64, generator=gen)
+        k = a @ a.T
+        y = torch.randn(60, 2, dtype=torch.float64, generator=gen)
+        calls = []
+
+        def operator(v):
+            calls.append(1)
+            return k @ v
+
+        with pytest.raises(RuntimeError, match="zero or negative curvature.*ridge"):
+            gradient_descent_mse_cg(operator, y)
+        assert len(calls) == 4  # the rank, then the first direction outside the range
+    # in float32 the operator's own rounding is the bar
+    calls.clear()
+    with pytest.raises(RuntimeError, match="zero or negative curvature"):
+        gradient_descent_mse_cg(lambda v: (k.float() @ v.float()), y)
+    # targets in the kernel's range are solved, singular or not
+    y_in_range = k @ torch.randn(60, 2, dtype=torch.float64, generator=gen)
+    solution = gradient_descent_mse_cg(operator, y_in_range, tol=1e-10)
+    torch.testing.assert_close(solution.train, y_in_range, rtol=1e-8, atol=1e-8 * y_in_range.abs().max().item())
+    # and a ridge makes any targets solvable
+    ridge = gradient_descent_mse_cg(k, y, ridge=1e-3)
+    torch.testing.assert_close(ridge.alpha, torch.linalg.solve(k + 1e-3 * torch.eye(60, dtype=torch.float64), y))
