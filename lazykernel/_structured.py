@@ -22,8 +22,8 @@ from lazykernel._chain import LayerChain, exact_by_construction
 from lazykernel._jacobian import forward_mode_works, ntvp_rows, per_example_jacobian
 from lazykernel._memory import empty_buffer
 from lazykernel._model import ModelAdapter
-from lazykernel.rules import (GRADIENT, BroadcastParameterRule, PAIRWISE, TOKENS, GradientOf, RuleDoesNotApply,
-                              StructuredRule, TermShape, TokenRows, gradient_is_smaller, rule_for)
+from lazykernel.rules import (GRADIENT, BroadcastParameterRule, EmbeddingRule, PAIRWISE, TOKENS, GradientOf,
+                              RuleDoesNotApply, StructuredRule, TermShape, TokenRows, gradient_is_smaller, rule_for)
 
 # (a_list, g_list) for gram_hadamard_accumulate, the sparse embedding terms, and
 # the per-example gradients formed block by block
@@ -182,6 +182,7 @@ class StructuredPlan:
         n = x.shape[0]
         for rule in self.rules:
             rule.attach()
+            rule.batch = n
         try:
             taps = {rule.names[""]: rule.tap(n) for rule in self.rules
                     if isinstance(rule, BroadcastParameterRule)}
@@ -252,12 +253,15 @@ class StructuredPlan:
         # the check needs only Σ_o of each example's gradient: one plain backward
         try:
             f, per_rule = self._capture(x, summed=True, probe_rows=rows)
+            shared = self._shared_lookups()
+            if shared and not self._outputs_unchanged(x, f):
+                raise RuleDoesNotApply("a lookup expanded along the batch changes the model's outputs")
         except Exception:
-            taps = self._taps()
-            if not taps:
+            expanded = self._taps() + self._shared_lookups()
+            if not expanded:
                 raise
-            # expanded parameters that work one by one but not together: none of them
-            for rule in taps:
+            # expanded parameters (or lookups) that work one by one but not together: none of them
+            for rule in expanded:
                 self.demote(rule)
             f, per_rule = self._capture(x, summed=True, probe_rows=rows)
         self.outputs = f.shape[1]
@@ -331,6 +335,17 @@ class StructuredPlan:
         if self._taps() and rows > probe.shape[0]:
             x = probe[torch.arange(rows, device=probe.device) % probe.shape[0]]
             self._demote_taps_failing_on(x, search_lead=False)
+
+    def _shared_lookups(self) -> List[EmbeddingRule]:
+        """Embedding rules whose ids have no batch axis, their lookups expanded along it."""
+        return [rule for rule in self.rules if isinstance(rule, EmbeddingRule) and rule.shared]
+
+    def _outputs_unchanged(self, x: torch.Tensor, f: torch.Tensor) -> bool:
+        """Are ``f``, the outputs of a capture, the model's own outputs on ``x``? A lookup
+        expanded along the batch that the forward reshapes or reduces would change them."""
+        with torch.no_grad():
+            plain = self.adapter.forward(x)
+        return plain.numel() == f.numel() and _close(f, plain.reshape(f.shape).to(f.dtype), _tolerance(f.dtype))
 
     def _taps(self) -> List[BroadcastParameterRule]:
         return [rule for rule in self.rules if isinstance(rule, BroadcastParameterRule)]

@@ -157,6 +157,8 @@ class StructuredRule:
         self._handle = None
         # per-term sizes, measured when the plan was verified
         self.shapes: List[TermShape] = []
+        # examples in the batch being captured (set by the plan before each forward)
+        self.batch: Optional[int] = None
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -642,7 +644,43 @@ class EmbeddingRule(StructuredRule):
     the ids they share. The dense gradient form (``[vocab, dim]`` per example)
     is chosen only when it is cheaper (tiny vocabularies, long sequences).
     Rows of ``padding_idx`` get no gradient.
+
+    Ids without the batch axis (``pos(torch.arange(T))``, or ``[1, T]``), one
+    lookup that the forward then broadcasts along the batch, are taken as every
+    example's ids: while the rule captures, the lookup's output is expanded to a
+    copy per example, ``[N, T, D]``, as `BroadcastParameterRule` expands a
+    parameter, so that the batched backward gives each example's cotangent.
+    Which of the two the ids are is decided on the first capture (the plan's
+    check) and kept for every later batch.
     """
+
+    def __init__(self, module: nn.Module, names: Dict[str, str]):
+        super().__init__(module, names)
+        self.shared: Optional[bool] = None
+        self._shared_ids: Optional[Tuple[int, ...]] = None
+
+    def _hook(self, module, args, output):
+        ids = args[0]
+        if self.shared is None and self.batch is not None:
+            self.shared = ids.dim() == 0 or ids.shape[0] != self.batch
+            self._shared_ids = tuple(ids.shape)
+        if not self.shared:
+            return super()._hook(module, args, output)
+        if tuple(ids.shape) != self._shared_ids or self.batch is None:
+            raise RuleDoesNotApply(f"lazykernel: an Embedding looked up ids of shape {tuple(ids.shape)} for all "
+                                   f"examples, after {self._shared_ids} when its rule was checked")
+        # one copy per example: the leading axis of [1, T] ids, or a new one for [T]
+        lookups = output[0] if ids.dim() >= 1 and ids.shape[0] == 1 else output
+        expanded = lookups.unsqueeze(0).expand((self.batch,) + tuple(lookups.shape))
+        self.inputs.append(ids.detach())
+        self.outputs.append(expanded)
+        return expanded.clone()
+
+    def _flat_ids(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        """``[n, t]``: each example's ids in one call, whether batched or shared."""
+        if self.shared:
+            return ids.reshape(1, -1).expand(n, -1)
+        return ids.reshape(ids.shape[0], -1)
 
     @classmethod
     def supports(cls, module):
@@ -654,11 +692,11 @@ class EmbeddingRule(StructuredRule):
         m = self.module
         ids_parts, g_parts, ex_parts = [], [], []
         for ids, g in zip(self.inputs, cotangents):
-            if ids.dim() < 1 or ids.shape[0] != n or g.shape[1] != n:
+            if not self.shared and (ids.dim() < 1 or ids.shape[0] != n) or g.shape[1] != n:
                 raise RuleDoesNotApply(f"lazykernel: an Embedding saw a batch of {ids.shape[0]} "
                                        f"rows for {n} examples; its rule needs the batch axis first")
             o = g.shape[0]
-            flat = ids.reshape(n, -1)
+            flat = self._flat_ids(ids, n)
             t = flat.shape[1]
             ids_parts.append(flat.reshape(-1))
             ex_parts.append(torch.arange(n, device=ids.device).repeat_interleave(t))
@@ -677,7 +715,7 @@ class EmbeddingRule(StructuredRule):
 
     def term_shapes(self):
         m = self.module
-        per_example = [ids.reshape(ids.shape[0], -1) for ids in self.inputs]
+        per_example = [self._flat_ids(ids, self.batch or 1) for ids in self.inputs]
         flat = torch.cat(per_example, dim=1) if per_example else torch.zeros(1, 0, dtype=torch.long)
         n = flat.shape[0]
         rows = [torch.unique(flat[i][flat[i] != m.padding_idx] if m.padding_idx is not None else flat[i])

@@ -350,3 +350,61 @@ def test_a_linear_subclass_keeps_its_rule_beside_a_parameter_of_its_own():
     assert rules["layer.weight"] == rules["layer.bias"] == "LinearRule"
     assert rules["layer.gain"] != "LinearRule"
     _assert_exact(model, x, outputs=("full",))
+
+
+# -- an embedding looked up once for all examples -----------------------------------------
+
+class _SharedLookup(nn.Module):
+    """Token embeddings plus position embeddings looked up once, ``pos(ids_of_positions)``,
+    and broadcast along the batch (the GPT form), then a small mixing layer and a head."""
+
+    def __init__(self, form, length=6, padding_idx=None):
+        super().__init__()
+        self.form, self.length = form, length
+        self.tokens = nn.Embedding(11, 4)
+        self.pos = nn.Embedding(length, 4, padding_idx=padding_idx)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        positions = torch.arange(t, device=ids.device)
+        if self.form == "row":
+            looked_up = self.pos(positions.unsqueeze(0))          # [1, T] ids
+        elif self.form == "repeated":
+            looked_up = self.pos(positions // 2)                   # ids that repeat
+        elif self.form == "unsqueezed":
+            looked_up = self.pos(positions).unsqueeze(0)           # [T, D] made [1, T, D] after the lookup
+        else:
+            looked_up = self.pos(positions)                        # [T] ids
+        h = torch.tanh(self.mix(self.tokens(ids) + looked_up))
+        return self.head(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("form, rule", [("plain", "EmbeddingRule"), ("row", "EmbeddingRule"),
+                                        ("repeated", "EmbeddingRule"), ("unsqueezed", None)])
+def test_an_embedding_looked_up_once_for_all_examples_keeps_the_token_rule(form, rule):
+    torch.manual_seed(0)
+    model = _SharedLookup(form).double()
+    gen = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randint(0, 11, (5, 6), generator=gen), torch.randint(0, 11, (3, 6), generator=gen)
+    rules = _rule_of_each_parameter(model, x1)
+    if rule is not None:
+        assert rules["pos.weight"] == rule
+    # the lookup lines up with the batch only after an unsqueeze of its own: that form
+    # must still be exact, by whatever rule
+    _assert_exact(model, x1, x2, outputs=("trace", "full"))
+    # batches of other sizes than the check's, one of them as long as the positions
+    _assert_exact(model, torch.cat([x1, x1[:1]]), outputs=("full",), batch_size=2)
+    _assert_exact(model, torch.randint(0, 11, (14, 6), generator=gen), outputs=("trace",), batch_size=6)
+
+
+def test_a_shared_lookup_with_a_padding_row_and_as_many_positions_as_examples_is_exact():
+    torch.manual_seed(0)
+    model = _SharedLookup("plain", padding_idx=0).double()
+    gen = torch.Generator().manual_seed(2)
+    _assert_exact(model, torch.randint(0, 11, (5, 6), generator=gen), outputs=("trace", "full"))
+    # the check's batch as long as the positions: the ids read as batched, which the
+    # check refuses, so the table goes to the generic rule, still exact
+    x = torch.randint(0, 11, (6, 6), generator=gen)
+    _assert_exact(model, x, outputs=("full",))
