@@ -28,7 +28,7 @@ build_with_torch() {
   python3 - <<'PY'
 import glob, os, shutil, sysconfig
 from torch.utils.cpp_extension import load
-sources = ["csrc/lazykernel.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
 module = load(name="_C", sources=sources, extra_include_paths=[os.path.abspath("csrc")],
               extra_cflags=["-O3", "-std=c++20", "-fopenmp"], extra_ldflags=["-fopenmp"],
               extra_cuda_cflags=["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-v"],

@@ -98,8 +98,9 @@ def ntk_to_disk(
             written beside it (``out + ".manifest.json"``, ``out + ".tiles/"``).
         memory_budget: bytes of working memory per process (the kernel, which
             is on disk, is not counted); default a quarter of the memory
-            available on the device, which the CPU processes of one host
-            (torchrun's ``LOCAL_WORLD_SIZE``) share.
+            available on the CPU, which the CPU processes of one host
+            (torchrun's ``LOCAL_WORLD_SIZE``) share, or half of the free
+            memory of a CUDA device.
         if_exists: what to do when ``out`` already holds a store: ``"resume"``
             (default) continues it if it was made by the same call and refuses
             it otherwise; ``"overwrite"`` discards it; ``"error"`` refuses it.

@@ -83,7 +83,8 @@ def ntk(
             Parameters with ``requires_grad=False`` never count.
         batch_size: at most this many examples per chunk.
         memory_budget: bytes of working memory (the returned kernel is not
-            counted); default a quarter of the memory available on the device.
+            counted); default a quarter of the memory available on the CPU
+            (within a container's limit), half of the free memory of a CUDA device.
         progress: show a progress bar over chunk pairs (tqdm if installed).
         precision: ``"highest"``: every product in the inputs' dtype (on CUDA
             this turns off cuDNN's default TF32 convolutions for the call);
