@@ -8,6 +8,7 @@ flow, ``.item()``, unsupported ops) they fall back to loops with the same result
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List
 
 import torch
@@ -38,7 +39,7 @@ def per_example_jacobian(adapter: ModelAdapter, names: List[str], x: torch.Tenso
     def f_single(diff: Dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
         merged = dict(others)
         merged.update(diff)
-        return adapter.call(merged, xi.unsqueeze(0)).reshape(-1)
+        return one_row_per_example(adapter.call(merged, xi.unsqueeze(0)), 1).reshape(-1)
 
     n = x.shape[0]
     try:
@@ -48,12 +49,28 @@ def per_example_jacobian(adapter: ModelAdapter, names: List[str], x: torch.Tenso
     return torch.cat([jac[name].reshape(n, jac[name].shape[1], -1) for name in names], dim=2)
 
 
+def one_row_per_example(y: torch.Tensor, n: int) -> torch.Tensor:
+    """``y``, the model's output for ``n`` examples, once it is seen to have one row per example.
+
+    The probe of `lazykernel.ntk` checks the batch axis on a few examples; a model
+    whose output has a fixed number of rows that happens to be the probe's would
+    otherwise have its rows taken for examples.
+    """
+    if y.dim() == 0 or y.shape[0] != n:
+        raise ValueError(
+            f"the model returned shape {tuple(y.shape)} for {n} example(s): its output must have the batch "
+            "dimension first, one row per example, so a forward that slices, reduces or reshapes the "
+            "batch axis has no per-example NTK; return the outputs of all examples, in their order"
+        )
+    return y
+
+
 def _per_example_jacobian_by_backward(adapter: ModelAdapter, names: List[str], x: torch.Tensor) -> torch.Tensor:
     values, params = adapter.with_leaves(names)
     rows = []
     with torch.enable_grad():
         for i in range(x.shape[0]):
-            y = adapter.call(values, x[i:i + 1]).reshape(-1)
+            y = one_row_per_example(adapter.call(values, x[i:i + 1]), 1).reshape(-1)
             for o in range(y.numel()):
                 grads = torch.autograd.grad(y[o], params, retain_graph=o + 1 < y.numel(), allow_unused=True)
                 rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
@@ -80,25 +97,66 @@ def ntk_block_by_ntvp(adapter: ModelAdapter, x1: torch.Tensor, x2: torch.Tensor,
         by_loop: one plain VJP and JVP per row instead of torch.func's vmap, for
             models whose batched backward PyTorch gets wrong (`ntvp_agrees`).
 
-    A model with an op that has no forward-mode AD takes the products with
-    ``x2``'s per-example Jacobians instead (reverse mode, ``[N2, O, P]``).
+    A model whose JVPs forward mode cannot give as reverse mode does (an op
+    without forward-mode AD, or parameters used under ``torch.no_grad``, see
+    `forward_mode_works`) takes the products with ``x2``'s per-example
+    Jacobians instead (reverse mode, ``[N2, O, P]``).
     """
     values = adapter.detached_params()
     n1, n2 = x1.shape[0], x2.shape[0]
-    y1, vjp_fn = vjp(lambda p: adapter.call(p, x1).reshape(-1), values)
+    y1, vjp_fn = vjp(lambda p: one_row_per_example(adapter.call(p, x1), n1).reshape(-1), values)
     basis = torch.eye(y1.numel(), dtype=y1.dtype, device=y1.device)
     rows = ntvp_rows(adapter, values, vjp_fn, x2, basis, by_loop)
     return rows.reshape(n1, y1.numel() // n1, n2, -1)
 
 
 def forward_mode_works(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x: torch.Tensor) -> bool:
-    """Does every op of the model on ``x`` have forward-mode AD (one JVP in the parameters)?"""
-    tangent = {name: torch.zeros_like(value) for name, value in values.items()}
+    """Does forward-mode AD give the model's derivative on ``x``, as reverse mode does?
+
+    False where an op of the model has no forward-mode AD, and where the two modes
+    disagree: ``torch.no_grad`` stops reverse mode only, so a forward that computes
+    from the parameters under it (a power iteration, a frozen branch) gets JVPs with
+    terms that autograd's gradients, and so the kernel, leave out. Along a random
+    direction ``d`` of the parameters and random weights ``u`` of the outputs,
+    ``uᵀ(J d)`` from one JVP is compared with ``(Jᵀu)·d`` from one VJP. A False is
+    kept on the adapter (`ModelAdapter.reverse_mode_only`) for `ntvp_rows`.
+    """
+    # (imported here: the structured method's module imports this one)
+    from lazykernel._structured import _rank_one_direction
+
+    gen = torch.Generator(device="cpu").manual_seed(4)
+    direction = {name: _rank_one_direction(value, gen) for name, value in values.items()}
     try:
-        jvp(lambda p: adapter.call(p, x), (values,), (tangent,))
+        y, along = jvp(lambda p: adapter.call(p, x), (values,), (direction,))
     except NotImplementedError:
+        adapter.reverse_mode_only = True
         return False
-    return True
+    _, vjp_fn = vjp(lambda p: adapter.call(p, x), values)
+    u = (torch.rand(y.shape, generator=gen, dtype=torch.float64) + 0.5).to(y)
+    (pulled,) = vjp_fn(u)
+    forward = float((along.double() * u.double()).sum())
+    # parameter by parameter, so that float64 copies of one parameter at a time are made
+    reverse, pulled_norm2, direction_norm2 = 0.0, 0.0, 0.0
+    for name, d in direction.items():
+        g, d = pulled[name].double(), d.double()
+        reverse += float((g * d).sum())
+        pulled_norm2 += float(g.square().sum())
+        direction_norm2 += float(d.square().sum())
+    scale = max(math.sqrt(pulled_norm2 * direction_norm2), float(along.double().norm() * u.double().norm()), 1e-30)
+    dtypes = {y.dtype} | {value.dtype for value in values.values()}
+    if abs(forward - reverse) <= _agreement_tolerance(dtypes) * scale:
+        return True
+    adapter.reverse_mode_only = True
+    return False
+
+
+def _agreement_tolerance(dtypes) -> float:
+    """Relative difference of two products of the same derivative that round-off explains,
+    for a model computing in ``dtypes``: relative to the Cauchy-Schwarz bound of the
+    products, round-off measured below a tenth of the coarsest dtype's epsilon (float32
+    MLP, CNN with BatchNorm and transformer; bfloat16 and float16 MLPs)."""
+    eps = max(torch.finfo(dtype).eps for dtype in dtypes if dtype.is_floating_point)
+    return min(100 * eps, 1e-2)
 
 
 def ntvp_rows(adapter: ModelAdapter, values: Dict[str, torch.Tensor], vjp_fn, x2: torch.Tensor,
@@ -107,27 +165,30 @@ def ntvp_rows(adapter: ModelAdapter, values: Dict[str, torch.Tensor], vjp_fn, x2
     where ``vjp_fn`` is the VJP of ``x1``'s flattened outputs."""
 
     def f2(p):
-        return adapter.call(p, x2).reshape(-1)
+        return one_row_per_example(adapter.call(p, x2), x2.shape[0]).reshape(-1)
 
     def row(v):
         (tangent,) = vjp_fn(v)
         return jvp(f2, (values,), (tangent,))[1]
 
-    if not by_loop:
+    if not adapter.reverse_mode_only:
+        if not by_loop:
+            try:
+                return vmap(row)(seeds)
+            except Exception:
+                pass
         try:
-            return vmap(row)(seeds)
-        except Exception:
+            return torch.stack([row(v) for v in seeds])
+        except NotImplementedError:
             pass
-    try:
-        return torch.stack([row(v) for v in seeds])
-    except NotImplementedError:
-        # an op without forward-mode AD: J2 from reverse mode, then one product
-        names = list(values)
-        jac = per_example_jacobian(adapter, names, x2, by_loop=by_loop)          # [N2, O, P]
-        if by_loop:
-            tangents = [vjp_fn(v)[0] for v in seeds]
-            flat = torch.stack([torch.cat([t[name].reshape(-1) for name in names]) for t in tangents])
-        else:
-            batched = vmap(vjp_fn)(seeds)[0]
-            flat = torch.cat([batched[name].reshape(seeds.shape[0], -1) for name in names], 1)
-        return flat.to(jac.dtype) @ jac.reshape(-1, jac.shape[2]).T
+    # an op without forward-mode AD, or forward mode that differs from reverse mode
+    # (`forward_mode_works`): J2 from reverse mode, then one product
+    names = list(values)
+    jac = per_example_jacobian(adapter, names, x2, by_loop=by_loop)          # [N2, O, P]
+    if by_loop:
+        tangents = [vjp_fn(v)[0] for v in seeds]
+        flat = torch.stack([torch.cat([t[name].reshape(-1) for name in names]) for t in tangents])
+    else:
+        batched = vmap(vjp_fn)(seeds)[0]
+        flat = torch.cat([batched[name].reshape(seeds.shape[0], -1) for name in names], 1)
+    return flat.to(jac.dtype) @ jac.reshape(-1, jac.shape[2]).T

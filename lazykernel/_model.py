@@ -31,6 +31,8 @@ class ModelAdapter:
     Attributes:
         module: the ``nn.Module``, or None for a functional model.
         params: the selected parameters, by name (the tensors themselves).
+        reverse_mode_only: whether JVPs must come from reverse mode (see
+            `lazykernel._jacobian.forward_mode_works`).
     """
 
     def __init__(self, module: Optional[nn.Module], fn: Optional[Callable],
@@ -40,21 +42,33 @@ class ModelAdapter:
         self.params = params
         # Values of the functional model that are not differentiated (non-floating).
         self._constants = constants
+        # A module's buffers as they are now: every evaluation starts from these
+        # (`_module_call`), so that a forward that writes into its buffers (a call
+        # counter, a cache, the power iteration of spectral_norm in training mode)
+        # computes the same function each time and the model keeps them.
+        self._buffers: Dict[str, torch.Tensor] = dict(module.named_buffers()) if module is not None else {}
+        # names of the buffers the forward writes in place; None until an evaluation showed it
+        self._written: Optional[frozenset] = None if self._buffers else frozenset()
+        # Set where forward-mode AD differs from reverse mode on this model (an op without
+        # it, or a forward computing from the parameters under torch.no_grad, which stops
+        # reverse mode only): products then take reverse mode (`_jacobian.forward_mode_works`).
+        self.reverse_mode_only = False
 
     def call(self, values: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Apply the model to a batch ``x`` with the selected parameters set to ``values``."""
-        if self.module is not None:
-            return restoring_functional_call(self.module, values, x)
-        merged = dict(self._constants)
-        merged.update(values)
-        return self._fn(merged, x)
+        with _explained_self_changes():
+            if self.module is not None:
+                return self._module_call(values, x)
+            merged = dict(self._constants)
+            merged.update(values)
+            return self._fn(merged, x)
 
     def forward_with(self, replaced: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Apply the model with some selected parameters replaced by ``replaced`` (the rest as they are)."""
         if not replaced:
             return self.forward(x)
         if self.module is not None:
-            return restoring_functional_call(self.module, replaced, x)
+            return self._module_call(replaced, x)
         merged = dict(self.params)
         merged.update(replaced)
         return self.call(merged, x)
@@ -62,11 +76,34 @@ class ModelAdapter:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the model with its own parameters (autograd tracks them as usual)."""
         if self.module is not None:
-            return self.module(x)
+            return self._module_call({}, x)
         return self.call(self.params, x)
 
+    def _module_call(self, values: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The module on ``x`` with ``values`` swapped in, and its buffers as they were.
+
+        The buffers go through ``functional_call`` too: one the forward rebinds
+        (``self.count = self.count + 1``) is put back afterwards, and one it writes
+        in place is handed over as a copy of its own. Which ones are written shows
+        on the first evaluation, which copies them all; torch.func's transforms
+        refuse in-place writes into the module's own tensors anyway.
+        """
+        if not self._buffers:
+            return restoring_functional_call(self.module, values, x) if values else self.module(x)
+        written = self._written
+        buffers = {name: (b.clone() if written is None or name in written else b)
+                   for name, b in self._buffers.items()}
+        merged = dict(buffers)
+        merged.update(values)
+        y = restoring_functional_call(self.module, merged, x)
+        if written is None:
+            self._written = _written_copies(buffers)
+        return y
+
     def detached_params(self) -> Dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.params.items()}
+        """The parameters without autograd history; one whose elements share memory
+        (an expanded tensor) as a dense copy, which forward-mode AD needs for its tangent."""
+        return {name: _dense(p.detach()) for name, p in self.params.items()}
 
     def with_leaves(self, names: List[str]) -> Tuple[Dict[str, torch.Tensor], List[torch.Tensor]]:
         """The detached parameters for `call`, those of ``names`` replaced by copies
@@ -81,6 +118,40 @@ class ModelAdapter:
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
+
+
+def _written_copies(copies: Mapping[str, torch.Tensor]) -> Optional[frozenset]:
+    """The names of the buffer copies an evaluation wrote into, or None where that cannot
+    be read (copies made in inference mode keep no version counter)."""
+    try:
+        return frozenset(name for name, copy in copies.items() if copy._version)
+    except RuntimeError:
+        return None
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy of it where its elements may share memory (``expand``)."""
+    return t if torch._debug_has_internal_overlap(t) == 0 else t.contiguous()
+
+
+@contextlib.contextmanager
+def _explained_self_changes() -> Iterator[None]:
+    """torch.func's refusal of a forward that changes the model itself, as a ValueError
+    that says what does it and what to do."""
+    try:
+        yield
+    except RuntimeError as error:
+        if re.search(r"mutate a captured Tensor|mutating directly with `\.data`", str(error)) is None:
+            raise
+        raise ValueError(
+            f"the model's forward changes tensors of the model in place ({first_line(error)}): an in-place "
+            "write into a tensor it holds outside its parameters and buffers (or into a buffer on some "
+            "inputs only, not on the first ones it was run on), or model.to(...), .float(), .double() "
+            "called inside forward, which torch.func's transforms cannot differentiate through. Register "
+            "such a tensor as a buffer (module.register_buffer) written on every call (every evaluation then "
+            "gets a copy of it), or move the conversion out of forward (convert the model once, before "
+            "lazykernel)"
+        ) from error
 
 
 def restoring_functional_call(module: nn.Module, values: Mapping[str, torch.Tensor], x: torch.Tensor
@@ -193,6 +264,13 @@ def make_adapter(model, params: ParamSelection) -> ModelAdapter:
             "model is an nn.DataParallel wrapper, whose parameters torch.func cannot swap; pass "
             "the model it wraps, model.module (the same function, with parameter names without "
             "the 'module.' prefix)"
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(
+            f"model is a TorchScript module ({type(model).__name__}, from torch.jit.script or "
+            "torch.jit.trace), whose parameters torch.func cannot swap and whose layers take no hooks; "
+            "pass the nn.Module it was made from, which computes the same function (torch.compile'd "
+            "modules are accepted)"
         )
     if isinstance(model, nn.Module):
         selected = _select_module_parameters(model, params)
