@@ -524,6 +524,17 @@ def _output_cotangents(f: torch.Tensor, targets: List[torch.Tensor], per_output:
     view; the values are the same either way.
     """
     n, o = f.shape
+    live = [i for i, t in enumerate(targets) if t.requires_grad] if f.requires_grad else []
+    if len(live) < len(targets):
+        # A layer run under torch.no_grad (or outputs detached from it) has no derivative
+        # to give: its cotangents are zero, as autograd's gradients of its parameters are.
+        layouts = list(examples_first) if examples_first is not None else [False] * len(targets)
+        found = iter(_output_cotangents(f, [targets[i] for i in live], per_output, [layouts[i] for i in live],
+                                        retain_graph) if live else [])
+        return [next(found) if i in live else
+                (t.new_zeros((t.shape[0], o) + tuple(t.shape[1:])).transpose(0, 1) if layouts[i]
+                 else t.new_zeros((o,) + tuple(t.shape)))
+                for i, t in enumerate(targets)]
     if o == 1:
         grads = torch.autograd.grad(f, targets, grad_outputs=torch.ones_like(f),
                                     allow_unused=True, retain_graph=retain_graph)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lazykernel
-from conftest import METHODS, assert_close_to_reference
+from conftest import METHODS, assert_close_to_reference, reference_ntk
 
 # torch.func announces its loop over examples for in-place ops without a batching rule
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -329,3 +329,31 @@ def test_ntvp_refuses_an_output_without_one_row_per_example():
     model = FirstThreeRows().double()
     with pytest.raises(ValueError, match=r"returned shape \(3, 2\) for 4 example\(s\).*one row per example"):
         lazykernel.ntk(model, torch.randn(6, 3, dtype=torch.float64), output="full", method="ntvp")
+
+
+class _FrozenUnderNoGrad(nn.Module):
+    """A first layer run under torch.no_grad (its parameters have no derivative), or
+    outputs detached as a whole (no parameter has one)."""
+
+    def __init__(self, detach_output):
+        super().__init__()
+        self.first, self.head, self.detach_output = nn.Linear(3, 4), nn.Linear(4, 2), detach_output
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.first(x)
+        y = self.head(torch.tanh(h))
+        return y.detach() if self.detach_output else y
+
+
+@pytest.mark.parametrize("method", ["auto", "structured", "jacobian", "ntvp"])
+def test_layers_under_no_grad_contribute_nothing_with_every_method(method):
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    model = _FrozenUnderNoGrad(detach_output=False).double()
+    got = lazykernel.ntk(model, x, output="full", method=method)
+    assert_close_to_reference(got, reference_ntk(model, x, None, "full", None), torch.float64)
+    assert lazykernel.plan(model, x).flops > 0
+    detached = _FrozenUnderNoGrad(detach_output=True).double()
+    assert torch.equal(lazykernel.ntk(detached, x, output="full", method=method),
+                       torch.zeros(5, 5, 2, 2, dtype=torch.float64))
