@@ -12,7 +12,8 @@
 // parameter group is the special case T = K = 1, a = 1, g = per-sample Jacobian.
 //
 // `symmetric` promises a1 == a2 and g1 == g2 (so N1 == N2): the kernels may then
-// compute only tiles with i-block <= j-block and mirror them.
+// compute only tiles with i-block <= j-block and mirror them. The checks hold
+// the op to that promise (the same tensors, or else equal values).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,7 +42,8 @@ struct GramProblem {
 GramOutput parse_gram_output(c10::string_view output);
 
 // Checks every argument of the op (dtypes, devices, ranks, matching sizes,
-// the shape of `out`) and returns the sizes. Throws c10::Error with a message
+// the shape of `out`, memory shared with `out`, operands that require grad,
+// the promise of `symmetric`) and returns the sizes. Throws c10::Error with a message
 // that names the offending argument, what was expected and what was given.
 GramProblem check_gram_hadamard_inputs(
     const at::Tensor& out,

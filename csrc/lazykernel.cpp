@@ -2,6 +2,8 @@
 // every backend. Backends register their kernels with TORCH_LIBRARY_IMPL in
 // cpu/ and cuda/; the fake (meta) kernels live in lazykernel/ops.py.
 #include <Python.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
 #include <sstream>
@@ -38,6 +40,29 @@ void check_layer_tensor(const at::Tensor& t, const char* name, size_t index,
               out.scalar_type(), "; all tensors must share one dtype");
   TORCH_CHECK(t.device() == out.device(), "gram_hadamard_accumulate_: ", name, "[", index,
               "] is on ", t.device(), " but out is on ", out.device());
+  // The op writes out in place and records nothing for autograd, so a loss built
+  // on out would silently lack this term's gradient.
+  TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), "gram_hadamard_accumulate_: ",
+              name, "[", index, "] requires grad, but the op has no derivative (it adds to out in "
+              "place and records nothing for autograd); call it under torch.no_grad() or pass ",
+              name, "[", index, "].detach()");
+  // The kernels read the operands while they write out tile by tile: an operand
+  // in out's memory would change under them.
+  const at::MemOverlapStatus overlap = at::get_overlap_status(out, t);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+              "gram_hadamard_accumulate_: out shares memory with ", name, "[", index,
+              "]; pass a separate out tensor (or ", name, "[", index, "].clone())");
+}
+
+// Whether two operands hold the same values: the same memory viewed the same way
+// (no work), else an element-wise comparison (linear in the operand's size, small
+// next to the op; on a GPU it waits for the comparison's result).
+bool same_operand(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_same(b)) return true;
+  if (a.sizes() != b.sizes()) return false;
+  if (a.numel() == 0) return true;
+  if (a.data_ptr() == b.data_ptr() && a.strides() == b.strides()) return true;
+  return at::equal(a, b);
 }
 
 }  // namespace
@@ -81,6 +106,10 @@ GramProblem check_gram_hadamard_inputs(const at::Tensor& out, at::TensorList a1,
     TORCH_CHECK(problem.n1 == problem.n2, "gram_hadamard_accumulate_: symmetric=True needs "
                 "N1 == N2, got out of shape ", shape_string(out));
   }
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+              "gram_hadamard_accumulate_: out has elements that share memory (an expand()ed or "
+              "similar view, strides ", out.strides(), "); pass a tensor whose elements each "
+              "have their own memory, e.g. out.clone()");
 
   for (size_t l = 0; l < count; ++l) {
     check_layer_tensor(a1[l], "a1", l, 3, out);
@@ -119,6 +148,15 @@ GramProblem check_gram_hadamard_inputs(const at::Tensor& out, at::TensorList a1,
                                                     : "out has ",
                 problem.outputs);
     problem.layers.push_back(GramLayer{T, A.size(2), G.size(3)});
+  }
+  // The kernels compute only the upper tiles and mirror them, so the lower
+  // triangle is right only if the two sides are the same examples.
+  for (size_t l = 0; symmetric && l < count; ++l) {
+    const bool a_same = same_operand(a1[l], a2[l]);
+    TORCH_CHECK(a_same && same_operand(g1[l], g2[l]), "gram_hadamard_accumulate_: symmetric=True "
+                "promises a2 == a1 and g2 == g1, but ", a_same ? "g2[" : "a2[", l, "] differs from ",
+                a_same ? "g1[" : "a1[", l, "]; pass symmetric=False for two different sets of "
+                "examples");
   }
   return problem;
 }

@@ -7,6 +7,7 @@ when no compiled kernel exists for a tensor's device.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -77,6 +78,10 @@ def _check_gram_inputs(out: torch.Tensor, a1: Sequence[torch.Tensor], a2: Sequen
                      "all tensors must share one dtype")
             if tensor.device != out.device:
                 fail(f"{name}[{layer}] is on {tensor.device} but out is on {out.device}")
+            if tensor.requires_grad and torch.is_grad_enabled():
+                fail(f"{name}[{layer}] requires grad, but the op has no derivative (it adds to out in "
+                     "place and records nothing for autograd); call it under torch.no_grad() or pass "
+                     f"{name}[{layer}].detach()")
         shapes = f"a1 {list(A.shape)}, a2 {list(B.shape)}, g1 {list(G.shape)}, g2 {list(H.shape)}"
         if A.shape[0] != n1 or G.shape[0] != n1:
             fail(f"layer {layer}: a1 and g1 must have N1 = {n1} rows like out, got {shapes}")
@@ -93,6 +98,12 @@ def _check_gram_inputs(out: torch.Tensor, a1: Sequence[torch.Tensor], a2: Sequen
         if G.shape[2] != outputs:
             fail(f"layer {layer} has O = {G.shape[2]} outputs but "
                  f"{'an earlier layer has' if output == 'trace' else 'out has'} {outputs}")
+    for layer, (A, B, G, H) in enumerate(zip(a1, a2, g1, g2) if symmetric else ()):
+        a_same = A is B or torch.equal(A, B)
+        if not (a_same and (G is H or torch.equal(G, H))):
+            side = ("g2", "g1") if a_same else ("a2", "a1")
+            fail(f"symmetric=True promises a2 == a1 and g2 == g1, but {side[0]}[{layer}] differs from "
+                 f"{side[1]}[{layer}]; pass symmetric=False for two different sets of examples")
 
 
 def gram_hadamard_accumulate(
@@ -116,7 +127,13 @@ def gram_hadamard_accumulate(
     ``out`` is ``[N1, N2]``, ``[N1, N2, O]`` or ``[N1, N2, O, O]``. T, K and D may
     differ between layers; O may not. All tensors share one dtype (float32 or
     float64) and device. ``symmetric=True`` promises ``a1 is a2`` and ``g1 is g2``
-    so that only half of the tiles are computed. This is the rule of
+    so that only half of the tiles are computed; operands that are not the same
+    tensors are compared element-wise first (on a GPU that waits for the result),
+    and different ones are refused. ``out`` must not share memory with the
+    operands. The op has no derivative: on every backend the operands are used
+    as constants (detached), so no gradient flows to them through ``out``
+    (the raw ``torch.ops.lazykernel.gram_hadamard_accumulate_`` refuses operands
+    that require grad outside ``torch.no_grad()``). This is the rule of
     Novak et al. (2022), "Fast Finite Width Neural Tangent Kernel", for a dense
     layer: the per-sample weight gradient is ``Σ_t g_t a_tᵀ``.
 
@@ -129,7 +146,15 @@ def gram_hadamard_accumulate(
         if isinstance(terms, torch.Tensor):
             raise ValueError(f"{name} must be a list of tensors, one per layer; got one tensor of shape "
                              f"{tuple(terms.shape)} (for a single layer pass [{name}])")
-    a1, a2, g1, g2 = list(a1), list(a2), list(g1), list(g2)
+    # one detached view per tensor, so that a symmetric call's operands stay the same tensors
+    detached: dict = {}
+
+    def constant(t: torch.Tensor) -> torch.Tensor:
+        if not (isinstance(t, torch.Tensor) and t.requires_grad):
+            return t
+        return detached.setdefault(id(t), t.detach())
+
+    a1, a2, g1, g2 = ([constant(t) for t in terms] for terms in (a1, a2, g1, g2))
     if _extension.has_kernel(out.device):
         torch.ops.lazykernel.gram_hadamard_accumulate_(out, a1, a2, g1, g2, output, symmetric)
     else:
@@ -160,7 +185,9 @@ def token_gram_accumulate(
         full     out[i, j, o, p] += ... g1[m,o]·g2[q,p]
 
     The matching row pairs are found by sorting the ids, and processed in
-    batches of at most ``max_pairs_elements`` gathered elements, so the cost is
+    batches whose temporaries (gathered rows, their products, the full mode's
+    ``[O, O]`` blocks) hold at most ``max_pairs_elements`` elements each, except
+    that a batch holds at least all the partners of one row. The cost is
     proportional to the number of shared tokens, not to ``N1·N2·T²``.
 
     Returns:
@@ -175,7 +202,10 @@ def token_gram_accumulate(
     sorted2, order2 = torch.sort(ids2)
     lo = torch.searchsorted(sorted2, ids1, right=False)
     counts = torch.searchsorted(sorted2, ids1, right=True) - lo
-    per_pair = g1[0].numel()
+    # elements per row pair of the largest batch temporary: the gathered rows (and
+    # their product) are [O, D] per pair, the full mode's blocks [O, O]
+    outputs = g1.shape[1]
+    per_pair = max(g1[0].numel(), outputs * outputs if output == "full" else 0)
     batch_rows = max(1, max_pairs_elements // max(per_pair, 1))
     ends = torch.cumsum(counts, 0)
     start_row = 0
@@ -293,10 +323,12 @@ def linear_jvp(
     if x_dot is not None and x_dot.dtype != x.dtype:
         raise ValueError(f"x_dot must have the dtype of x ({x.dtype}), got {x_dot.dtype}")
     batch = x.shape[:-1]
-    rows = x.reshape(1, -1, x.shape[-1])
-    xs = rows if x_dot is None else torch.cat([rows, x_dot.reshape(1, -1, x.shape[-1])])
+    # sizes spelled out, not -1: an empty batch (or K = 0, D = 0) leaves -1 undetermined
+    shape = (1, math.prod(batch), x.shape[-1])
+    rows = x.reshape(shape)
+    xs = rows if x_dot is None else torch.cat([rows, x_dot.reshape(shape)])
     out = linear_jvp_stacked(xs, weight, weight_dot, bias, bias_dot)
-    return out[0].reshape(*batch, -1), out[1].reshape(*batch, -1)
+    return out[0].reshape(*batch, weight.shape[0]), out[1].reshape(*batch, weight.shape[0])
 
 
 if _extension._LOADED:

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "../gram_hadamard.h"
@@ -26,11 +27,30 @@ namespace {
 // stay large enough (hundreds of rows) to run near peak.
 constexpr int64_t kTileElements = int64_t{1} << 22;
 
+// Tile pairs are enumerated row by row (with symmetry only b2 >= b1) and found
+// from their index, not listed: with one sample per tile (long sequences) a list
+// would take 16 bytes per element of out.
 struct TilePlan {
-  int64_t tile;      // samples per tile, both axes
-  int64_t tiles1;    // tiles along N1
-  int64_t tiles2;    // tiles along N2
-  std::vector<std::pair<int64_t, int64_t>> pairs;  // (tile index 1, tile index 2)
+  int64_t tile;       // samples per tile, both axes
+  int64_t tiles1;     // tiles along N1
+  int64_t tiles2;     // tiles along N2
+  bool symmetric;
+  int64_t pairs;      // tile pairs to compute
+
+  // Pair `task` of the enumeration, as (tile index 1, tile index 2).
+  std::pair<int64_t, int64_t> pair(int64_t task) const {
+    if (!symmetric) return {task / tiles2, task % tiles2};
+    int64_t b1 = 0;
+    while (task >= tiles2 - b1) task -= tiles2 - b1++;
+    return {b1, b1 + task};
+  }
+
+  // The pair after `p` in the enumeration.
+  std::pair<int64_t, int64_t> next(std::pair<int64_t, int64_t> p) const {
+    if (++p.second < tiles2) return p;
+    ++p.first;
+    return {p.first, symmetric ? p.first : 0};
+  }
 };
 
 // Rows a sample contributes to the largest GEMM of a layer.
@@ -58,12 +78,8 @@ TilePlan plan_tiles(const GramProblem& p, bool symmetric) {
     tile = std::min<int64_t>(tile, std::min(by_speed, by_memory));
   }
   tile = std::max<int64_t>(tile, 1);
-  TilePlan plan{tile, (p.n1 + tile - 1) / tile, (p.n2 + tile - 1) / tile, {}};
-  for (int64_t b1 = 0; b1 < plan.tiles1; ++b1) {
-    for (int64_t b2 = symmetric ? b1 : 0; b2 < plan.tiles2; ++b2) {
-      plan.pairs.emplace_back(b1, b2);
-    }
-  }
+  TilePlan plan{tile, (p.n1 + tile - 1) / tile, (p.n2 + tile - 1) / tile, symmetric, 0};
+  plan.pairs = symmetric ? plan.tiles1 * (plan.tiles1 + 1) / 2 : plan.tiles1 * plan.tiles2;
   return plan;
 }
 
@@ -169,13 +185,15 @@ void gram_hadamard_cpu_impl(const GramProblem& p, at::Tensor& out, const std::ve
                                                           : p.outputs * p.outputs;
   const bool full = p.output == GramOutput::Full;
   scalar_t* out_data = out.data_ptr<scalar_t>();
-  const int64_t count = static_cast<int64_t>(plan.pairs.size());
+  const int64_t count = plan.pairs;
 
   auto run_tiles = [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
     std::vector<scalar_t> acc;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i0 = plan.pairs[task].first * plan.tile;
-      const int64_t j0 = plan.pairs[task].second * plan.tile;
+    std::pair<int64_t, int64_t> pair = plan.pair(begin);
+    for (int64_t task = begin; task < end; ++task, pair = plan.next(pair)) {
+      const int64_t i0 = pair.first * plan.tile;
+      const int64_t j0 = pair.second * plan.tile;
       const int64_t bi = std::min(plan.tile, p.n1 - i0);
       const int64_t bj = std::min(plan.tile, p.n2 - j0);
       acc.assign(static_cast<size_t>(bi * bj * cell), scalar_t(0));
