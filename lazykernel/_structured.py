@@ -254,7 +254,7 @@ class StructuredPlan:
         try:
             f, per_rule = self._capture(x, summed=True, probe_rows=rows)
             shared = self._shared_lookups()
-            if shared and not self._outputs_unchanged(x, f):
+            if shared and not self._lookups_are_own(shared, x, f):
                 raise RuleDoesNotApply("a lookup expanded along the batch changes the model's outputs")
         except Exception:
             expanded = self._taps() + self._shared_lookups()
@@ -340,12 +340,31 @@ class StructuredPlan:
         """Embedding rules whose ids have no batch axis, their lookups expanded along it."""
         return [rule for rule in self.rules if isinstance(rule, EmbeddingRule) and rule.shared]
 
-    def _outputs_unchanged(self, x: torch.Tensor, f: torch.Tensor) -> bool:
-        """Are ``f``, the outputs of a capture, the model's own outputs on ``x``? A lookup
-        expanded along the batch that the forward reshapes or reduces would change them."""
+    def _lookups_are_own(self, shared: List[EmbeddingRule], x: torch.Tensor, f: torch.Tensor) -> bool:
+        """Are ``f``, the outputs of a capture with ``shared`` lookups expanded along the
+        batch, the model's own outputs on ``x``, and does each example read only its own
+        copy? A forward that reshapes or reduces the lookup changes the outputs; one that
+        broadcasts it against another axis of size n may not, but then changing example
+        0's copy changes the others' outputs (as for `_copies_are_own`)."""
         with torch.no_grad():
             plain = self.adapter.forward(x)
-        return plain.numel() == f.numel() and _close(f, plain.reshape(f.shape).to(f.dtype), _tolerance(f.dtype))
+        tol = _tolerance(f.dtype)
+        if plain.numel() != f.numel() or not _close(f, plain.reshape(f.shape).to(f.dtype), tol):
+            return False
+        n = x.shape[0]
+        recorded = {rule: (rule.inputs, rule.outputs) for rule in shared}  # the capture's, kept
+        for rule in shared:
+            rule.attach()
+            rule.batch, rule.perturb_first = n, True
+        try:
+            with torch.no_grad():
+                y = self.adapter.forward(x).reshape(n, -1)
+        finally:
+            for rule in shared:
+                rule.detach()
+                rule.perturb_first = False
+                rule.inputs, rule.outputs = recorded[rule]
+        return _close(y[1:], f[1:].to(y.dtype), tol)
 
     def _taps(self) -> List[BroadcastParameterRule]:
         return [rule for rule in self.rules if isinstance(rule, BroadcastParameterRule)]
@@ -388,12 +407,33 @@ class StructuredPlan:
                     return False
                 if plain is not None and not _close(y, plain[index], _tolerance(y.dtype)):
                     return False
+                if plain is not None and index == 0 and rows > 1 and not self._copies_are_own(taps, x[:rows],
+                                                                                            plain[0]):
+                    return False
             except Exception:
                 return False
             finally:
                 for rule in taps:
                     rule.clear()
         return True
+
+    def _copies_are_own(self, taps: List[StructuredRule], x: torch.Tensor, plain: torch.Tensor) -> bool:
+        """Does each example read only its own copy of the expanded parameters?
+
+        Equal outputs do not show it: a ``[1, D]`` parameter expanded to ``[n, D]``
+        and added to ``[n, 1, D]`` activations broadcasts to ``[n, n, D]``, and a mean
+        over that axis gives every example the same values from all the copies, while
+        each copy's cotangent then mixes the examples. Changing copy 0 alone must
+        leave the other examples' outputs as they were.
+        """
+        changed = {}
+        for rule in taps:
+            copies = rule.tap(x.shape[0]).detach().clone()
+            copies[0] = copies[0] + 0.5 * (copies[0].abs() + 1)
+            changed[rule.names[""]] = copies
+        with torch.no_grad(), _expanded_parameters_quietly():
+            y = self.adapter.forward_with(changed, x).reshape(x.shape[0], -1)
+        return _close(y[1:], plain[1:], _tolerance(y.dtype))
 
     def choose_forms(self, n1: int, n2: int, output: str, budget_elements: float) -> None:
         """Per term, the form with the fewest FLOPs (`term_cost`) among those that fit.

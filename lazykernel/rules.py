@@ -658,6 +658,9 @@ class EmbeddingRule(StructuredRule):
         super().__init__(module, names)
         self.shared: Optional[bool] = None
         self._shared_ids: Optional[Tuple[int, ...]] = None
+        # while set, a shared lookup's copy for example 0 is changed (and nothing recorded):
+        # the plan's check that each example reads only its own copy
+        self.perturb_first = False
 
     def _hook(self, module, args, output):
         ids = args[0]
@@ -670,8 +673,12 @@ class EmbeddingRule(StructuredRule):
             raise RuleDoesNotApply(f"lazykernel: an Embedding looked up ids of shape {tuple(ids.shape)} for all "
                                    f"examples, after {self._shared_ids} when its rule was checked")
         # one copy per example: the leading axis of [1, T] ids, or a new one for [T]
-        lookups = output[0] if ids.dim() >= 1 and ids.shape[0] == 1 else output
+        lookups = output[0] if ids.dim() >= 2 and ids.shape[0] == 1 else output
         expanded = lookups.unsqueeze(0).expand((self.batch,) + tuple(lookups.shape))
+        if self.perturb_first:
+            changed = expanded.detach().clone()
+            changed[0] = changed[0] + 0.5 * (changed[0].abs() + 1)
+            return changed
         self.inputs.append(ids.detach())
         self.outputs.append(expanded)
         return expanded.clone()

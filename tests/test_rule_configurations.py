@@ -408,3 +408,33 @@ def test_a_shared_lookup_with_a_padding_row_and_as_many_positions_as_examples_is
     # check refuses, so the table goes to the generic rule, still exact
     x = torch.randint(0, 11, (6, 6), generator=gen)
     _assert_exact(model, x, outputs=("full",))
+
+
+class _OnePosition(nn.Module):
+    """One position: token embeddings ``[N, 1, D]`` plus a ``[1, D]`` table, or plus a
+    lookup of the one position, then a mean over the positions axis."""
+
+    def __init__(self, lookup):
+        super().__init__()
+        self.lookup = lookup
+        self.tokens = nn.Embedding(3, 2)
+        self.table = nn.Parameter(torch.randn(1, 2))
+        self.pos = nn.Embedding(1, 2)
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, ids):
+        extra = self.pos(torch.arange(1, device=ids.device)) if self.lookup else self.table
+        return self.head(torch.tanh(self.tokens(ids) + extra).mean(dim=1))
+
+
+@pytest.mark.parametrize("lookup", [False, True], ids=["table", "lookup"])
+def test_a_copy_per_example_that_broadcasts_across_the_batch_is_not_taken_for_the_examples_own(lookup):
+    # Expanded to [n, D] and added to [n, 1, D], a [1, D] copy per example broadcasts to
+    # [n, n, D]; the mean over that axis gives the model's own values, but each copy's
+    # cotangent mixes all examples. The checked examples (x1's middle, first and last
+    # rows) hold the same token, so their gradients agree either way.
+    torch.manual_seed(0)
+    model = _OnePosition(lookup).double()
+    x1 = torch.tensor([[0], [1], [0], [2], [0]])
+    x2 = torch.tensor([[1], [2], [0]])
+    _assert_exact(model, x1, x2, outputs=("full",))
