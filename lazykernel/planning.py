@@ -218,9 +218,10 @@ def _token_gram_bytes(engine: _StructuredEngine, rows1: int, rows2: int, same: b
             else:
                 pairs = rows1 * rows2 * shape.matches
             per_pair = o * shape.d
-            # a batch holds whole rows: at least all the partners of one row (one per example)
-            batch = min(pairs, max(cap // max(per_pair, 1), rows2))
             product = o * o if engine.mode == "full" else per_pair
+            # a batch holds whole rows: at least all the partners of one row (one per example);
+            # the op sizes its batches by the larger of a gathered row and a pair's product
+            batch = min(pairs, max(cap // max(per_pair, product, 1), rows2))
             largest = max(largest, batch * ((2 * per_pair + product) * elt + 4 * 8))
     return largest
 
