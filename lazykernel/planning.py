@@ -307,6 +307,29 @@ def _counted_flops(run) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(False), torch.enable_grad(), counter:
-        run()
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), counter:
+            run()
+    except RuntimeError as error:
+        if "_will_engine_execute_node" not in str(error):
+            raise
+        # The counter's per-module attribution hooks the backward of every module,
+        # which fails on parametrized layers (weight_norm) inside autograd.grad. Only
+        # the total is read: count again with every product attributed to the top.
+        counter = FlopCounterMode(display=False)
+        counter.mod_tracker = _NoModules()
+        with torch.inference_mode(False), torch.enable_grad(), counter:
+            run()
     return float(counter.get_total_flops())
+
+
+class _NoModules:
+    """A module tracker for `FlopCounterMode` that attributes everything to the top level."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> "_NoModules":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass

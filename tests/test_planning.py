@@ -107,3 +107,17 @@ def test_plan_checks_arguments_like_ntk():
 def test_plan_of_empty_inputs():
     plan = lazykernel.plan(_mlp(), torch.randn(0, 6))
     assert plan.shape == (0, 0) and plan.groups == [] and plan.flops == 0
+
+
+def test_plan_of_a_parametrized_layer_counts_its_products():
+    # weight_norm's parametrization made the FLOP counter's per-module backward hooks
+    # fail inside autograd.grad; the count must match the same model without it
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    normed = nn.Sequential(weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    report = lazykernel.plan(normed, x)
+    assert report.forward_flops == lazykernel.plan(plain, x).forward_flops == 2 * (3 * 4 + 4 * 2)
+    assert report.flops > 0 and report.peak_bytes > 0
