@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from lazykernel import _memory
 from lazykernel._chain import plain_leaves
+from lazykernel._jacobian import forward_mode_works
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, first_line,
                                make_adapter, one_call_per_model, parameters_device_and_dtype,
                                restoring_functional_call)
@@ -335,6 +336,10 @@ def _generic_jvp(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x: torc
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     primals = adapter.detached_params()
     try:
+        if not _forward_mode_agrees(adapter, primals, x):
+            # forward mode differentiates what the forward computes under torch.no_grad,
+            # which reverse mode, and so vjp and ntk, hold constant
+            return _jvp_by_double_backward(adapter, values, x)
         return torch.func.jvp(lambda p: adapter.call(p, x), (primals,), (values,))
     except NotImplementedError as forward_error:
         try:
@@ -347,6 +352,18 @@ def _generic_jvp(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x: torc
                 "replace that op (e.g. torch.cdist by an explicit distance, nn.EmbeddingBag by nn.Embedding "
                 "and a sum or mean)"
             ) from None
+
+
+def _forward_mode_agrees(adapter: ModelAdapter, primals: Dict[str, torch.Tensor], x: torch.Tensor) -> bool:
+    """Does forward mode give this model's JVPs as reverse mode's transpose? Checked once
+    per call on a few examples (`_jacobian.forward_mode_works`, which also says no for
+    an op without forward mode)."""
+    if adapter.reverse_mode_only:
+        return False
+    agrees = getattr(adapter, "_forward_mode_agrees", None)
+    if agrees is None:
+        agrees = adapter._forward_mode_agrees = forward_mode_works(adapter, primals, x[:3])
+    return agrees
 
 
 def _result_needs_grad(x: torch.Tensor, tangent: Mapping[str, torch.Tensor]) -> bool:

@@ -245,3 +245,38 @@ def test_a_linearized_model_converted_with_double_computes_in_float64(functional
     loss = (lin(x) ** 2).sum()
     loss.backward()
     assert all(p.grad.dtype == torch.float64 for p in lin.parameters())
+
+
+class _PartlyUnderNoGrad(nn.Module):
+    """A layer used both under torch.no_grad (held constant by reverse mode) and
+    normally: forward mode would differentiate both uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.a(x)
+        return self.b(torch.tanh(h)) + self.a(x)[:, :2]
+
+
+def test_products_hold_what_the_forward_computes_under_no_grad_constant():
+    torch.manual_seed(0)
+    model = _PartlyUnderNoGrad().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = list(model.parameters())
+    jac = _explicit_jacobian(model, x, params)                              # [N, O, P]
+    tangent = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    flat = torch.cat([tangent[name].reshape(-1) for name, _ in model.named_parameters()])
+    _, y_dot = lazykernel.jvp(model, x, tangent)
+    torch.testing.assert_close(y_dot, jac @ flat, rtol=1e-10, atol=1e-12)
+    v = torch.randn(5, 2, dtype=torch.float64)
+    kernel = torch.einsum("iop,jqp->iojq", jac, jac).reshape(10, 10)
+    torch.testing.assert_close(lazykernel.ntk_vp(model, x, v, output="full").reshape(-1),
+                               kernel @ v.reshape(-1), rtol=1e-10, atol=1e-12)
+    moved = lazykernel.linearize(model)
+    with torch.no_grad():
+        for p, t in zip(moved.parameters(), tangent.values()):
+            p.add_(t)
+    torch.testing.assert_close(moved(x), model(x) + jac @ flat, rtol=1e-10, atol=1e-12)
