@@ -325,13 +325,13 @@ def check_eval_mode(module: nn.Module) -> None:
     for name, sub in module.named_modules():
         label = name or type(module).__name__
         if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-            if sub.training or not sub.track_running_stats:
+            if sub.training:
                 raise ValueError(
-                    f"module {label!r} ({type(sub).__name__}) normalises with batch "
-                    "statistics, which couples examples and makes the per-example NTK "
-                    "undefined. Call model.eval() first (and use track_running_stats=True)."
+                    f"module {label!r} ({type(sub).__name__}) is in training mode and normalises with "
+                    "batch statistics, which couples examples and makes the per-example NTK "
+                    "undefined. Call model.eval() first."
                 )
-            if sub.running_mean is None or sub.running_var is None:
+            if not sub.track_running_stats or sub.running_mean is None or sub.running_var is None:
                 raise ValueError(
                     f"module {label!r} ({type(sub).__name__}) has no running statistics (running_mean "
                     "or running_var is None), so even in eval mode it normalises with batch statistics, "
