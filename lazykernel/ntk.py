@@ -280,6 +280,14 @@ def _check_inputs(adapter: ModelAdapter, x1, x2) -> Tuple[torch.dtype, torch.dev
     return dtype, device
 
 
+def _random_state(device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """The states of the random number generators a forward on ``device`` may draw from."""
+    states = (torch.get_rng_state(),)
+    if device.type == "cuda":
+        states += (torch.cuda.get_rng_state(device),)
+    return states
+
+
 def _same_examples(x1: torch.Tensor, x2: torch.Tensor) -> bool:
     """Does ``x2`` hold exactly ``x1``'s examples (the same tensor, or the same bits)?
 
@@ -337,6 +345,7 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: boo
     # TF32 off, so that the examples run alone round as they do together (`_check_independent`)
     dtype = next(iter(adapter.params.values())).dtype
     precise = matmul_precision("highest", sample.device, dtype)
+    random_state = _random_state(sample.device)
     try:
         # without the fused inference path of transformer layers, which under no_grad
         # turns padded batches into nested tensors and computes them otherwise
@@ -357,14 +366,26 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: boo
             f"makes would then see altered inputs and {name} itself would be overwritten. Make that "
             "operation out-of-place (inplace=False), or clone the input at the start of forward."
         )
+    if not all(torch.equal(before, after) for before, after in zip(random_state, _random_state(sample.device))):
+        raise ValueError(
+            f"the model draws random numbers in its forward (on the first examples of {name}): dropout "
+            "called with training=True (F.dropout(x, p, training=True) ignores model.eval()), noise from "
+            "torch.randn, or sampling. Its outputs then change from one evaluation to the next and the "
+            "NTK is not defined; make the forward deterministic in eval mode (e.g. "
+            "F.dropout(x, p, training=self.training))")
     if not isinstance(y, torch.Tensor):
         raise ValueError(f"the model must return a tensor, got {type(y).__name__}")
+    if y.is_complex():
+        raise ValueError(
+            f"the model returns complex outputs ({y.dtype}, on the first examples of {name}); the NTK here "
+            "is that of real outputs: return torch.view_as_real(y) (the real and imaginary parts as two "
+            "outputs each)")
     if y.dim() == 0 or y.shape[0] != k:
         raise ValueError(
             f"the model's output must have the batch dimension first: for {k} example(s) of {name} "
             f"it returned shape {tuple(y.shape)}{hint}"
         )
-    if not (y.is_floating_point() or y.is_complex()):
+    if not y.is_floating_point():
         raise ValueError(
             f"the model returns {y.dtype} outputs (on the first examples of {name}), which have no derivative "
             "in the parameters; return the floating-point values before any argmax, rounding or cast"

@@ -357,3 +357,42 @@ def test_layers_under_no_grad_contribute_nothing_with_every_method(method):
     detached = _FrozenUnderNoGrad(detach_output=True).double()
     assert torch.equal(lazykernel.ntk(detached, x, output="full", method=method),
                        torch.zeros(5, 5, 2, 2, dtype=torch.float64))
+
+
+class _DropsAtRandom(nn.Module):
+    """Dropout that ignores eval mode, at a rate low enough that a few examples often
+    come out alike from one evaluation to the next."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return F.dropout(self.layer(x), 0.02, training=True)
+
+
+class _ComplexOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+    def forward(self, x):
+        y = self.layer(x)
+        return torch.complex(y, 2 * y)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_forward_that_draws_random_numbers_is_refused_every_time(method):
+    torch.manual_seed(0)
+    model, x = _DropsAtRandom(), torch.randn(6, 3)
+    for _ in range(5):
+        with pytest.raises(ValueError, match=r"draws random numbers in its forward .*training=self.training"):
+            lazykernel.ntk(model, x, method=method)
+    with pytest.raises(ValueError, match="draws random numbers"):
+        lazykernel.ntk_vp(model, x, torch.randn(6))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_complex_outputs_are_refused_with_what_to_return(method):
+    with pytest.raises(ValueError, match=r"complex outputs .*torch.view_as_real"):
+        lazykernel.ntk(_ComplexOutputs(), torch.randn(4, 3), method=method)
