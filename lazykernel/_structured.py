@@ -213,8 +213,10 @@ class StructuredPlan:
             if checks_batched:
                 # the batched backward the chunks will take, against the plain one
                 batched = _output_cotangents(f, targets)
+                # (a layer's cotangents are in its own dtype, which may not be the outputs')
                 self.batched_is_wrong = not all(
-                    _close(torch.tensordot(weights.squeeze(1), b, dims=1), c[0], _tolerance(f.dtype))
+                    _close(torch.tensordot(weights.squeeze(1).to(b.dtype), b, dims=1), c[0],
+                           _tolerance(b.dtype))
                     for b, c in zip(batched, cotangents))
         else:
             layouts = [rule.examples_first for rule in self.rules for _ in rule.outputs]

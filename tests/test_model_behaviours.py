@@ -396,3 +396,25 @@ def test_a_forward_that_draws_random_numbers_is_refused_every_time(method):
 def test_complex_outputs_are_refused_with_what_to_return(method):
     with pytest.raises(ValueError, match=r"complex outputs .*torch.view_as_real"):
         lazykernel.ntk(_ComplexOutputs(), torch.randn(4, 3), method=method)
+
+
+class _WideningOutputs(nn.Module):
+    """A model whose outputs are cast to float32 after its own layers (logits of a
+    bfloat16 network)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.head = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.first(x))).float()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_outputs_in_another_dtype_than_the_layers_are_exact_to_that_dtype(method):
+    torch.manual_seed(0)
+    model, x = _WideningOutputs().bfloat16(), torch.randn(6, 3).bfloat16()
+    got = lazykernel.ntk(model, x, output="full", method=method)
+    ref = reference_ntk(model, x, None, "full", None)
+    assert got.dtype == torch.bfloat16
+    assert float((got.double() - ref).abs().max() / ref.abs().max()) < 2e-2
