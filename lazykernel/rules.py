@@ -646,32 +646,46 @@ class EmbeddingRule(StructuredRule):
     Rows of ``padding_idx`` get no gradient.
 
     Ids without the batch axis (``pos(torch.arange(T))``, or ``[1, T]``), one
-    lookup that the forward then broadcasts along the batch, are taken as every
-    example's ids: while the rule captures, the lookup's output is expanded to a
-    copy per example, ``[N, T, D]``, as `BroadcastParameterRule` expands a
-    parameter, so that the batched backward gives each example's cotangent.
-    Which of the two the ids are is decided on the first capture (the plan's
-    check) and kept for every later batch.
+    lookup that the forward then broadcasts along the batch, are every example's
+    ids: while the rule captures, the lookup's output is expanded to a copy per
+    example, ``[N, T, D]``, as `BroadcastParameterRule` expands a parameter, so
+    that the batched backward gives each example's cotangent. All examples then
+    use the same U distinct rows, so each example's gradient is formed on those
+    rows alone, ``[U·D]``, and the term is one Gram of them. Which of the two the
+    ids are is decided on the first capture (the plan's check), and the ids of a
+    shared lookup must stay the same for every later batch.
     """
 
     def __init__(self, module: nn.Module, names: Dict[str, str]):
         super().__init__(module, names)
         self.shared: Optional[bool] = None
-        self._shared_ids: Optional[Tuple[int, ...]] = None
+        # the ids of each shared lookup, as the first capture saw them
+        self._shared_ids: List[torch.Tensor] = []
         # while set, a shared lookup's copy for example 0 is changed (and nothing recorded):
         # the plan's check that each example reads only its own copy
         self.perturb_first = False
 
+    @classmethod
+    def supports(cls, module):
+        # max_norm rewrites the table during the forward; scale_grad_by_freq and
+        # sparse change what the backward reports: the generic rule handles them.
+        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+
+    # -- capture ---------------------------------------------------------------------
     def _hook(self, module, args, output):
         ids = args[0]
         if self.shared is None and self.batch is not None:
             self.shared = ids.dim() == 0 or ids.shape[0] != self.batch
-            self._shared_ids = tuple(ids.shape)
         if not self.shared:
             return super()._hook(module, args, output)
-        if tuple(ids.shape) != self._shared_ids or self.batch is None:
-            raise RuleDoesNotApply(f"lazykernel: an Embedding looked up ids of shape {tuple(ids.shape)} for all "
-                                   f"examples, after {self._shared_ids} when its rule was checked")
+        call = len(self.inputs)
+        if not self.perturb_first:
+            if call == len(self._shared_ids):
+                self._shared_ids.append(ids.detach().clone())
+            seen = self._shared_ids[call] if call < len(self._shared_ids) else None
+            if self.batch is None or seen is None or seen.shape != ids.shape or not torch.equal(seen, ids):
+                raise RuleDoesNotApply(f"lazykernel: an Embedding looked up ids {tuple(ids.shape)} for all "
+                                       "examples, other than when its rule was checked")
         # one copy per example: the leading axis of [1, T] ids, or a new one for [T]
         lookups = output[0] if ids.dim() >= 2 and ids.shape[0] == 1 else output
         expanded = lookups.unsqueeze(0).expand((self.batch,) + tuple(lookups.shape))
@@ -683,27 +697,29 @@ class EmbeddingRule(StructuredRule):
         self.outputs.append(expanded)
         return expanded.clone()
 
-    def _flat_ids(self, ids: torch.Tensor, n: int) -> torch.Tensor:
-        """``[n, t]``: each example's ids in one call, whether batched or shared."""
-        if self.shared:
-            return ids.reshape(1, -1).expand(n, -1)
-        return ids.reshape(ids.shape[0], -1)
+    def _shared_rows(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(the distinct rows ``[U]`` the shared lookups use, padding left out; for every
+        position of every call, the index of its row among them or −1 for padding)."""
+        # the ids every capture must look up (checked in `_hook`), kept past `clear`
+        ids = torch.cat([t.reshape(-1) for t in self._shared_ids]).long()
+        padding = self.module.padding_idx
+        kept = ids if padding is None else ids[ids != padding]
+        unique = torch.unique(kept)
+        index = torch.searchsorted(unique, ids)
+        if padding is not None:
+            index = torch.where(ids == padding, torch.full_like(index, -1), index)
+        return unique, index
 
-    @classmethod
-    def supports(cls, module):
-        # max_norm rewrites the table during the forward; scale_grad_by_freq and
-        # sparse change what the backward reports: the generic rule handles them.
-        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
-
+    # -- the rule ---------------------------------------------------------------------
     def _rows(self, cotangents, n) -> TokenRows:
         m = self.module
         ids_parts, g_parts, ex_parts = [], [], []
         for ids, g in zip(self.inputs, cotangents):
-            if not self.shared and (ids.dim() < 1 or ids.shape[0] != n) or g.shape[1] != n:
+            if ids.dim() < 1 or ids.shape[0] != n or g.shape[1] != n:
                 raise RuleDoesNotApply(f"lazykernel: an Embedding saw a batch of {ids.shape[0]} "
                                        f"rows for {n} examples; its rule needs the batch axis first")
             o = g.shape[0]
-            flat = self._flat_ids(ids, n)
+            flat = ids.reshape(n, -1)
             t = flat.shape[1]
             ids_parts.append(flat.reshape(-1))
             ex_parts.append(torch.arange(n, device=ids.device).repeat_interleave(t))
@@ -722,7 +738,9 @@ class EmbeddingRule(StructuredRule):
 
     def term_shapes(self):
         m = self.module
-        per_example = [self._flat_ids(ids, self.batch or 1) for ids in self.inputs]
+        if self.shared:
+            return [TermShape("linear", 1, 1, self._shared_rows()[0].numel() * m.embedding_dim, (GRADIENT,))]
+        per_example = [ids.reshape(ids.shape[0], -1) for ids in self.inputs]
         flat = torch.cat(per_example, dim=1) if per_example else torch.zeros(1, 0, dtype=torch.long)
         n = flat.shape[0]
         rows = [torch.unique(flat[i][flat[i] != m.padding_idx] if m.padding_idx is not None else flat[i])
@@ -735,6 +753,8 @@ class EmbeddingRule(StructuredRule):
                           (TOKENS, GRADIENT), matches)]
 
     def operands(self, cotangents, n, forms):
+        if self.shared:
+            return [self._shared_term(cotangents, n)]
         rows = self._rows(cotangents, n)
         if forms and forms[0] == GRADIENT:
             m = self.module
@@ -745,9 +765,29 @@ class EmbeddingRule(StructuredRule):
             return [Pairwise(rows.g.new_ones(n, 1, 1), per_example.contiguous())]
         return [rows]
 
+    def _shared_term(self, cotangents, n) -> Pairwise:
+        """Each example's gradient on the U rows the shared lookups use, ``[n, 1, O, U·D]``."""
+        d = self.module.embedding_dim
+        if any(g.shape[1] != n for g in cotangents):
+            raise RuleDoesNotApply(f"lazykernel: a shared Embedding lookup was expanded to another batch "
+                                   f"than the {n} examples")
+        o = cotangents[0].shape[0]
+        g = torch.cat([c.reshape(o, n, -1, d) for c in cotangents], dim=2)        # [O, n, positions, D]
+        unique, index = self._shared_rows()
+        keep = index >= 0
+        compact = g.new_zeros(o, n, unique.numel(), d).index_add_(2, index[keep], g[:, :, keep])
+        per_example = compact.permute(1, 0, 2, 3).reshape(n, 1, o, -1)
+        return Pairwise(per_example.new_ones(n, 1, 1), per_example.contiguous())
+
     def per_example_gradients(self, terms):
-        rows = terms[0]
         m = self.module
+        if self.shared:
+            g = terms[0].g                                                      # [n, 1, O, U·D]
+            unique, _ = self._shared_rows()
+            dense = g.new_zeros(g.shape[0], m.num_embeddings, m.embedding_dim)
+            dense[:, unique] = g.sum(dim=(1, 2)).reshape(g.shape[0], unique.numel(), m.embedding_dim)
+            return {self.names["weight"]: dense}
+        rows = terms[0]
         n = int(rows.example.max()) + 1 if rows.example.numel() else 0
         dense = rows.g.new_zeros(n, m.num_embeddings, m.embedding_dim)
         dense.index_put_((rows.example, rows.ids), rows.g.sum(1), accumulate=True)
@@ -762,6 +802,8 @@ class EmbeddingRule(StructuredRule):
             direction[name][self.module.padding_idx] = 0
 
     def directional(self, terms, n, direction):
+        if self.shared:
+            return super().directional(terms, n, direction)
         rows = terms[0]
         picked = direction[self.names["weight"]][rows.ids].to(rows.g.dtype)      # [M, D]
         per_row = torch.einsum("mod,md->m", rows.g, picked)
