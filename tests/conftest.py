@@ -161,3 +161,30 @@ def low_rank_float32_problem():
 @pytest.fixture
 def ref_ntk():
     return reference_ntk
+
+
+def explicit_gram_hadamard(a1, a2, g1, g2, output):
+    """The op's terms written out in float64: per-example gradients ``Σ_t g_t ⊗ a_t``
+    of each layer and their Gram, in the op's output layout."""
+    total = 0
+    for A, B, G, H in zip(a1, a2, g1, g2):
+        J1 = torch.einsum("ntod,ntk->nodk", G.double(), A.double()).flatten(2)
+        J2 = torch.einsum("ntod,ntk->nodk", H.double(), B.double()).flatten(2)
+        total = total + torch.einsum("iop,jqp->ijoq", J1, J2)
+    if output == "trace":
+        return total.diagonal(dim1=2, dim2=3).sum(-1)
+    if output == "diagonal":
+        return total.diagonal(dim1=2, dim2=3)
+    return total
+
+
+def functional_model_with_buffers_in_params():
+    """(fn, params) of an eval-mode BatchNorm MLP whose ``params`` wrongly hold its buffers."""
+    torch.manual_seed(16)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    params = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+
+    def fn(p, x):
+        return torch.func.functional_call(net, p, (x,))
+
+    return fn, params

@@ -14,7 +14,7 @@ from torch import nn
 import lazykernel
 from lazykernel import _memory, disk, distributed
 
-from conftest import reference_ntk
+from conftest import functional_model_with_buffers_in_params, reference_ntk
 
 
 def _mlp(seed=0, dtype=torch.float64):
@@ -127,12 +127,7 @@ def test_a_kernel_with_nan_or_inf_warns_as_ntk_does(tmp_path):
 
 
 def test_buffers_in_a_functional_models_params_are_named_as_ntk_names_them(tmp_path):
-    torch.manual_seed(16)
-    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
-    params = {**dict(net.named_parameters()), **dict(net.named_buffers())}
-
-    def fn(p, x):
-        return torch.func.functional_call(net, p, (x,))
+    fn, params = functional_model_with_buffers_in_params()
 
     with pytest.raises(ValueError, match="running_mean.*keep buffers such as BatchNorm's running statistics out"):
         lazykernel.ntk_to_disk(fn, torch.randn(4, 3), params=params, out=str(tmp_path / "K.npy"), progress=False)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lazykernel
-from conftest import METHODS, assert_close_to_reference, reference_ntk
+from conftest import METHODS, assert_close_to_reference, functional_model_with_buffers_in_params, reference_ntk
 
 
 def _mlp(dtype=torch.float32):
@@ -409,12 +409,7 @@ def test_one_example_without_its_batch_axis_gets_a_hint():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_buffers_in_a_functional_models_params_are_named_as_the_problem(method):
-    torch.manual_seed(16)
-    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
-    params = {**dict(net.named_parameters()), **dict(net.named_buffers())}
-
-    def fn(p, x):
-        return torch.func.functional_call(net, p, (x,))
+    fn, params = functional_model_with_buffers_in_params()
 
     with pytest.raises(ValueError, match="running_mean.*keep buffers such as BatchNorm's running statistics out"):
         lazykernel.ntk(fn, torch.randn(4, 3), params=params, method=method)

@@ -6,6 +6,8 @@ import torch
 import lazykernel
 from lazykernel.ops import gram_hadamard_accumulate, gram_hadamard_accumulate_reference
 
+from conftest import explicit_gram_hadamard
+
 compiled_cpu = pytest.mark.skipif(
     not lazykernel.backend().cpu_kernels, reason="compiled CPU kernels not built"
 )
@@ -30,20 +32,6 @@ def _out_shape(n1, n2, outputs, output):
     return {"trace": (n1, n2), "diagonal": (n1, n2, outputs), "full": (n1, n2, outputs, outputs)}[output]
 
 
-def _explicit(a1, a2, g1, g2, output):
-    """The NTK term written as per-example gradients Σ_t g_t ⊗ a_t and their Gram (float64)."""
-    total = 0
-    for A, B, G, H in zip(a1, a2, g1, g2):
-        J1 = torch.einsum("ntod,ntk->nodk", G.double(), A.double()).flatten(2)
-        J2 = torch.einsum("ntod,ntk->nodk", H.double(), B.double()).flatten(2)
-        total = total + torch.einsum("iop,jqp->ijoq", J1, J2)
-    if output == "trace":
-        return total.diagonal(dim1=2, dim2=3).sum(-1)
-    if output == "diagonal":
-        return total.diagonal(dim1=2, dim2=3)
-    return total
-
-
 LAYER_SETS = {
     "dense": [(1, 7, 5)],
     "positions": [(3, 4, 6)],
@@ -58,7 +46,7 @@ def test_reference_matches_explicit_per_example_gradients(output, layers):
     ops = _layers(5, 4, 3, LAYER_SETS[layers], torch.float64, gen)
     out = torch.zeros(_out_shape(5, 4, 3, output), dtype=torch.float64)
     gram_hadamard_accumulate_reference(out, *ops, output)
-    torch.testing.assert_close(out, _explicit(*ops, output), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, explicit_gram_hadamard(*ops, output), rtol=1e-12, atol=1e-12)
 
 
 @compiled_cpu
@@ -186,7 +174,7 @@ def test_wrapper_returns_the_updated_tensor():
     out = torch.zeros(3, 2, dtype=torch.float64)
     result = gram_hadamard_accumulate(out, *ops, "trace")
     assert result is out
-    torch.testing.assert_close(out, _explicit(*ops, "trace"))
+    torch.testing.assert_close(out, explicit_gram_hadamard(*ops, "trace"))
 
 
 @compiled_cpu

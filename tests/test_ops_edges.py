@@ -9,6 +9,8 @@ import lazykernel
 from lazykernel.ops import (gram_hadamard_accumulate, gram_hadamard_accumulate_reference,
                             token_gram_accumulate)
 
+from conftest import explicit_gram_hadamard
+
 compiled_cpu = pytest.mark.skipif(
     not lazykernel.backend().cpu_kernels, reason="compiled CPU kernels not built"
 )
@@ -25,20 +27,6 @@ F64 = torch.float64
 def _layer(n, t, k, o, d, gen):
     return (torch.randn(n, t, k, dtype=F64, generator=gen),
             torch.randn(n, t, o, d, dtype=F64, generator=gen))
-
-
-def _explicit(a1, a2, g1, g2, output):
-    """Σ_l Gram of the per-example gradients Σ_t g_t ⊗ a_t, in float64."""
-    total = 0
-    for A, B, G, H in zip(a1, a2, g1, g2):
-        J1 = torch.einsum("ntod,ntk->nodk", G.double(), A.double()).flatten(2)
-        J2 = torch.einsum("ntod,ntk->nodk", H.double(), B.double()).flatten(2)
-        total = total + torch.einsum("iop,jqp->ijoq", J1, J2)
-    if output == "trace":
-        return total.diagonal(dim1=2, dim2=3).sum(-1)
-    if output == "diagonal":
-        return total.diagonal(dim1=2, dim2=3)
-    return total
 
 
 def _out_shape(n1, n2, o, output):
@@ -70,7 +58,7 @@ def test_symmetric_accepts_equal_copies_of_the_operands(output):
     a, g = _layer(150, 2, 3, 2, 3, gen)
     out = torch.zeros(_out_shape(150, 150, 2, output), dtype=F64)
     op(out, [a], [a.clone()], [g], [g.clone()], output, True)
-    torch.testing.assert_close(out, _explicit([a], [a], [g], [g], output), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(out, explicit_gram_hadamard([a], [a], [g], [g], output), rtol=1e-12, atol=1e-10)
 
 
 def test_reference_refuses_symmetric_with_other_operands_too():
@@ -124,12 +112,12 @@ def test_out_views_into_a_larger_result(output):
     op(big[5:42, 30:51], [a1], [a2], [g1], [g2], output, False)
     op(big[8:29, 2:23], [a2], [a2], [g2], [g2], output, True)
     expected = initial.clone()
-    expected[5:42, 30:51] += _explicit([a1], [a2], [g1], [g2], output)
-    expected[8:29, 2:23] += _explicit([a2], [a2], [g2], [g2], output)
+    expected[5:42, 30:51] += explicit_gram_hadamard([a1], [a2], [g1], [g2], output)
+    expected[8:29, 2:23] += explicit_gram_hadamard([a2], [a2], [g2], [g2], output)
     torch.testing.assert_close(big, expected, rtol=1e-12, atol=1e-10)
     t = torch.zeros((21, 37) + cell, dtype=F64).transpose(0, 1)
     op(t, [a1], [a2], [g1], [g2], output, False)
-    torch.testing.assert_close(t, _explicit([a1], [a2], [g1], [g2], output), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(t, explicit_gram_hadamard([a1], [a2], [g1], [g2], output), rtol=1e-12, atol=1e-10)
 
 
 @compiled_cpu
@@ -166,7 +154,7 @@ def test_raw_op_refuses_operands_requiring_grad(name):
     assert not out.any()
     with torch.no_grad():
         op(out, *lists, "trace", False)
-    torch.testing.assert_close(out, _explicit(*plain, "trace"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, explicit_gram_hadamard(*plain, "trace"), rtol=1e-12, atol=1e-12)
 
 
 def test_reference_refuses_operands_requiring_grad():
@@ -187,11 +175,11 @@ def test_wrapper_uses_operands_as_constants_on_every_backend(backend, monkeypatc
     out = torch.zeros(4, 3, dtype=F64)
     assert gram_hadamard_accumulate(out, *lists, "trace") is out
     assert not out.requires_grad and out.grad_fn is None
-    torch.testing.assert_close(out, _explicit(*plain, "trace"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, explicit_gram_hadamard(*plain, "trace"), rtol=1e-12, atol=1e-12)
     a = lists[0][0]
     sym = torch.zeros(4, 4, 2, 2, dtype=F64)
     gram_hadamard_accumulate(sym, [a], [a], lists[2], lists[2], "full", symmetric=True)
-    torch.testing.assert_close(sym, _explicit([a], [a], lists[2], lists[2], "full"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sym, explicit_gram_hadamard([a], [a], lists[2], lists[2], "full"), rtol=1e-12, atol=1e-12)
 
 
 # -- token Gram: every temporary of a batch within max_pairs_elements -----------------------
