@@ -337,6 +337,19 @@ class StructuredPlan:
         if self._taps() and rows > probe.shape[0]:
             x = probe[torch.arange(rows, device=probe.device) % probe.shape[0]]
             self._demote_taps_failing_on(x, search_lead=False)
+        shared = self._shared_lookups()
+        if shared and rows > probe.shape[0]:
+            # a lookup sliced after it (``pos(arange(L))[:T]``) likewise
+            x = probe[torch.arange(rows, device=probe.device) % probe.shape[0]]
+            try:
+                with torch.no_grad():
+                    plain = self.adapter.forward(x).reshape(rows, -1)
+                works = _close(self._forward_with_lookups(shared, x, "expand"), plain, _tolerance(plain.dtype))
+            except Exception:
+                works = False
+            if not works:
+                for rule in shared:
+                    self.demote(rule)
 
     def _shared_lookups(self) -> List[EmbeddingRule]:
         """Embedding rules whose ids have no batch axis, their lookups expanded along it."""
@@ -353,20 +366,25 @@ class StructuredPlan:
         tol = _tolerance(f.dtype)
         if plain.numel() != f.numel() or not _close(f, plain.reshape(f.shape).to(f.dtype), tol):
             return False
+        y = self._forward_with_lookups(shared, x, "perturb")
+        return _close(y[1:], f[1:].to(y.dtype), tol)
+
+    def _forward_with_lookups(self, shared: List[EmbeddingRule], x: torch.Tensor, trial: str) -> torch.Tensor:
+        """The model's outputs ``[n, O]`` on ``x`` with the ``shared`` lookups expanded along the
+        batch (``trial``: "expand", or "perturb" to change example 0's copy), recording nothing."""
         n = x.shape[0]
-        recorded = {rule: (rule.inputs, rule.outputs) for rule in shared}  # the capture's, kept
+        recorded = {rule: (rule.inputs, rule.outputs) for rule in shared}  # a capture's, kept
         for rule in shared:
             rule.attach()
-            rule.batch, rule.perturb_first = n, True
+            rule.batch, rule.trial = n, trial
         try:
             with torch.no_grad():
-                y = self.adapter.forward(x).reshape(n, -1)
+                return self.adapter.forward(x).reshape(n, -1)
         finally:
             for rule in shared:
                 rule.detach()
-                rule.perturb_first = False
+                rule.trial = None
                 rule.inputs, rule.outputs = recorded[rule]
-        return _close(y[1:], f[1:].to(y.dtype), tol)
 
     def _taps(self) -> List[BroadcastParameterRule]:
         return [rule for rule in self.rules if isinstance(rule, BroadcastParameterRule)]

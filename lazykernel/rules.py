@@ -659,11 +659,17 @@ class EmbeddingRule(StructuredRule):
     def __init__(self, module: nn.Module, names: Dict[str, str]):
         super().__init__(module, names)
         self.shared: Optional[bool] = None
-        # the ids of each shared lookup, as the first capture saw them
+        # the ids of each shared lookup, as the first capture saw them (then fixed)
         self._shared_ids: List[torch.Tensor] = []
-        # while set, a shared lookup's copy for example 0 is changed (and nothing recorded):
-        # the plan's check that each example reads only its own copy
-        self.perturb_first = False
+        self._shared_fixed = False
+        # the plan's checks of a shared lookup, which record nothing: "perturb" changes
+        # example 0's copy (does each example read only its own?), "expand" only expands
+        self.trial: Optional[str] = None
+
+    def detach(self) -> None:
+        super().detach()
+        if self.shared and not self.trial:
+            self._shared_fixed = True
 
     @classmethod
     def supports(cls, module):
@@ -679,8 +685,8 @@ class EmbeddingRule(StructuredRule):
         if not self.shared:
             return super()._hook(module, args, output)
         call = len(self.inputs)
-        if not self.perturb_first:
-            if call == len(self._shared_ids):
+        if not self.trial:
+            if call == len(self._shared_ids) and not self._shared_fixed:
                 self._shared_ids.append(ids.detach().clone())
             seen = self._shared_ids[call] if call < len(self._shared_ids) else None
             if self.batch is None or seen is None or seen.shape != ids.shape or not torch.equal(seen, ids):
@@ -689,9 +695,10 @@ class EmbeddingRule(StructuredRule):
         # one copy per example: the leading axis of [1, T] ids, or a new one for [T]
         lookups = output[0] if ids.dim() >= 2 and ids.shape[0] == 1 else output
         expanded = lookups.unsqueeze(0).expand((self.batch,) + tuple(lookups.shape))
-        if self.perturb_first:
+        if self.trial:
             changed = expanded.detach().clone()
-            changed[0] = changed[0] + 0.5 * (changed[0].abs() + 1)
+            if self.trial == "perturb":
+                changed[0] = changed[0] + 0.5 * (changed[0].abs() + 1)
             return changed
         self.inputs.append(ids.detach())
         self.outputs.append(expanded)
@@ -768,9 +775,9 @@ class EmbeddingRule(StructuredRule):
     def _shared_term(self, cotangents, n) -> Pairwise:
         """Each example's gradient on the U rows the shared lookups use, ``[n, 1, O, U·D]``."""
         d = self.module.embedding_dim
-        if any(g.shape[1] != n for g in cotangents):
-            raise RuleDoesNotApply(f"lazykernel: a shared Embedding lookup was expanded to another batch "
-                                   f"than the {n} examples")
+        if len(cotangents) != len(self._shared_ids) or any(g.shape[1] != n for g in cotangents):
+            raise RuleDoesNotApply(f"lazykernel: a shared Embedding lookup was called {len(cotangents)} "
+                                   f"times for {n} examples, {len(self._shared_ids)} when its rule was checked")
         o = cotangents[0].shape[0]
         g = torch.cat([c.reshape(o, n, -1, d) for c in cotangents], dim=2)        # [O, n, positions, D]
         unique, index = self._shared_rows()

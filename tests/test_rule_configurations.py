@@ -439,3 +439,51 @@ def test_a_copy_per_example_that_broadcasts_across_the_batch_is_not_taken_for_th
     x1 = torch.tensor([[0], [1], [0], [2], [0]])
     x2 = torch.tensor([[1], [2], [0]])
     _assert_exact(model, x1, x2, outputs=("full",))
+
+
+class _LookupOnSomeBatches(nn.Module):
+    """A second lookup of the positions only for batches holding token 0: each example's
+    output still depends on itself alone, but the calls differ from batch to batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.pos, self.head = nn.Embedding(11, 6), nn.Embedding(10, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        h = self.tokens(ids) + self.pos(positions)
+        has_zero = (ids == 0).any(1)
+        if bool(has_zero.any()):
+            h = h + has_zero[:, None, None] * self.pos(positions)
+        return self.head(torch.tanh(h)).mean(1)
+
+
+class _SlicedLookup(nn.Module):
+    """Positions looked up for the longest length and sliced to the input's."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.pos, self.head = nn.Embedding(11, 6), nn.Embedding(5, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        positions = self.pos(torch.arange(5, device=ids.device))[:ids.shape[1]]
+        return self.head(torch.tanh(self.tokens(ids) + positions)).mean(1)
+
+
+def test_shared_lookups_called_otherwise_than_on_the_checked_batch_are_exact():
+    torch.manual_seed(0)
+    model = _LookupOnSomeBatches().double()
+    x = torch.randint(1, 11, (8, 5), generator=torch.Generator().manual_seed(3))
+    x[5:7, 0] = 0
+    # the second chunk makes a call the check did not see: the kernel is computed again
+    # with per-example Jacobians, and says so
+    with pytest.warns(UserWarning, match="Embedding looked up ids"):
+        got = lazykernel.ntk(model, x[:4], x[4:], output="full", method="structured")
+    assert_close_to_reference(got, reference_ntk(model, x[:4], x[4:], output="full"), torch.float64)
+
+
+def test_a_shared_lookup_sliced_after_it_is_exact_on_batches_longer_than_the_slice():
+    torch.manual_seed(0)
+    model = _SlicedLookup().double()
+    x = torch.randint(0, 11, (10, 5), generator=torch.Generator().manual_seed(4))
+    _assert_exact(model, x, outputs=("full",))
