@@ -356,13 +356,16 @@ def _generic_jvp(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x: torc
 
 def _forward_mode_agrees(adapter: ModelAdapter, primals: Dict[str, torch.Tensor], x: torch.Tensor) -> bool:
     """Does forward mode give this model's JVPs as reverse mode's transpose? Checked once
-    per call on a few examples (`_jacobian.forward_mode_works`, which also says no for
+    per call on three examples (`_jacobian.forward_mode_works`, which also says no for
     an op without forward mode)."""
     if adapter.reverse_mode_only:
         return False
     agrees = getattr(adapter, "_forward_mode_agrees", None)
     if agrees is None:
-        agrees = adapter._forward_mode_agrees = forward_mode_works(adapter, primals, x[:1])
+        # the first, middle and last examples, as ntk's probe takes them: one alone may not
+        # reach the part computed under no_grad (a zero input, a gate it does not pass)
+        rows = sorted({0, x.shape[0] // 2, x.shape[0] - 1}) if x.shape[0] else []
+        agrees = adapter._forward_mode_agrees = forward_mode_works(adapter, primals, x[rows])
     return agrees
 
 

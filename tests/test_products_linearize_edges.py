@@ -280,3 +280,29 @@ def test_products_hold_what_the_forward_computes_under_no_grad_constant():
         for p, t in zip(moved.parameters(), tangent.values()):
             p.add_(t)
     torch.testing.assert_close(moved(x), model(x) + jac @ flat, rtol=1e-10, atol=1e-12)
+
+
+class _NormedUnderNoGrad(nn.Module):
+    """A hidden layer divided by its weight's norm, taken under torch.no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6, bias=False), nn.Linear(6, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            scale = self.a.weight.norm()
+        return self.b(torch.tanh(self.a(x) / scale))
+
+
+def test_the_forward_mode_check_does_not_rest_on_the_first_example():
+    # the first example is all zeros, where forward mode's extra term vanishes
+    torch.manual_seed(0)
+    model = _NormedUnderNoGrad().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    x[0] = 0.0
+    jac = _explicit_jacobian(model, x, list(model.parameters()))
+    v = torch.randn(5, 2, dtype=torch.float64)
+    kernel = torch.einsum("iop,jqp->iojq", jac, jac).reshape(10, 10)
+    torch.testing.assert_close(lazykernel.ntk_vp(model, x, v, output="full").reshape(-1),
+                               kernel @ v.reshape(-1), rtol=1e-10, atol=1e-12)
