@@ -157,6 +157,9 @@ def test_monitor_state_of_another_model_or_setting_is_refused():
         analysis.RegimeMonitor(_monitored_net(), x, params=["2.weight", "2.bias"]).load_state_dict(state)
     with pytest.raises(ValueError, match="saved with layers=.*ntk_output='trace'.*ntk_output='full'"):
         analysis.RegimeMonitor(_monitored_net(), x, ntk_output="full").load_state_dict(state)
+    with pytest.raises(ValueError, match="saved for a torch.float64 model and this model's parameters are "
+                                         "torch.float32"):
+        analysis.RegimeMonitor(_monitored_net().float(), x.float()).load_state_dict(state)
     with pytest.raises(ValueError, match="not a RegimeMonitor.state_dict"):
         analysis.RegimeMonitor(_monitored_net(), x).load_state_dict(_monitored_net().state_dict())
 
@@ -310,6 +313,19 @@ def test_width_sweep_resumes_from_its_checkpoint_to_the_rows_of_an_uninterrupted
     # a finished sweep trains nothing more
     again = analysis.width_sweep(*data, **kwargs, checkpoint=path, progress=lambda *a: None)
     assert again.rows == resumed.rows
+
+
+def test_width_sweep_checkpoints_numpy_settings(tmp_path):
+    # numpy scalars as α or steps must reach the JSON checkpoint as plain numbers
+    import numpy as np
+
+    data = _labelled_data()
+    path = str(tmp_path / "sweep.json")
+    kwargs = dict(widths=(np.int64(8),), alphas=(None, np.float32(2.0)), base_lrs=(np.float64(0.5),),
+                  steps=np.int64(2), probe_size=4, kernel_regression=False, checkpoint=path)
+    first = analysis.width_sweep(*data, **kwargs)
+    assert [row["alpha"] for row in first.rows] == [None, 2.0]
+    assert analysis.width_sweep(*data, **kwargs).rows == first.rows
 
 
 def test_width_sweep_refuses_the_checkpoint_of_another_sweep(tmp_path):

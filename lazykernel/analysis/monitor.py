@@ -347,7 +347,7 @@ class RegimeMonitor:
 
         Raises:
             ValueError: ``state`` is not a monitor's state, or was saved for other
-                parameters (names or shapes), layers or output mode.
+                parameters (names, shapes or dtype), layers or output mode.
         """
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__
@@ -365,6 +365,12 @@ class RegimeMonitor:
             raise ValueError(f"the state's θ0 has other shapes than the model's parameters {shapes} "
                              f"(e.g. {tuple(state['theta0'][shapes[0]].shape)} against "
                              f"{tuple(current[shapes[0]].shape)}): was it saved for another model?")
+        dtypes = [n for n in self._names if state["theta0"][n].dtype != current[n].dtype]
+        if dtypes:
+            raise ValueError(f"the state was saved for a {state['theta0'][dtypes[0]].dtype} model and this "
+                             f"model's parameters are {current[dtypes[0]].dtype} ({dtypes[0]!r}): the kernels "
+                             "and outputs to compare with were computed in the other dtype; convert the model "
+                             "to the dtype of the run that saved the state")
         if list(state["layers"]) != list(self.layers) or state["ntk_output"] != self._output:
             raise ValueError(f"the state was saved with layers={state['layers']} and "
                              f"ntk_output={state['ntk_output']!r}, this monitor has layers={list(self.layers)} and "

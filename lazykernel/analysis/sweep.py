@@ -171,9 +171,14 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     bad = [lr for lr in base_lrs if not _positive_finite(lr)]
     if bad:
         raise ValueError(f"base_lrs must be finite numbers > 0, got {bad}")
+    # plain Python numbers from here on (numpy scalars would not go into a JSON checkpoint)
+    alphas = [None if a is None else float(a) for a in alphas]
+    base_lrs = [float(lr) for lr in base_lrs]
+    steps, probe_size = int(steps), int(probe_size)
+    depth = int(depth) if isinstance(depth, numbers.Integral) and not isinstance(depth, bool) else depth
     train_y, test_y = train_y.long(), test_y.long()
     classes = int(max(train_y.max().item(), test_y.max().item())) + 1
-    every = every or max(1, steps // 10)
+    every = int(every or max(1, steps // 10))
     train_x = train_x.to(device=device, dtype=dtype)
     test_x = test_x.to(device=device, dtype=dtype)
     train_y = train_y.to(device)
@@ -184,7 +189,7 @@ def width_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     runs = list(itertools.product(widths, alphas, base_lrs))
     result = SweepResult()
     if checkpoint is not None:
-        settings = dict(widths=widths, alphas=list(alphas), base_lrs=[float(lr) for lr in base_lrs],
+        settings = dict(widths=widths, alphas=alphas, base_lrs=base_lrs,
                         parameterization=parameterization, depth=depth, activation=activation, steps=steps,
                         every=every, probe_size=probe_size, seed=seed, sigma_w=float(sigma_w),
                         sigma_b=float(sigma_b), kernel_regression=bool(kernel_regression), dtype=str(dtype),
