@@ -280,6 +280,31 @@ def _check_inputs(adapter: ModelAdapter, x1, x2) -> Tuple[torch.dtype, torch.dev
     return dtype, device
 
 
+def _seeds_itself(adapter: ModelAdapter, sample: torch.Tensor, dtype: torch.dtype,
+                  after: Tuple[torch.Tensor, ...]) -> bool:
+    """Are a forward's draws independent of the generators' state before it (it seeds
+    them itself, so it draws the same numbers every time)? Run again from another
+    state, it then leaves them as it did the first time (``after``), which it does not
+    if it drew from the state it was given. The caller's generators are left at ``after``.
+    """
+    torch.set_rng_state(torch.Generator().manual_seed(0x5EED).get_state())
+    if sample.device.type == "cuda":
+        with torch.cuda.device(sample.device):
+            torch.cuda.manual_seed(0x5EED)
+    try:
+        with torch.no_grad(), matmul_precision("highest", sample.device, dtype), \
+                explicit_attention(adapter.module):
+            adapter.forward(sample)
+        again = _random_state(sample.device)
+    except Exception:
+        return False
+    finally:
+        torch.set_rng_state(after[0])
+        if sample.device.type == "cuda":
+            torch.cuda.set_rng_state(after[1], sample.device)
+    return all(torch.equal(first, second) for first, second in zip(after, again))
+
+
 def _random_state(device: torch.device) -> Tuple[torch.Tensor, ...]:
     """The states of the random number generators a forward on ``device`` may draw from."""
     states = (torch.get_rng_state(),)
@@ -366,7 +391,9 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: boo
             f"makes would then see altered inputs and {name} itself would be overwritten. Make that "
             "operation out-of-place (inplace=False), or clone the input at the start of forward."
         )
-    if not all(torch.equal(before, after) for before, after in zip(random_state, _random_state(sample.device))):
+    after = _random_state(sample.device)
+    if not all(torch.equal(before, now) for before, now in zip(random_state, after)) \
+            and not _seeds_itself(adapter, sample, dtype, after):
         raise ValueError(
             f"the model draws random numbers in its forward (on the first examples of {name}): dropout "
             "called with training=True (F.dropout(x, p, training=True) ignores model.eval()), noise from "

@@ -418,3 +418,22 @@ def test_outputs_in_another_dtype_than_the_layers_are_exact_to_that_dtype(method
     ref = reference_ntk(model, x, None, "full", None)
     assert got.dtype == torch.bfloat16
     assert float((got.double() - ref).abs().max() / ref.abs().max()) < 2e-2
+
+
+class _SeedsItself(nn.Module):
+    """Draws from the global generator after seeding it: the same numbers every time."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+
+    def forward(self, x):
+        torch.manual_seed(0)
+        return self.layer(x + 0.1 * torch.randn(4))
+
+
+def test_a_forward_that_draws_the_same_numbers_every_time_is_accepted():
+    model = _SeedsItself().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    got = lazykernel.ntk(model, x, output="full")
+    assert_close_to_reference(got, reference_ntk(model, x, None, "full", None), torch.float64)
