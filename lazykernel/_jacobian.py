@@ -118,8 +118,8 @@ def forward_mode_works(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x
     from the parameters under it (a power iteration, a frozen branch) gets JVPs with
     terms that autograd's gradients, and so the kernel, leave out. Along a random
     direction ``d`` of the parameters and random weights ``u`` of the outputs,
-    ``uᵀ(J d)`` from one JVP is compared with ``(Jᵀu)·d`` from one VJP. A False is
-    kept on the adapter (`ModelAdapter.reverse_mode_only`) for `ntvp_rows`.
+    ``uᵀ(J d)`` from one JVP is compared with ``(Jᵀu)·d`` from one VJP. The answer is
+    kept on the adapter (`ModelAdapter.forward_mode_agrees`) for `ntvp_rows` and the products.
     """
     # (imported here: the structured method's module imports this one)
     from lazykernel._structured import _rank_one_direction
@@ -129,7 +129,7 @@ def forward_mode_works(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x
     try:
         y, along = jvp(lambda p: adapter.call(p, x), (values,), (direction,))
     except NotImplementedError:
-        adapter.reverse_mode_only = True
+        adapter.forward_mode_agrees = False
         return False
     _, vjp_fn = vjp(lambda p: adapter.call(p, x), values)
     u = (torch.rand(y.shape, generator=gen, dtype=torch.float64) + 0.5).to(y)
@@ -144,10 +144,8 @@ def forward_mode_works(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x
         direction_norm2 += float(d.square().sum())
     scale = max(math.sqrt(pulled_norm2 * direction_norm2), float(along.double().norm() * u.double().norm()), 1e-30)
     dtypes = {y.dtype} | {value.dtype for value in values.values()}
-    if abs(forward - reverse) <= _agreement_tolerance(dtypes) * scale:
-        return True
-    adapter.reverse_mode_only = True
-    return False
+    adapter.forward_mode_agrees = abs(forward - reverse) <= _agreement_tolerance(dtypes) * scale
+    return adapter.forward_mode_agrees
 
 
 def _agreement_tolerance(dtypes) -> float:
@@ -171,7 +169,7 @@ def ntvp_rows(adapter: ModelAdapter, values: Dict[str, torch.Tensor], vjp_fn, x2
         (tangent,) = vjp_fn(v)
         return jvp(f2, (values,), (tangent,))[1]
 
-    if not adapter.reverse_mode_only:
+    if adapter.forward_mode_agrees is not False:
         if not by_loop:
             try:
                 return vmap(row)(seeds)

@@ -31,8 +31,9 @@ class ModelAdapter:
     Attributes:
         module: the ``nn.Module``, or None for a functional model.
         params: the selected parameters, by name (the tensors themselves).
-        reverse_mode_only: whether JVPs must come from reverse mode (see
-            `lazykernel._jacobian.forward_mode_works`).
+        forward_mode_agrees: whether forward-mode JVPs agree with reverse mode on this
+            model, once `lazykernel._jacobian.forward_mode_works` has checked (None
+            before); where False, JVPs come from reverse mode.
     """
 
     def __init__(self, module: Optional[nn.Module], fn: Optional[Callable],
@@ -49,10 +50,10 @@ class ModelAdapter:
         self._buffers: Dict[str, torch.Tensor] = dict(module.named_buffers()) if module is not None else {}
         # names of the buffers the forward writes in place; None until an evaluation showed it
         self._written: Optional[frozenset] = None if self._buffers else frozenset()
-        # Set where forward-mode AD differs from reverse mode on this model (an op without
+        # False where forward-mode AD differs from reverse mode on this model (an op without
         # it, or a forward computing from the parameters under torch.no_grad, which stops
         # reverse mode only): products then take reverse mode (`_jacobian.forward_mode_works`).
-        self.reverse_mode_only = False
+        self.forward_mode_agrees: Optional[bool] = None
 
     def call(self, values: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Apply the model to a batch ``x`` with the selected parameters set to ``values``."""

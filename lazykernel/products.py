@@ -34,7 +34,7 @@ from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, ch
                                make_adapter, one_call_per_model, parameters_device_and_dtype,
                                restoring_functional_call)
 from lazykernel._precision import check_precision, matmul_precision
-from lazykernel.ntk import _probe
+from lazykernel.ntk import _check_examples, _probe
 from lazykernel.ops import linear_jvp_stacked
 from lazykernel.rules import explicit_attention
 
@@ -356,17 +356,15 @@ def _generic_jvp(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x: torc
 
 def _forward_mode_agrees(adapter: ModelAdapter, primals: Dict[str, torch.Tensor], x: torch.Tensor) -> bool:
     """Does forward mode give this model's JVPs as reverse mode's transpose? Checked once
-    per call on three examples (`_jacobian.forward_mode_works`, which also says no for
-    an op without forward mode)."""
-    if adapter.reverse_mode_only:
-        return False
-    agrees = getattr(adapter, "_forward_mode_agrees", None)
-    if agrees is None:
-        # the first, middle and last examples, as ntk's probe takes them: one alone may not
-        # reach the part computed under no_grad (a zero input, a gate it does not pass)
-        rows = sorted({0, x.shape[0] // 2, x.shape[0] - 1}) if x.shape[0] else []
-        agrees = adapter._forward_mode_agrees = forward_mode_works(adapter, primals, x[rows])
-    return agrees
+    per call on ntk's probe examples (`_jacobian.forward_mode_works`, which also says no
+    for an op without forward mode, and keeps the answer on the adapter)."""
+    if adapter.forward_mode_agrees is None:
+        if not x.shape[0]:
+            return True  # no example for the modes to differ on
+        # ntk's probe examples: one alone may not reach the part computed under no_grad
+        # (a zero input, a gate it does not pass)
+        forward_mode_works(adapter, primals, _check_examples(x, None))
+    return adapter.forward_mode_agrees
 
 
 def _result_needs_grad(x: torch.Tensor, tangent: Mapping[str, torch.Tensor]) -> bool:
