@@ -23,7 +23,8 @@ from lazykernel._jacobian import forward_mode_works, ntvp_rows, per_example_jaco
 from lazykernel._memory import empty_buffer
 from lazykernel._model import ModelAdapter
 from lazykernel.rules import (GRADIENT, BroadcastParameterRule, EmbeddingRule, PAIRWISE, TOKENS, GradientOf,
-                              RuleDoesNotApply, StructuredRule, TermShape, TokenRows, gradient_is_smaller, rule_for)
+                              RuleDoesNotApply, StructuredRule, TermShape, TokenRows, gradient_is_smaller, rule_for,
+                              with_first_copy_changed)
 
 # (a_list, g_list) for gram_hadamard_accumulate, the sparse embedding terms, and
 # the per-example gradients formed block by block
@@ -327,20 +328,21 @@ class StructuredPlan:
             self._demote_taps_failing_on(x, search_lead=True, plain=plain)
 
     def check_taps_at(self, probe: torch.Tensor, rows: int) -> None:
-        """Demote broadcast-parameter rules that a batch of ``rows`` examples breaks.
+        """Demote broadcast-parameter rules and shared lookups that a batch of ``rows`` examples breaks.
 
         A forward that slices a parameter (``pos[:T]``) slices the expanded
         copy's batch axis instead: harmless while the batch is no longer than
         the slice, an error once it is. The probe examples, repeated to the
         largest chunk, show it before any chunk is computed.
         """
-        if self._taps() and rows > probe.shape[0]:
-            x = probe[torch.arange(rows, device=probe.device) % probe.shape[0]]
+        if rows <= probe.shape[0] or not (self._taps() or self._shared_lookups()):
+            return
+        x = probe[torch.arange(rows, device=probe.device) % probe.shape[0]]
+        if self._taps():
             self._demote_taps_failing_on(x, search_lead=False)
         shared = self._shared_lookups()
-        if shared and rows > probe.shape[0]:
+        if shared:
             # a lookup sliced after it (``pos(arange(L))[:T]``) likewise
-            x = probe[torch.arange(rows, device=probe.device) % probe.shape[0]]
             try:
                 with torch.no_grad():
                     plain = self.adapter.forward(x).reshape(rows, -1)
@@ -446,11 +448,7 @@ class StructuredPlan:
         each copy's cotangent then mixes the examples. Changing copy 0 alone must
         leave the other examples' outputs as they were.
         """
-        changed = {}
-        for rule in taps:
-            copies = rule.tap(x.shape[0]).detach().clone()
-            copies[0] = copies[0] + 0.5 * (copies[0].abs() + 1)
-            changed[rule.names[""]] = copies
+        changed = {rule.names[""]: with_first_copy_changed(rule.tap(x.shape[0])) for rule in taps}
         with torch.no_grad(), _expanded_parameters_quietly():
             y = self.adapter.forward_with(changed, x).reshape(x.shape[0], -1)
         return _close(y[1:], plain[1:], _tolerance(y.dtype))

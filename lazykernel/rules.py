@@ -324,6 +324,14 @@ class BroadcastParameterRule(StructuredRule):
         return {self.names[""]: g.sum(dim=(1, 2)).reshape((g.shape[0],) + tuple(self.param.shape))}
 
 
+def with_first_copy_changed(copies: torch.Tensor) -> torch.Tensor:
+    """A copy of ``copies`` ``[n, ...]`` (one per example) with example 0's changed: the
+    plan's check that each example reads only its own copy."""
+    changed = copies.detach().clone()
+    changed[0] = changed[0] + 0.5 * (changed[0].abs() + 1)
+    return changed
+
+
 # -- linear maps -------------------------------------------------------------------
 
 def _positions(a: torch.Tensor, g: torch.Tensor, n: int, k: int, d: int, module: nn.Module
@@ -696,10 +704,7 @@ class EmbeddingRule(StructuredRule):
         lookups = output[0] if ids.dim() >= 2 and ids.shape[0] == 1 else output
         expanded = lookups.unsqueeze(0).expand((self.batch,) + tuple(lookups.shape))
         if self.trial:
-            changed = expanded.detach().clone()
-            if self.trial == "perturb":
-                changed[0] = changed[0] + 0.5 * (changed[0].abs() + 1)
-            return changed
+            return with_first_copy_changed(expanded) if self.trial == "perturb" else expanded.detach().clone()
         self.inputs.append(ids.detach())
         self.outputs.append(expanded)
         return expanded.clone()
