@@ -166,6 +166,14 @@ def gram_hadamard_accumulate(
 TOKEN_BATCH_ELEMENTS = 1 << 22
 
 
+def token_pairs_per_batch(max_pairs_elements: int, outputs: int, d: int, output: str) -> int:
+    """Row pairs in a batch of `token_gram_accumulate`: its largest temporary holds, per
+    pair, the gathered rows (and their product), ``[O, D]``, or the full mode's ``[O, O]``
+    block, and at most ``max_pairs_elements`` elements (but at least one pair)."""
+    per_pair = max(outputs * d, outputs * outputs if output == "full" else 0)
+    return max(1, max_pairs_elements // max(per_pair, 1))
+
+
 def token_gram_accumulate(
     out: torch.Tensor,
     rows1: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -202,11 +210,7 @@ def token_gram_accumulate(
     sorted2, order2 = torch.sort(ids2)
     lo = torch.searchsorted(sorted2, ids1, right=False)
     counts = torch.searchsorted(sorted2, ids1, right=True) - lo
-    # elements per row pair of the largest batch temporary: the gathered rows (and
-    # their product) are [O, D] per pair, the full mode's blocks [O, O]
-    outputs = g1.shape[1]
-    per_pair = max(g1[0].numel(), outputs * outputs if output == "full" else 0)
-    batch_rows = max(1, max_pairs_elements // max(per_pair, 1))
+    batch_rows = token_pairs_per_batch(max_pairs_elements, g1.shape[1], g1.shape[2], output)
     ends = torch.cumsum(counts, 0)
     start_row = 0
     m1 = ids1.numel()

@@ -18,6 +18,7 @@ import torch
 from lazykernel import _memory
 from lazykernel._model import ParamSelection, explained_autograd_errors, one_call_per_model
 from lazykernel._structured import is_deferred, term_cost
+from lazykernel.ops import token_pairs_per_batch
 from lazykernel.rules import TOKENS, explicit_attention
 from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _NtvpEngine, _StructuredEngine,
                             _check_examples, _setup, _tile_sizes, _working_bytes)
@@ -219,9 +220,8 @@ def _token_gram_bytes(engine: _StructuredEngine, rows1: int, rows2: int, same: b
                 pairs = rows1 * rows2 * shape.matches
             per_pair = o * shape.d
             product = o * o if engine.mode == "full" else per_pair
-            # a batch holds whole rows: at least all the partners of one row (one per example);
-            # the op sizes its batches by the larger of a gathered row and a pair's product
-            batch = min(pairs, max(cap // max(per_pair, product, 1), rows2))
+            # a batch holds whole rows: at least all the partners of one row (one per example)
+            batch = min(pairs, max(token_pairs_per_batch(cap, o, shape.d, engine.mode), rows2))
             largest = max(largest, batch * ((2 * per_pair + product) * elt + 4 * 8))
     return largest
 
