@@ -17,6 +17,7 @@ import torch
 from lazykernel.analysis import metrics
 from lazykernel.analysis.monitor import RegimeMonitor
 from lazykernel.analysis.parameterization import AlphaScaled, learning_rate, mlp
+from lazykernel.disk import _hash_tensor
 from lazykernel.ntk import ntk as empirical_ntk
 
 __all__ = ["SweepResult", "width_sweep", "fit_power_law"]
@@ -271,9 +272,7 @@ def _fingerprint(*tensors: torch.Tensor) -> str:
     """BLAKE2b of the tensors' dtypes, shapes and bytes: which data a checkpoint belongs to."""
     digest = hashlib.blake2b(digest_size=20)
     for tensor in tensors:
-        digest.update(f"{tensor.dtype} {tuple(tensor.shape)};".encode())
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
+        _hash_tensor(digest, tensor)  # as ntk_to_disk fingerprints its inputs
     return digest.hexdigest()
 
 
