@@ -35,7 +35,7 @@ import torch
 from lazykernel import _memory, distributed
 from lazykernel._model import ParamSelection, explained_autograd_errors, model_tensors, one_call_per_model
 from lazykernel.ntk import (_Engine, _features_bytes, _looks_finite, _setup, _tile_bytes, _tile_sizes,
-                            overflow_advice)
+                            not_finite_message)
 from lazykernel.rules import RuleDoesNotApply
 
 _FORMAT = "lazykernel.ntk_to_disk/1"
@@ -557,10 +557,8 @@ def _compute_tiles(engine: _Engine, x1, x2, grid: _TileGrid, todo: List[int], pa
 
 def _warn_not_finite(paths: _StorePaths, engine: _Engine, i: int, j: int, rows: int, cols: int) -> None:
     # `ntk`'s warning; the run goes on, as a long one may be stopped by whoever reads it
-    warnings.warn(f"the kernel holds NaN or Inf values although the inputs and parameters are finite (first "
-                  f"in the tile of rows {i}:{i + rows} and columns {j}:{j + cols} of {paths.data}): the model's "
-                  f"outputs or their derivatives overflow in {engine.dtype} on some examples "
-                  f"({overflow_advice(engine.dtype)})", stacklevel=6)
+    where = f" (first in the tile of rows {i}:{i + rows} and columns {j}:{j + cols} of {paths.data})"
+    warnings.warn(not_finite_message(engine.dtype, where), stacklevel=6)
 
 
 def _write_tile(writer: "_TileWriter", data, log, host: np.ndarray, i: int, j: int, k: int,

@@ -121,9 +121,7 @@ def _ntk(model, x1, x2, output, method, params, batch_size, memory_budget, progr
         kernel = _compute(setup, x1, batch_size, progress)
     finite = not kernel.numel() or _looks_finite(kernel, setup.symmetric)
     if not finite:
-        warnings.warn(f"the kernel holds NaN or Inf values although the inputs and parameters are finite: "
-                      f"the model's outputs or their derivatives overflow in {setup.dtype} on some examples "
-                      f"({overflow_advice(setup.dtype)})", stacklevel=4)
+        warnings.warn(not_finite_message(setup.dtype), stacklevel=4)
     if setup.dtype != setup.compute_dtype:
         wide, kernel = kernel, kernel.to(setup.dtype)
         # a finite kernel in its compute dtype that is not in the model's overflowed in the cast
@@ -136,11 +134,14 @@ def _ntk(model, x1, x2, output, method, params, batch_size, memory_budget, progr
     return kernel
 
 
-def overflow_advice(dtype: torch.dtype) -> str:
-    """What to try when a kernel in ``dtype`` overflows: a wider dtype where there is one."""
-    if dtype == torch.float64:
-        return "try smaller weights or inputs"
-    return "try float64, or smaller weights or inputs"
+def not_finite_message(dtype: torch.dtype, where: str = "") -> str:
+    """The warning for a kernel (``where``: the part of it) that holds NaN or Inf from finite
+    inputs and parameters, with what to try: a wider dtype where there is one."""
+    advice = "try smaller weights or inputs"
+    if dtype != torch.float64:
+        advice = "try float64, or smaller weights or inputs"
+    return (f"the kernel holds NaN or Inf values although the inputs and parameters are finite{where}: the "
+            f"model's outputs or their derivatives overflow in {dtype} on some examples ({advice})")
 
 
 def _looks_finite(kernel: torch.Tensor, symmetric: bool) -> bool:
