@@ -36,6 +36,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from lazykernel._model import check_finite
+
 __all__ = ["ACTIVATIONS", "kernels", "nngp", "ntk"]
 
 ACTIVATIONS = ("relu", "erf", "identity")
@@ -174,8 +176,7 @@ def kernels(x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, depth: int =
     if x2_given and x1.device != x2.device:
         raise ValueError(f"x1 and x2 are on different devices ({x1.device}, {x2.device})")
     for name, x in (("x1", x1), ("x2", x2)):
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or Inf values; the kernels would be meaningless")
+        check_finite(name, x)
     a_ = x1.detach().to(torch.float64)
     b_ = x2.detach().to(torch.float64)
     d = a_.shape[1]
