@@ -16,15 +16,52 @@ import torch
 
 _LOAD_ERROR: Optional[str] = None
 _LOADED = False
+# every op the Python side calls, with its arguments: a library built from older sources
+# lacks some, and registering their fake kernels (or calling them) would fail
+_OPS = {
+    "gram_hadamard_accumulate_": ("out", "a1", "a2", "g1", "g2", "output", "symmetric"),
+    "linear_jvp": ("xs", "weight", "weight_dot", "bias", "bias_dot"),
+}
+_DISABLE = "LAZYKERNEL_DISABLE_EXTENSION"
+
+
+def _disabled() -> bool:
+    """Whether the environment asks for the reference kernels (1, true, yes or on)."""
+    value = os.environ.get(_DISABLE, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value not in ("", "0", "false", "no", "off"):
+        warnings.warn(f"lazykernel: {_DISABLE}={os.environ[_DISABLE]!r} is neither on nor off, so the "
+                      f"compiled extension is used; set it to 1 to use the reference kernels, or to 0 "
+                      "(or unset it) for the compiled ones", RuntimeWarning, stacklevel=4)
+    return False
+
+
+def _missing_ops() -> List[str]:
+    """The ops of `_OPS` that the loaded library does not define with those arguments."""
+    missing = []
+    for name, arguments in _OPS.items():
+        try:
+            schema = getattr(torch.ops.lazykernel, name).default._schema
+        except AttributeError:
+            missing.append(name)
+            continue
+        if tuple(argument.name for argument in schema.arguments) != arguments:
+            missing.append(f"{name} (it takes other arguments)")
+    return missing
 
 
 def _load() -> None:
     global _LOAD_ERROR, _LOADED
-    if os.environ.get("LAZYKERNEL_DISABLE_EXTENSION", "") == "1":
-        _LOAD_ERROR = "disabled by LAZYKERNEL_DISABLE_EXTENSION=1"
+    if _disabled():
+        _LOAD_ERROR = f"disabled by {_DISABLE}={os.environ[_DISABLE].strip()}"
         return
     try:
         from lazykernel import _C  # noqa: F401  (loading registers the ops)
+        missing = _missing_ops()
+        if missing:
+            raise ImportError(f"it was built from older sources and lacks the ops "
+                              f"{', '.join('lazykernel::' + name for name in missing)}")
     except Exception as error:  # any failure, ImportError or an undefined symbol
         _LOAD_ERROR = f"{type(error).__name__}: {error}"
         warnings.warn(

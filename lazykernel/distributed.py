@@ -22,14 +22,47 @@ def rank_and_world() -> Tuple[int, int]:
     return 0, 1
 
 
+def _launched_world() -> int:
+    """torchrun's ``WORLD_SIZE``: 1 where it is unset or empty."""
+    value = os.environ.get("WORLD_SIZE", "").strip()
+    if not value:
+        return 1
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={value!r} in the environment is not an integer; torchrun sets it to "
+                         "the number of processes of the job: launch with torchrun, or unset WORLD_SIZE "
+                         "to run as one process") from None
+
+
+def _check_launched_rank(world: int) -> None:
+    # a rank outside 0..world-1 would wait for the others of a rendezvous that never completes
+    value = os.environ.get("RANK")
+    try:
+        valid = value is not None and 0 <= int(value) < world
+    except ValueError:
+        valid = False
+    if not valid:
+        shown = "unset" if value is None else repr(value)
+        raise ValueError(f"the environment has WORLD_SIZE={world} but RANK={shown}, which is not a rank of that "
+                         f"job (an integer from 0 to {world - 1}); launch with torchrun, which sets both, or "
+                         "unset WORLD_SIZE to run as one process")
+
+
 def init_from_environment(device: torch.device) -> bool:
     """Join the process group torchrun describes in the environment, if any.
 
     Uses NCCL for a CUDA ``device`` and gloo otherwise. Returns True when this
     call created the group (the caller then destroys it with `shutdown`).
+
+    Raises:
+        ValueError: ``WORLD_SIZE`` is not an integer, or it is above 1 and ``RANK``
+            is not an integer from 0 to ``WORLD_SIZE - 1``.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+    world = _launched_world()
+    if world <= 1 or not dist.is_available() or dist.is_initialized():
         return False
+    _check_launched_rank(world)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
     return True
