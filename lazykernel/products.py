@@ -14,6 +14,7 @@ full-size temporaries are parameter-space vectors (P numbers each).
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import numbers
@@ -21,7 +22,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 from torch import nn
-from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 from torch.autograd import forward_ad
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -53,7 +54,31 @@ def _prepare(model, x: torch.Tensor, params: ParamSelection, precision: str) -> 
     adapter = make_adapter(model, params)
     if adapter.module is not None:
         check_eval_mode(adapter.module)
+    _refuse_transformed_params(adapter)
     return adapter, _check_batch(adapter, x, "x")
+
+
+def _refuse_transformed_params(adapter: ModelAdapter) -> None:
+    """The products take the Jacobian at the parameters' current values and hold
+    them constant: a parameter that a ``torch.func`` transform differentiates or
+    maps over (a functional model's ``params``) would get a zero derivative
+    without a word, or fail deep inside."""
+    wrapped = [name for name, p in adapter.params.items() if is_functorch_wrapped_tensor(p)]
+    if wrapped:
+        raise ValueError(
+            f"params {wrapped} are tensors of an enclosing torch.func transform (grad, jvp or vmap over the "
+            "parameters), but the products hold the parameters constant (the Jacobian at their current "
+            "values): they give no derivative with respect to them and cannot map over them. Differentiate "
+            "or map torch.func.jvp / torch.func.vjp of the model itself instead")
+
+
+def _is_vmapped(t: torch.Tensor) -> bool:
+    """Is ``t`` batched by an enclosing ``torch.func.vmap``, at any level of nesting?"""
+    while is_functorch_wrapped_tensor(t):
+        if is_batchedtensor(t):
+            return True
+        t = get_unwrapped(t)
+    return False
 
 
 def _check_batch(adapter: ModelAdapter, x, name: str) -> torch.dtype:
@@ -65,6 +90,10 @@ def _check_batch(adapter: ModelAdapter, x, name: str) -> torch.dtype:
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape [N, *in], got {type(x).__name__}")
+    if _is_vmapped(x):
+        raise ValueError(f"{name} is batched by torch.func.vmap, which the products cannot map over: they take "
+                         f"a batch of examples already. Call them once on all the examples, stacked into one "
+                         f"{name} [N, *in]")
     if x.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension first, [N, *in]; got a scalar")
     device, dtype = parameters_device_and_dtype(adapter)
@@ -78,11 +107,16 @@ def _check_batch(adapter: ModelAdapter, x, name: str) -> torch.dtype:
     return dtype
 
 
-def _check_vector(v: torch.Tensor, name: str, device: torch.device) -> None:
-    """An output-space vector (``vjp``'s cotangent, ``ntk_vp``'s v): real, on the inputs' device."""
+def _check_vector(v: torch.Tensor, name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """An output-space vector (``vjp``'s cotangent, ``ntk_vp``'s v): real floating point, on the
+    inputs' device."""
     if v.is_complex():
         # its imaginary part would be dropped without a word by the conversion
         raise ValueError(f"{name} must be real (it is converted to the model's dtype), got {v.dtype}")
+    if not v.is_floating_point():
+        # integers and booleans are more likely a wrong argument (labels, a mask) than a vector
+        raise ValueError(f"{name} must be a floating-point tensor, got {v.dtype}; convert it to the "
+                         f"model's dtype: {name}.to({dtype})")
     if v.device != device:
         raise ValueError(f"{name} is on device {v.device} but the inputs and the model's parameters are on "
                          f"{device}; move it there (e.g. {name}.to({str(device)!r}))")
@@ -118,9 +152,10 @@ def _tangent_dict(adapter: ModelAdapter, tangent: Tangent, what: str = "tangent"
                              f"has shape {tuple(param.shape)}")
         if value.device != param.device:
             raise ValueError(f"{what}[{name!r}] is on {value.device} but the parameter is on "
-                             f"{param.device}")
+                             f"{param.device}; move it there: .to({str(param.device)!r})")
         if not value.is_floating_point():
-            raise ValueError(f"{what}[{name!r}] must be floating point, got {value.dtype}")
+            raise ValueError(f"{what}[{name!r}] must be floating point, got {value.dtype}; convert it "
+                             f"to the parameter's dtype: .to({param.dtype})")
     return {name: value.to(adapter.params[name].dtype) for name, value in values.items()}
 
 
@@ -280,7 +315,13 @@ def jvp(
         which ``"auto"`` takes whenever either of them requires grad or is a
         tensor of an enclosing ``torch.func`` transform (``torch.func.jvp`` of
         this function). A ``torch.autograd.forward_ad`` dual tensor is refused:
-        PyTorch cannot nest forward mode inside that API.
+        PyTorch cannot nest forward mode inside that API. The parameters count
+        as constants (the Jacobian at their current values), as in :func:`vjp`
+        and :func:`ntk_vp`: the results carry no derivative to them, and a
+        functional model's parameter that is a tensor of an enclosing
+        ``torch.func`` transform is refused. ``torch.func.vmap`` over ``x`` or
+        the tangent is refused: call it on all the examples at once, once per
+        tangent.
 
     Embedding lookups of a ``padding_idx`` row count as constant, as in
     PyTorch's backward and so in ``vjp`` and :func:`lazykernel.ntk`: ``J`` is
@@ -298,6 +339,7 @@ def _jvp(adapter: ModelAdapter, x: torch.Tensor, tangent: Tangent, method: str, 
          memory_budget: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
     values = _tangent_dict(adapter, tangent)
     _refuse_forward_ad_duals(x, values)
+    _refuse_vmapped_tangents(values)
     structured_ok = _is_structured(adapter)
     if method == "structured" and not structured_ok:
         raise ValueError("method='structured' needs a plain nn.Sequential model (no hooks, no parametrized "
@@ -362,8 +404,8 @@ def _forward_mode_agrees(adapter: ModelAdapter, primals: Dict[str, torch.Tensor]
         if not x.shape[0]:
             return True  # no example for the modes to differ on
         # ntk's probe examples: one alone may not reach the part computed under no_grad
-        # (a zero input, a gate it does not pass)
-        forward_mode_works(adapter, primals, _check_examples(x, None))
+        # (a zero input, a gate it does not pass); a property of the model, not of x's graph
+        forward_mode_works(adapter, primals, _check_examples(x.detach(), None))
     return adapter.forward_mode_agrees
 
 
@@ -389,6 +431,16 @@ def _refuse_forward_ad_duals(x: torch.Tensor, tangent: Mapping[str, torch.Tensor
         raise ValueError(f"torch.autograd.forward_ad dual tensors given as {', '.join(duals)}: the JVP is "
                          "forward-mode AD itself, which PyTorch cannot nest inside forward_ad's dual level; "
                          "differentiate through lazykernel.jvp with torch.func.jvp (or reverse mode) instead")
+
+
+def _refuse_vmapped_tangents(tangent: Mapping[str, torch.Tensor]) -> None:
+    """Choosing between forward and reverse mode draws random directions
+    (`_jacobian.forward_mode_works`), which vmap refuses by default, and the
+    paths branch on values: neither can be mapped over a batch of tangents."""
+    mapped = [name for name, t in tangent.items() if _is_vmapped(t)]
+    if mapped:
+        raise ValueError(f"tangent[{mapped[0]!r}] is batched by torch.func.vmap, which jvp cannot map over; "
+                         "call lazykernel.jvp once per tangent (a loop over them)")
 
 
 def _jvp_by_double_backward(adapter: ModelAdapter, tangent: Dict[str, torch.Tensor], x: torch.Tensor
@@ -512,12 +564,15 @@ def vjp(
     Returns:
         A dict mapping each selected parameter name to a tensor of its shape:
         the gradient of ``Σ_i ⟨f(x_i), c_i⟩`` with respect to that parameter.
+        Differentiable with respect to ``cotangent`` and ``x``; ``torch.func.vmap``
+        over the cotangent gives one VJP per cotangent. The parameters count as
+        constants, as in :func:`jvp`.
     """
     adapter, dtype = _prepare(model, x, params, precision)
     if not isinstance(cotangent, torch.Tensor):
         raise ValueError(f"cotangent must be a tensor shaped like the model's output, got "
                          f"{type(cotangent).__name__}")
-    _check_vector(cotangent, "cotangent", x.device)
+    _check_vector(cotangent, "cotangent", x.device, dtype)
     with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype):
         return _vjp(adapter, x, cotangent, batch_size, memory_budget)
 
@@ -559,12 +614,19 @@ def _accumulate(total: Optional[Dict[str, torch.Tensor]], grads: Dict[str, torch
         return {name: g if _owns_its_memory(g) else g.clone(memory_format=torch.contiguous_format)
                 for name, g in grads.items()}
     for name, g in grads.items():
-        total[name] += g
+        if total[name].requires_grad:
+            # autograd may have saved the first chunk's gradient for its own backward
+            total[name] = total[name] + g
+        else:
+            total[name] += g
     return total
 
 
 def _owns_its_memory(g: torch.Tensor) -> bool:
-    """A dense tensor that is not a view of another: safe to return and to add into."""
+    """A dense tensor that is not a view of another: safe to return and to add into.
+    A tensor of an enclosing torch.func transform shows no storage: copied to be safe."""
+    if is_functorch_wrapped_tensor(g):
+        return False
     return g._base is None and g.is_contiguous() and g.untyped_storage().nbytes() == g.numel() * g.element_size()
 
 
@@ -604,6 +666,27 @@ def ntk_vp(
 
     Returns:
         ``Θ v`` in the model's dtype; ``v`` is converted to that dtype first.
+
+    Derivatives:
+        * in ``v``: the map is linear, so its derivatives are products again:
+          ``Θ(x, x2)ᵀ w = Θ(x2, x) w`` backwards (returned in ``v``'s dtype),
+          ``Θ v̇`` forwards. Works with ``torch.autograd`` (higher orders too) and
+          ``torch.func.grad``/``jacrev``/``jvp``, and keeps no graph of the model.
+          ``torch.func.vmap`` over ``v`` is the batched product: the vectors go
+          side by side as the columns of one trace-mode call (which takes
+          ``[N2, C]`` directly), one product per vector for ``output="full"``.
+        * in ``x`` and ``x2``, where one of them requires grad or is a tensor of
+          an enclosing ``torch.func`` transform: the product then goes through
+          autograd on the generic path and keeps every chunk's graph until the
+          backward (memory grows with N, as for :func:`jvp`).
+        * the parameters count as constants: ``Θ`` is the kernel at their current
+          values, as in :func:`jvp` and :func:`vjp`, and the result carries no
+          derivative to them. A functional model's parameter that is a tensor of
+          an enclosing ``torch.func`` transform is refused; a backward after the
+          parameters, ``x`` or ``x2`` changed in place raises a RuntimeError.
+
+        ``torch.func.vmap`` over ``x`` or ``x2`` is refused: pass all the
+        examples as one batch.
     """
     if output not in NTK_VP_OUTPUTS:
         raise ValueError(f"unknown output {output!r}; expected one of {NTK_VP_OUTPUTS}")
@@ -613,40 +696,153 @@ def ntk_vp(
         if tuple(x.shape[1:]) != tuple(x2.shape[1:]):
             raise ValueError(f"x and x2 must have the same trailing shape (one example's shape): "
                              f"x is {tuple(x.shape)}, x2 is {tuple(x2.shape)}")
-    x2_ = x if x2 is None else x2
-    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-        raise ValueError(f"v must be a floating-point tensor, got {type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}")
-    _check_vector(v, "v", x.device)
-    with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype), \
-            _attention_with_forward_mode(), _padding_lookups_held(adapter):
-        return _ntk_vp(adapter, x, v, x2, x2_, output, dtype, batch_size, memory_budget)
+    if not isinstance(v, torch.Tensor):
+        raise ValueError(f"v must be a floating-point tensor, got {type(v).__name__}")
+    _check_vector(v, "v", x.device, dtype)
+    duals = [name for name, t in (("x", x), ("x2", x2), ("v", v)) if t is not None
+             and not is_functorch_wrapped_tensor(t) and forward_ad.unpack_dual(t).tangent is not None]
+    if duals:
+        raise ValueError(f"torch.autograd.forward_ad dual tensors given as {', '.join(duals)}: ntk_vp runs "
+                         "forward-mode AD itself, which PyTorch cannot nest inside forward_ad's dual level; "
+                         "differentiate it with torch.func.jvp (or reverse mode) instead")
+    product = _KernelProduct(model, adapter, x, x2, output, dtype, batch_size, memory_budget, precision)
+    product.check(v)
+    if _result_needs_grad(x, {} if x2 is None else {"x2": x2}):
+        return product(v, differentiable=True)
+    return _KernelTimesVector.apply(v, product)
 
 
-def _ntk_vp(adapter: ModelAdapter, x: torch.Tensor, v: torch.Tensor, x2: Optional[torch.Tensor],
-            x2_: torch.Tensor, output: str, dtype: torch.dtype, batch_size: Optional[int],
-            memory_budget: Optional[float]) -> torch.Tensor:
-    outputs, _ = _probe(adapter, x2_ if x2_.shape[0] else x, "x2" if x2 is not None else "x")
-    n, n2 = x.shape[0], x2_.shape[0]
-    # Chunk sizes are planned once here: each plan runs the model on a few examples.
-    size_x = _chunk_size(adapter, x, batch_size, memory_budget, vectors=3)
-    size_x2 = size_x if x2 is None else _chunk_size(adapter, x2_, batch_size, memory_budget, vectors=3)
-    vv = v.to(dtype)
-    if outputs == 1 or output == "trace":
-        if vv.dim() not in (1, 2) or vv.shape[0] != n2:
-            raise ValueError(f"for output='trace' (or a one-output model) v must be [N2] or [N2, C] "
-                             f"with N2 = {n2}, got {tuple(v.shape)}")
-        if n == 0 or n2 == 0 or vv.numel() == 0:
-            # no examples on one side, or no vectors: the empty sum, or no columns
-            return vv.new_zeros((n,) + tuple(vv.shape[1:]))
-        columns = vv.reshape(n2, -1)
-        result = torch.stack([_trace_product(adapter, x, x2_, columns[:, c], outputs, size_x, size_x2)
-                              for c in range(columns.shape[1])], dim=1)
-        return result.reshape((n,) + tuple(vv.shape[1:]))
-    if tuple(vv.shape) != (n2, outputs):
-        raise ValueError(f"for output='full' v must be [N2, O] = [{n2}, {outputs}], got {tuple(v.shape)}")
-    if n == 0 or n2 == 0:
-        return vv.new_zeros(n, outputs)
-    return _pushforward(adapter, x, _pullback(adapter, x2_, vv, size_x2), size_x)
+class _KernelProduct:
+    """``v ↦ Θ(x, x2) v`` for one call of :func:`ntk_vp`, kept for its derivatives:
+    the model, the inputs and the chunk sizes planned once (each plan runs the
+    model on a few examples). ``Θ(x, x2)ᵀ = Θ(x2, x)`` is the same product with
+    the inputs swapped."""
+
+    def __init__(self, model, adapter: ModelAdapter, x: torch.Tensor, x2: Optional[torch.Tensor], output: str,
+                 dtype: torch.dtype, batch_size: Optional[int], memory_budget: Optional[float], precision: str):
+        self.model, self.adapter, self.output, self.dtype, self.precision = model, adapter, output, dtype, precision
+        self.x, self.x2 = x, (x if x2 is None else x2)
+        with self._settings():
+            self.outputs, _ = _probe(adapter, self.x2 if self.x2.shape[0] else x, "x2" if x2 is not None else "x")
+            self.size_x = _chunk_size(adapter, x, batch_size, memory_budget, vectors=3)
+            self.size_x2 = self.size_x if x2 is None else _chunk_size(adapter, self.x2, batch_size,
+                                                                       memory_budget, vectors=3)
+        self._versions = self._current_versions()
+
+    @property
+    def takes_columns(self) -> bool:
+        """Whether v is ``[N2]`` or ``[N2, C]`` (trace mode, or one output) rather than ``[N2, O]``."""
+        return self.outputs == 1 or self.output == "trace"
+
+    def check(self, v: torch.Tensor) -> None:
+        n2 = self.x2.shape[0]
+        if self.takes_columns:
+            if v.dim() not in (1, 2) or v.shape[0] != n2:
+                raise ValueError(f"for output='trace' (or a one-output model) v must be [N2] or [N2, C] "
+                                 f"with N2 = {n2}, got {tuple(v.shape)}")
+        elif tuple(v.shape) != (n2, self.outputs):
+            raise ValueError(f"for output='full' v must be [N2, O] = [{n2}, {self.outputs}], got {tuple(v.shape)}")
+
+    def transposed(self) -> "_KernelProduct":
+        swapped = copy.copy(self)
+        swapped.x, swapped.x2 = self.x2, self.x
+        swapped.size_x, swapped.size_x2 = self.size_x2, self.size_x
+        return swapped
+
+    def __call__(self, v: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        return _kernel_times(self.model, self, v, differentiable)
+
+    def _settings(self) -> contextlib.ExitStack:
+        """What the products run under, entered again by a backward that comes later."""
+        stack = contextlib.ExitStack()
+        for context in (explicit_attention(self.adapter.module),
+                        matmul_precision(self.precision, self.x.device, self.dtype),
+                        _attention_with_forward_mode(), _padding_lookups_held(self.adapter)):
+            stack.enter_context(context)
+        return stack
+
+    def _watched(self) -> Dict[str, torch.Tensor]:
+        return {"x": self.x, "x2": self.x2, **{repr(name): p for name, p in self.adapter.params.items()}}
+
+    def _current_versions(self) -> Dict[str, Optional[int]]:
+        # inference tensors keep no version counter (and cannot be changed outside inference mode)
+        return {name: None if t.is_inference() else t._version for name, t in self._watched().items()}
+
+    def check_unchanged(self) -> None:
+        """The derivative is the product at the values of the forward: refuse if they moved since."""
+        changed = [name for name, version in self._current_versions().items() if version != self._versions[name]]
+        if changed:
+            raise RuntimeError(f"{', '.join(changed)} changed in place between ntk_vp and its backward (an "
+                               "optimizer step, say), so the derivative would be taken at other values; call "
+                               "ntk_vp again after the change, or run the backward before it")
+
+    def compute(self, v: torch.Tensor, differentiable: bool) -> torch.Tensor:
+        self.check(v)
+        adapter, x, x2, outputs = self.adapter, self.x, self.x2, self.outputs
+        n, n2 = x.shape[0], x2.shape[0]
+        vv = v.to(self.dtype)
+        with self._settings():
+            if self.takes_columns:
+                if n == 0 or n2 == 0 or vv.numel() == 0:
+                    # no examples on one side, or no vectors: the empty sum, or no columns
+                    return vv.new_zeros((n,) + tuple(vv.shape[1:]))
+                columns = vv.reshape(n2, -1)
+                result = torch.stack([_trace_product(adapter, x, x2, columns[:, c], outputs, self.size_x,
+                                                     self.size_x2, differentiable)
+                                      for c in range(columns.shape[1])], dim=1)
+                return result.reshape((n,) + tuple(vv.shape[1:]))
+            if n == 0 or n2 == 0:
+                return vv.new_zeros(n, outputs)
+            return _pushforward(adapter, x, _pullback(adapter, x2, vv, self.size_x2), self.size_x, differentiable)
+
+
+@one_call_per_model
+def _kernel_times(model, product: _KernelProduct, v: torch.Tensor, differentiable: bool) -> torch.Tensor:
+    """`_KernelProduct.compute` holding the model's lock, which a backward run later needs again."""
+    return product.compute(v, differentiable)
+
+
+class _KernelTimesVector(torch.autograd.Function):
+    """``Θ v`` as one autograd node that keeps no graph of the model.
+
+    The map is linear in ``v``, so each derivative is a product again: ``Θᵀ w =
+    Θ(x2, x) w`` backwards and ``Θ v̇`` forwards, both through this node so
+    that higher orders work, and a vmap over ``v`` is one product of the vectors
+    side by side.
+    """
+
+    @staticmethod
+    def forward(v: torch.Tensor, product: _KernelProduct) -> torch.Tensor:
+        return product(v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        v, product = inputs
+        ctx.product = product
+        ctx.v_dtype = v.dtype
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.product.check_unchanged()
+        return _KernelTimesVector.apply(grad, ctx.product.transposed()).to(ctx.v_dtype), None
+
+    @staticmethod
+    def jvp(ctx, v_dot: torch.Tensor, _):
+        return _KernelTimesVector.apply(v_dot, ctx.product)
+
+    @staticmethod
+    def vmap(info, in_dims, v: torch.Tensor, product: _KernelProduct):
+        if in_dims[0] is None:
+            return _KernelTimesVector.apply(v, product), None
+        vs = v.movedim(in_dims[0], 0)
+        if product.takes_columns:
+            # [B, N2, *C] as the columns of one product, [N2, B·C], whose result is [N, B, *C]
+            columns = vs.movedim(0, 1)
+            out = _KernelTimesVector.apply(columns.reshape(columns.shape[0], math.prod(columns.shape[1:])), product)
+            return out.reshape((out.shape[0],) + tuple(columns.shape[1:])), 1
+        if not vs.shape[0]:
+            return vs.new_zeros((0, product.x.shape[0], product.outputs), dtype=product.dtype), 0
+        return torch.stack([_KernelTimesVector.apply(one, product) for one in vs]), 0
 
 
 def _pullback(adapter: ModelAdapter, x: torch.Tensor, cot: torch.Tensor, size: int
@@ -662,12 +858,13 @@ def _pullback(adapter: ModelAdapter, x: torch.Tensor, cot: torch.Tensor, size: i
     return total if total is not None else {name: torch.zeros_like(p) for name, p in primals.items()}
 
 
-def _pushforward(adapter: ModelAdapter, x: torch.Tensor, u: Dict[str, torch.Tensor], size: int
-                 ) -> torch.Tensor:
-    """``J(x) u`` as ``[N, O]``, over chunks of ``size`` examples."""
-    structured = _prefers_structured(adapter)
+def _pushforward(adapter: ModelAdapter, x: torch.Tensor, u: Dict[str, torch.Tensor], size: int,
+                 differentiable: bool = False) -> torch.Tensor:
+    """``J(x) u`` as ``[N, O]``, over chunks of ``size`` examples; where ``differentiable``,
+    on the generic path through autograd (in ``x`` and ``u``)."""
+    structured = not differentiable and _prefers_structured(adapter)
     parts = []
-    with torch.no_grad():
+    with contextlib.nullcontext() if differentiable else torch.no_grad():
         for part in _chunks(x.shape[0], size):
             if structured:
                 try:
@@ -682,7 +879,7 @@ def _pushforward(adapter: ModelAdapter, x: torch.Tensor, u: Dict[str, torch.Tens
     return torch.cat(parts)
 
 
-def _trace_product(adapter, x, x2, column, outputs, size_x, size_x2) -> torch.Tensor:
+def _trace_product(adapter, x, x2, column, outputs, size_x, size_x2, differentiable=False) -> torch.Tensor:
     # Σ_o Θ_oo v = Σ_o J_o(x) (J_o(x2)ᵀ v): one pullback and one pushforward per output o.
     n2 = x2.shape[0]
     result = None
@@ -690,6 +887,6 @@ def _trace_product(adapter, x, x2, column, outputs, size_x, size_x2) -> torch.Te
         cot = column.new_zeros(n2, outputs)
         cot[:, o] = column
         u = _pullback(adapter, x2, cot, size_x2)
-        part = _pushforward(adapter, x, u, size_x)[:, o]
+        part = _pushforward(adapter, x, u, size_x, differentiable)[:, o]
         result = part if result is None else result + part
     return result
