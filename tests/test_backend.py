@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import lazykernel
@@ -86,3 +87,28 @@ def test_python_dash_m_doctor_runs():
                             text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "lazykernel backend:" in result.stdout
+
+
+def test_doctor_without_compiled_kernels_says_the_check_is_skipped():
+    env = dict(os.environ, LAZYKERNEL_DISABLE_EXTENSION="1", PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, "-m", "lazykernel", "doctor"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "self-check (CPU op vs reference): skipped, no compiled CPU kernels" in result.stdout
+    assert ": ok" not in result.stdout
+
+
+def test_doctor_fails_when_the_compiled_op_disagrees(capsys, monkeypatch):
+    if not lazykernel.backend().cpu_kernels:
+        pytest.skip("no compiled CPU kernels to check")
+    import lazykernel.ops as ops
+    real = ops.gram_hadamard_accumulate
+
+    def off_by_a_little(out, *args, **kwargs):
+        real(out, *args, **kwargs)
+        out[0, 0, 0, 0] += 1e-6
+        return out
+
+    monkeypatch.setattr(ops, "gram_hadamard_accumulate", off_by_a_little)
+    assert main(["doctor"]) == 1
+    assert "self-check (CPU op vs reference): MISMATCH (max abs difference 1.0e-06)" in capsys.readouterr().out
