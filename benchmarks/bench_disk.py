@@ -43,6 +43,18 @@ import torch
 from torch import nn
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1. (Not imported from bench_ntk, which would load
+    lazykernel and the peers into every child whose peak memory is measured.)"""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def make_mlp(width: int, outputs: int, d_in: int, depth: int = 3) -> nn.Sequential:
     torch.manual_seed(0)
     layers: List[nn.Module] = [nn.Linear(d_in, width), nn.ReLU()]
@@ -192,17 +204,17 @@ def free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=20000, help="N of the big run (default 20000)")
-    parser.add_argument("--n-compare", type=int, default=4000, help="N of disk vs in-memory (default 4000)")
-    parser.add_argument("--n-ranks", type=int, default=4000, help="N of 1 vs 2 gloo ranks (default 4000)")
-    parser.add_argument("--ranks-tile", type=int, default=500, help="tile side of the ranks run (default 500)")
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--d-in", type=int, default=784)
-    parser.add_argument("--outputs", type=int, default=10)
+    parser.add_argument("--n", type=positive_int, default=20000, help="N of the big run (default 20000)")
+    parser.add_argument("--n-compare", type=positive_int, default=4000, help="N of disk vs in-memory (default 4000)")
+    parser.add_argument("--n-ranks", type=positive_int, default=4000, help="N of 1 vs 2 gloo ranks (default 4000)")
+    parser.add_argument("--ranks-tile", type=positive_int, default=500, help="tile side of the ranks run (default 500)")
+    parser.add_argument("--width", type=positive_int, default=1024)
+    parser.add_argument("--d-in", type=positive_int, default=784)
+    parser.add_argument("--outputs", type=positive_int, default=10)
     parser.add_argument("--memory-budget", type=float, default=2 * 2 ** 30,
                         help="bytes of working memory per process (default 2 GiB)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternations of disk vs in-memory (default 3)")
-    parser.add_argument("--threads", type=int, default=2, help="threads of the 1-process runs (default 2)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="alternations of disk vs in-memory (default 3)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="threads of the 1-process runs (default 2)")
     parser.add_argument("--skip", nargs="*", default=[], choices=("big", "compare", "ranks"))
     parser.add_argument("--workdir", default=None, help="folder for the kernels (default: a temporary one)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar in the big run")

@@ -147,10 +147,16 @@ def plain_structured_bytes(n: int, outputs: int, output: str) -> float:
 # -- the torch.func tutorial's methods ---------------------------------------------
 
 def _reduce(blocks: torch.Tensor, output: str) -> torch.Tensor:
-    """[N1, N2, O, O] -> the requested mode."""
+    """[N1, N2, O, O] -> the requested mode: trace [N1, N2], diagonal [N1, N2, O] or full."""
     if output == "trace":
         return blocks.diagonal(dim1=2, dim2=3).sum(-1)
+    if output == "diagonal":
+        return blocks.diagonal(dim1=2, dim2=3)
     return blocks
+
+
+# einsum of the per-example Jacobians [N, O, P] of x1 (N) and x2 (M), per output mode
+_CONTRACTION = {"trace": "Naf,Maf->NM", "diagonal": "Naf,Maf->NMa", "full": "Naf,Mbf->NMab"}
 
 
 def tutorial_jacobian_contraction(model, x1, x2, output):
@@ -161,7 +167,7 @@ def tutorial_jacobian_contraction(model, x1, x2, output):
 
     jac1 = vmap(jacrev(f_single), (None, 0))(params, x1)
     jac2 = vmap(jacrev(f_single), (None, 0))(params, x2)
-    spec = "Naf,Maf->NM" if output == "trace" else "Naf,Mbf->NMab"
+    spec = _CONTRACTION[output]
     total = 0
     for name in params:
         j1 = jac1[name].flatten(2)
@@ -290,15 +296,19 @@ MLP_METHODS = ("structured", "structured-tf32", "plain-structured", "plain-struc
 
 
 def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float,
-                  gemm_tf32: Optional[float] = None) -> List[dict]:
+                  gemm_tf32: Optional[float] = None, records: Optional[List[dict]] = None,
+                  save: Callable[[], None] = lambda: None) -> List[dict]:
     """Every MLP size and method. A ``-tf32`` method runs with TF32 products (lazykernel's
     ``precision="tf32"``; PyTorch's switches for the baseline), is compared with the float32
-    structured kernel of the same size, and its '% GEMM' is of the TF32 GEMM rate."""
+    structured kernel of the same size, and its '% GEMM' is of the TF32 GEMM rate.
+
+    Each record is appended to ``records`` (a new list by default) and ``save`` is called
+    after it, so that a run stopped part-way (a time limit) keeps what it measured."""
     header = (f"{'width':>5} {'N':>5} {'O':>3} {'mode':>5} {'method':>21} {'median s':>9} "
               f"{'GFLOP':>7} {'% GEMM':>7}  note")
     print(header)
     print("-" * len(header))
-    records = []
+    records = [] if records is None else records
     for width in args.widths:
         for outputs in args.outputs:
             model = make_mlp(width, outputs).eval().to(device)
@@ -336,7 +346,8 @@ def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float,
                                                f"(> --max-result-gib {args.max_result_gib:g})")
                         elif not method.startswith("structured") and need > args.peer_memory_gib * 2 ** 30:
                             what = "temporaries" if method.startswith("plain-structured") else "Jacobians"
-                            record.update(status="skipped", note=f"{what} need {need / 2**30:.0f} GiB")
+                            record.update(status="skipped", note=f"{what} need {need / 2**30:.0f} GiB "
+                                                                  f"(> --peer-memory-gib {args.peer_memory_gib:g})")
                         else:
                             _reset_peak(device)
                             start = time.perf_counter()
@@ -377,6 +388,7 @@ def run_mlp_suite(args, device: torch.device, probe: GemmProbe, gemm: float,
                             line = f"{'-':>9} {flops / 1e9:7.1f} {'-':>7}  {record['status']}: {record['note']}"
                         print(f"{width:5d} {n:5d} {outputs:3d} {mode:>5} {method:>21} {line}", flush=True)
                         records.append(record)
+                        save()
     return records
 
 
@@ -637,14 +649,44 @@ def _model_line(record: dict) -> str:
 
 # -- driver --------------------------------------------------------------------------
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1 (sizes, repeats)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def checked_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
+    """``--device`` as a torch.device, or a usage error saying why it cannot be used here."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        parser.error(f"--device: unknown device {text!r}; use cpu or cuda (cuda:K for the K-th GPU)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {text}: the benchmarks run on cpu or cuda only")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA support"
+            parser.error(f"--device {text}: no CUDA device is visible to torch {torch.__version__} "
+                         f"(built with {built}); run on a GPU machine or with --device cpu")
+        if device.index is not None and device.index >= count:
+            parser.error(f"--device {text}: torch sees {count} CUDA device(s), numbered from 0")
+    return device
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", nargs="+", default=["mlp"], choices=["mlp", "cnn", "transformer", "all"],
                         help="workload families (default: mlp)")
     mlp = parser.add_argument_group("mlp suite")
-    mlp.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 4096])
-    mlp.add_argument("--n", type=int, nargs="+", default=[256, 1024], help="numbers of inputs")
-    mlp.add_argument("--outputs", type=int, nargs="+", default=[1, 10])
+    mlp.add_argument("--widths", type=positive_int, nargs="+", default=[256, 1024, 4096])
+    mlp.add_argument("--n", type=positive_int, nargs="+", default=[256, 1024], help="numbers of inputs")
+    mlp.add_argument("--outputs", type=positive_int, nargs="+", default=[1, 10])
     mlp.add_argument("--modes", nargs="+", default=["trace", "full"], choices=["trace", "full"])
     mlp.add_argument("--methods", nargs="+",
                      default=["structured", "plain-structured", "jacobian", "ntvp", "tutorial-jacobian",
@@ -653,9 +695,9 @@ def main(argv=None) -> int:
                      help="a -tf32 method only differs from its float32 twin on CUDA; list "
                           "'structured' first to have the TF32 results compared with it")
     models = parser.add_argument_group("cnn and transformer suites")
-    models.add_argument("--cnn-n", type=int, default=128, help="inputs of the small CNN")
-    models.add_argument("--myrtle-n", type=int, default=32, help="inputs of the Myrtle-5 CNN")
-    models.add_argument("--transformer-n", type=int, default=256, help="inputs of the transformer")
+    models.add_argument("--cnn-n", type=positive_int, default=128, help="inputs of the small CNN")
+    models.add_argument("--myrtle-n", type=positive_int, default=32, help="inputs of the Myrtle-5 CNN")
+    models.add_argument("--transformer-n", type=positive_int, default=256, help="inputs of the transformer")
     models.add_argument("--workloads", nargs="+", default=None, choices=sorted(BUILDERS),
                         help="only these workloads of the chosen suites")
     models.add_argument("--model-modes", nargs="+", default=["trace"], choices=["trace", "diagonal", "full"])
@@ -667,7 +709,7 @@ def main(argv=None) -> int:
     models.add_argument("--profile", action="store_true",
                         help="profile one more lazykernel run per workload (when one run takes less "
                              "than --max-seconds) and list the costliest operators")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--max-result-gib", type=float, default=16.0,
                         help="mlp: skip a size whose float32 kernel alone would exceed this")
     parser.add_argument("--peer-memory-gib", type=float, default=12.0,
@@ -680,8 +722,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     suites = ["mlp", "cnn", "transformer"] if "all" in args.suite else list(dict.fromkeys(args.suite))
 
+    device = checked_device(parser, args.device)
     torch.manual_seed(0)
-    device = torch.device(args.device)
     probe = GemmProbe(device)
     gemm = probe.rate()
     gemm_tf32 = probe.rate(tf32=True) if device.type == "cuda" else None
@@ -706,15 +748,16 @@ def main(argv=None) -> int:
         if not args.json:
             return
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as handle:
+        # a whole file or none: a run stopped while writing keeps the previous version
+        with open(args.json + ".tmp", "w") as handle:
             json.dump({"machine": machine, "command": command, "complete": final,
                        "results": records, "plans": plans}, handle, indent=1)
+        os.replace(args.json + ".tmp", args.json)
         if final:
             print(f"wrote {args.json}")
 
     if "mlp" in suites:
-        records += run_mlp_suite(args, device, probe, gemm, gemm_tf32)
-        save(False)
+        run_mlp_suite(args, device, probe, gemm, gemm_tf32, records, lambda: save(False))
     families = [s for s in suites if s != "mlp"]
     if families:
         run_model_suites(args, families, probe, plans, records, lambda: save(False), device)

@@ -52,7 +52,7 @@ import lazykernel
 from lazykernel.predict import gradient_descent_mse, gradient_descent_mse_cg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ntk import GemmProbe, median_time  # noqa: E402
+from bench_ntk import GemmProbe, median_time, positive_int  # noqa: E402
 
 
 # -- memory ------------------------------------------------------------------------
@@ -325,20 +325,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["op", "products", "ntk_vp", "cg"],
                         choices=["op", "products", "ntk_vp", "cg"])
-    parser.add_argument("--widths", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--n", type=int, default=256, help="inputs for the products section")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ntk-vp-n", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
-    parser.add_argument("--cg-n", type=int, default=50_000)
-    parser.add_argument("--cg-sub", type=int, default=2000)
+    parser.add_argument("--widths", type=positive_int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--n", type=positive_int, default=256, help="inputs for the products section")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--ntk-vp-n", type=positive_int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--cg-n", type=positive_int, default=50_000)
+    parser.add_argument("--cg-sub", type=positive_int, default=2000)
     parser.add_argument("--cg-ridge", type=float, default=1e-4,
                         help="ridge per example, as a fraction of the mean kernel diagonal (ridge = this · N · mean diag)")
     parser.add_argument("--cg-tol", type=float, default=1e-6)
-    parser.add_argument("--cg-max-iter", type=int, default=2000)
+    parser.add_argument("--cg-max-iter", type=positive_int, default=2000)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--plot", default="benchmarks/results/ntk_vp_scaling.png")
     args = parser.parse_args(argv)
+    if "cg" in args.sections and args.cg_sub > args.cg_n:
+        parser.error(f"--cg-sub {args.cg_sub} is larger than --cg-n {args.cg_n}: the dense check "
+                     "solves the first --cg-sub of the --cg-n inputs; lower --cg-sub or raise --cg-n")
     _return_large_blocks_to_the_system()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -14,7 +14,7 @@ Example:
 import argparse
 import json
 import sys
-from typing import List
+from typing import Dict, List
 
 
 def _cell(record) -> str:
@@ -23,6 +23,20 @@ def _cell(record) -> str:
     if record["status"] == "ok":
         return f"{record['median_s']:.3g}"
     return record["status"].replace("skipped", "skip")
+
+
+def _notes(records: List[dict], where) -> List[str]:
+    """One line per row and note: why cells are not times (skip, failed) and what a method
+    reported beside its time (a TF32 method's error against float32)."""
+    grouped: Dict[tuple, List[str]] = {}
+    for record in records:
+        if record.get("note"):
+            label = "" if record["status"] == "ok" else record["status"].replace("skipped", "skip") + ": "
+            grouped.setdefault((where(record), label + record["note"]), []).append(record["method"])
+    if not grouped:
+        return []
+    return ["", "Notes:"] + [f"- {place}: {', '.join(methods)}: {note}"
+                             for (place, note), methods in grouped.items()]
 
 
 def render_mlp(data: dict, records: List[dict]) -> str:
@@ -48,11 +62,13 @@ def render_mlp(data: dict, records: List[dict]) -> str:
     for (width, n, outputs, mode), by_method in rows.items():
         cells = [_cell(by_method.get(method)) for method in methods]
         structured = by_method.get("structured", {})
-        flops = structured.get("structured_flops", 0) / 1e9
+        # every record of a row carries the structured method's count, run or not
+        flops = next((r["structured_flops"] for r in by_method.values() if "structured_flops" in r), None)
         fraction = structured.get("fraction_of_gemm")
         share = f"{100 * fraction:.0f}%" if fraction is not None else ""
         lines.append(f"| {width} | {n} | {outputs} | {mode} | " + " | ".join(cells)
-                     + f" | {flops:.1f} | {share} |")
+                     + f" | {'' if flops is None else f'{flops / 1e9:.1f}'} | {share} |")
+    lines += _notes(records, lambda r: f"width {r['width']}, N {r['n']}, O {r['outputs']}, {r['mode']}")
     return "\n".join(lines)
 
 
@@ -88,6 +104,7 @@ def render_models(data: dict, records: List[dict]) -> str:
         cells.append(f"{100 * fraction:.0f}%" if fraction is not None else "")
         cells += [_cell(by_method.get(m)) for m in tutorial]
         lines.append(f"| {workload} | {n} | {outputs} | {mode} | " + " | ".join(cells) + " |")
+    lines += _notes(records, lambda r: f"{r['workload']}, N {r['n']}, {r['mode']}")
     return "\n".join(lines)
 
 
@@ -156,7 +173,12 @@ def main(argv=None) -> int:
     parser.add_argument("--plans", action="store_true", help="also print each workload's plan")
     args = parser.parse_args(argv)
     with open(args.json_file) as handle:
-        print(render(json.load(handle), args.plans))
+        data = json.load(handle)
+    if not (isinstance(data, dict) and isinstance(data.get("results"), list) and "machine" in data):
+        raise SystemExit(f"{args.json_file} is not a result file of bench_ntk.py (it has no 'machine' and "
+                         "'results'): table.py renders bench_ntk.py's JSON only; bench_products.py and "
+                         "bench_disk.py print their own tables when they run")
+    print(render(data, args.plans))
     return 0
 
 
