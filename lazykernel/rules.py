@@ -174,7 +174,7 @@ class StructuredRule:
     # -- capture ---------------------------------------------------------------
     def attach(self) -> None:
         self.inputs, self.outputs = [], []
-        self._handle = self.module.register_forward_hook(self._hook)
+        self._handle = self.module.register_forward_hook(self._hook_call, with_kwargs=True)
 
     def detach(self) -> None:
         if self._handle is not None:
@@ -183,6 +183,16 @@ class StructuredRule:
 
     def clear(self) -> None:
         self.inputs, self.outputs = [], []
+
+    def _hook_call(self, module, args, kwargs, output):
+        # A layer may be called with its input by keyword, ``layer(input=x)``. A call
+        # whose input is not found is not recorded: the plan's check then finds its
+        # part of the gradient missing and gives the parameters to the generic rule.
+        if not args:
+            if "input" not in kwargs:
+                return None
+            args = (kwargs["input"],)
+        return self._hook(module, args, output)
 
     def _hook(self, module, args, output):
         # No copy of the input is needed: a selected weight requires grad, so
@@ -1059,15 +1069,21 @@ def attention_forward(m: nn.MultiheadAttention, record, query, key, value, key_p
     """``m(query, key, value, …)`` computed with explicit matrix products.
 
     Same inputs, outputs and masks as ``nn.MultiheadAttention.forward`` for the
-    configurations `MultiheadAttentionRule` supports. ``record(tag, a, y)``, if
-    given, sees each projection's input and output (tags ``"qkv"``, or ``"q"``,
-    ``"k"``, ``"v"``, then ``"out"``) and returns the output to use.
+    configurations `MultiheadAttentionRule` supports, batched (``[N, L, E]``, or
+    ``[L, N, E]`` unless ``batch_first``) or not (``[L, E]``). ``record(tag, a, y)``,
+    if given, sees each projection's input and output in a batched call (tags
+    ``"qkv"``, or ``"q"``, ``"k"``, ``"v"``, then ``"out"``) and returns the output
+    to use.
     """
     if record is None:
         def record(tag, a, y):
             return y
-    if query.dim() != 3:
-        raise RuleDoesNotApply("lazykernel: unbatched MultiheadAttention input")
+    if query.dim() == 2:
+        return _unbatched_attention(m, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                    average_attn_weights, is_causal)
+    if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+        raise RuleDoesNotApply(f"lazykernel: MultiheadAttention takes query, key and value of 3 axes (batched) "
+                               f"or 2 (one sequence), not {query.dim()}, {key.dim()} and {value.dim()}")
     if m.training and m.dropout > 0:
         raise RuleDoesNotApply("lazykernel: MultiheadAttention with active dropout")
     if is_causal and attn_mask is None:
@@ -1106,6 +1122,30 @@ def attention_forward(m: nn.MultiheadAttention, record, query, key, value, key_p
     return out, (weights.mean(dim=1) if average_attn_weights else weights)
 
 
+def _unbatched_attention(m: nn.MultiheadAttention, query, key, value, key_padding_mask, need_weights, attn_mask,
+                         average_attn_weights, is_causal):
+    """`attention_forward` of one ``[L, E]`` sequence (keys ``[S, E]``, ``key_padding_mask: [S]``,
+    ``attn_mask: [L, S]`` or ``[heads, L, S]``), as a batch of one.
+
+    Nothing is recorded: such a call belongs to no example of a batch, so a rule
+    that needs its projections' inputs per example leaves it to the generic rule
+    (the plan's check finds it missing).
+    """
+    if key.dim() != 2 or value.dim() != 2:
+        raise RuleDoesNotApply(f"lazykernel: MultiheadAttention got an unbatched query (2 axes) with key and "
+                               f"value of {key.dim()} and {value.dim()} axes; all three must have 2")
+    axis = 0 if m.batch_first else 1
+    q = query.unsqueeze(axis)
+    # the same tensor stays the same tensor: self-attention projects it once
+    k = q if key is query else key.unsqueeze(axis)
+    v = k if value is key else (q if value is query else value.unsqueeze(axis))
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.unsqueeze(0)
+    out, weights = attention_forward(m, None, q, k, v, key_padding_mask, need_weights, attn_mask,
+                                     average_attn_weights, is_causal)
+    return out.squeeze(axis), (None if weights is None else weights[0])
+
+
 @contextlib.contextmanager
 def explicit_attention(root: Optional[nn.Module]):
     """Within the block, supported attention modules of ``root`` use `attention_forward`.
@@ -1117,7 +1157,9 @@ def explicit_attention(root: Optional[nn.Module]):
     patched = []
     if root is not None:
         for module in root.modules():
+            # a subclass with a forward of its own computes something else: left as it is
             if (isinstance(module, nn.MultiheadAttention) and "forward" not in module.__dict__
+                    and type(module).forward is nn.MultiheadAttention.forward
                     and MultiheadAttentionRule.supports(module)):
                 module.forward = functools.partial(attention_forward, module, None)
                 patched.append(module)
@@ -1139,7 +1181,9 @@ def _attention_mask(attn_mask, key_padding_mask, n, heads, length, source, dtype
 
     def additive(mask):
         if mask.dtype == torch.bool:
-            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+            # out of place: under vmap a per-example mask cannot be written into an unbatched tensor
+            ignore, keep = (torch.full((), value, dtype=dtype, device=mask.device) for value in (float("-inf"), 0.0))
+            return torch.where(mask, ignore, keep)
         return mask.to(dtype)
 
     total = None
