@@ -243,7 +243,7 @@ def _setup(model, x1, x2, output: str, method: str, params: ParamSelection,
     call = _prepare(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
     if call.n1 and call.n2:
         with explicit_attention(call.adapter.module):
-            probe = _check_examples(x1, None if call.symmetric else call.x2)
+            probe = _check_examples(x1.detach(), None if call.symmetric else call.x2.detach())
             call.engine = _make_engine(method, call.adapter, probe, call.mode, call.outputs, call.activations,
                                        call.n1, call.n2, call.budget, call.elt)
         call.engine.gemm_grams = uses_tf32(precision, call.device, call.compute_dtype)
@@ -610,7 +610,8 @@ class _StructuredEngine(_Engine):
         """``max_pairs_elements`` of `token_gram_accumulate` beside ``held`` bytes: its
         batches hold three tensors of that many elements (both sides' gathered rows
         and their product), within what the budget leaves and at most its default."""
-        return max(1, min(TOKEN_BATCH_ELEMENTS, int(self.slab_space(held) // (3 * self.elt))))
+        # (compared before the conversion: an unlimited budget leaves infinite space)
+        return max(1, int(min(TOKEN_BATCH_ELEMENTS, self.slab_space(held) // (3 * self.elt))))
 
     def _slab_features(self, term1, term2, same: bool, spare: float) -> Tuple[int, int]:
         """(D', elements): output features per slab of a term's per-example gradients, and the
@@ -703,7 +704,10 @@ class _JacobianEngine(_Engine):
     by_loop = False
 
     def features(self, x):
-        return per_example_jacobian(self.adapter, list(self.adapter.params), x, by_loop=self.by_loop).to(self.dtype)
+        # (detached: the kernel has no derivative in the inputs, and a graph through them would
+        # hold every tile's Jacobians until the kernel is freed)
+        return per_example_jacobian(self.adapter, list(self.adapter.params), x.detach(),
+                                    by_loop=self.by_loop).to(self.dtype)
 
     def block(self, f1, f2, same, out):
         n1, o, p = f1.shape
@@ -727,7 +731,8 @@ class _NtvpEngine(_Engine):
     by_loop = False
 
     def features(self, x):
-        return x
+        # detached, as the Jacobian method's inputs are
+        return x.detach()
 
     def block(self, f1, f2, same, out):
         rows = ntk_block_by_ntvp(self.adapter, f1, f2, self.by_loop).to(self.dtype)  # [n1, O, n2, O]
@@ -805,8 +810,11 @@ def _tile_bytes(engine: _Engine, b1: int, b2: int, cell_bytes: float) -> float:
 def _working_bytes(engine: _Engine, n1: int, b1: int, b2: int, symmetric: bool, cell_bytes: float) -> float:
     """Working memory of the largest tile; a symmetric kernel in one chunk holds one set of operands."""
     if symmetric and b1 >= n1:
-        # a tile of one chunk against none, plus the whole kernel
-        return _tile_bytes(engine, n1, 0, cell_bytes) + n1 * n1 * (cell_bytes + engine.pair_bytes())
+        # one chunk's features, formed once, paired with themselves (the NTK-vector products'
+        # JVPs run through that chunk), plus the whole kernel
+        passes = n1 * engine.bytes_per_example(n1)
+        held = n1 * engine.held_per_example() / (1.0 - engine.reserve)
+        return max(passes, held) + n1 * n1 * (cell_bytes + engine.pair_bytes())
     return _tile_bytes(engine, b1, b2, cell_bytes)
 
 
@@ -857,34 +865,40 @@ def _run_tiles(engine: _Engine, x1, x2, symmetric: bool, result: torch.Tensor, m
     starts2 = list(range(0, n2, b2))
     pairs = [(i, j) for i in starts1 for j in starts2 if not symmetric or j >= i]
     bar = _Progress(len(pairs), progress)
-    cached2 = engine.features(x2) if (not symmetric and b2 >= n2) else None
-    current_i, f1 = None, None
-    last_j, last_f2 = None, None
-    for i, j in pairs:
-        if i != current_i:
-            # in a symmetric kernel the previous row's last chunk is this row's first
-            reuse = symmetric and last_j == i
-            current_i, f1 = i, (last_f2 if reuse else engine.features(x1[i:i + b1]))
-            last_j, last_f2 = None, None
-        same = symmetric and i == j
-        if same:
-            f2 = f1
-        elif cached2 is not None:
-            f2 = cached2
-        else:
-            f2 = engine.features(x2[j:j + b2])
-            last_j, last_f2 = j, f2
-        rows = min(b1, n1 - i)
-        cols = min(b2, n2 - j)
-        block = result[i:i + rows, j:j + cols]
-        engine.block(f1, f2, same, block)
-        if symmetric and not same:
-            mirrored = block.transpose(0, 1)
-            if mode == "full":
-                mirrored = mirrored.transpose(2, 3)
-            result[j:j + cols, i:i + rows] = mirrored
-        bar.update()
-    bar.close()
+    try:
+        cached2 = engine.features(x2) if (not symmetric and b2 >= n2) else None
+        current_i, f1 = None, None
+        last_j, last_f2 = None, None
+        for i, j in pairs:
+            if i != current_i:
+                # in a symmetric kernel the previous row's last chunk is this row's first
+                reused = last_f2 if symmetric and last_j == i else None
+                # the budget holds the features of two chunks: those of finished tiles go
+                # before the next are formed
+                f1 = f2 = last_f2 = last_j = None
+                current_i, f1 = i, (engine.features(x1[i:i + b1]) if reused is None else reused)
+            same = symmetric and i == j
+            if same:
+                f2 = f1
+            elif cached2 is not None:
+                f2 = cached2
+            else:
+                f2 = last_f2 = None
+                f2 = engine.features(x2[j:j + b2])
+                last_j, last_f2 = j, f2
+            rows = min(b1, n1 - i)
+            cols = min(b2, n2 - j)
+            block = result[i:i + rows, j:j + cols]
+            engine.block(f1, f2, same, block)
+            if symmetric and not same:
+                mirrored = block.transpose(0, 1)
+                if mode == "full":
+                    mirrored = mirrored.transpose(2, 3)
+                result[j:j + cols, i:i + rows] = mirrored
+            bar.update()
+    finally:
+        # also when a tile fails or is interrupted: an open bar would stay on the screen
+        bar.close()
 
 
 class _Progress:
