@@ -132,8 +132,11 @@ def forward_mode_works(adapter: ModelAdapter, values: Dict[str, torch.Tensor], x
         adapter.forward_mode_agrees = False
         return False
     _, vjp_fn = vjp(lambda p: adapter.call(p, x), values)
+    # detached: parameters outside the selection may still require grad in the module's call
+    y, along = y.detach(), along.detach()
     u = (torch.rand(y.shape, generator=gen, dtype=torch.float64) + 0.5).to(y)
     (pulled,) = vjp_fn(u)
+    pulled = {name: g.detach() for name, g in pulled.items()}
     forward = float((along.double() * u.double()).sum())
     # parameter by parameter, so that float64 copies of one parameter at a time are made
     reverse, pulled_norm2, direction_norm2 = 0.0, 0.0, 0.0

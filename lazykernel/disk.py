@@ -152,7 +152,7 @@ def _ntk_to_disk(model, x1, x2, out, output, method, params, batch_size, memory_
     launched = distributed.launched_without_group()
     if launched:
         warnings.warn(f"WORLD_SIZE={launched} is set (a launch by torchrun?) but this process has joined no "
-                      "torch.distributed process group: it computes every tile of the kernel itself, and the "
+                      "torch.distributed process group with the other processes of the launch: it computes every tile of the kernel itself, and the "
                       "other processes of the launch write the same store at the same time. Call "
                       "torch.distributed.init_process_group() before ntk_to_disk to share the tiles out.",
                       stacklevel=4)
@@ -211,6 +211,9 @@ def _ntk_to_disk(model, x1, x2, out, output, method, params, batch_size, memory_
                                  "the examples its rule was checked on (does it route examples?): "
                                  "compute this kernel with method='jacobian', into another file or with "
                                  "if_exists='overwrite' (this store records the method)") from error
+            finally:
+                # also when interrupted: a resumable run should not leave a stale bar behind
+                bar.close()
         distributed.barrier()
         missing = None
         if rank == 0:
@@ -552,7 +555,6 @@ def _compute_tiles(engine: _Engine, x1, x2, grid: _TileGrid, todo: List[int], pa
                         _write_tile(writer, data, log, block.cpu().numpy(), i, j, k, grid.symmetric and not same)
                         bar.update(rows * cols * (1 if same or not grid.symmetric else 2))
             rows_features = {}
-        bar.close()
 
 
 def _warn_not_finite(paths: _StorePaths, engine: _Engine, i: int, j: int, rows: int, cols: int) -> None:

@@ -255,3 +255,22 @@ def test_a_process_of_a_launch_that_joined_no_process_group_is_warned(tmp_path, 
     assert caught[0].filename == __file__
     torch.testing.assert_close(torch.from_numpy(np.array(kernel)), reference_ntk(_mlp(), _inputs(5)), rtol=1e-10,
                                atol=1e-12)
+
+
+def test_an_interrupted_store_closes_its_progress_bar(tmp_path, monkeypatch):
+    tqdm = pytest.importorskip("tqdm")
+    import lazykernel.disk as disk
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(disk, "_compute_tiles", interrupted)
+    open_before = {id(bar) for bar in list(tqdm.tqdm._instances)}
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    # the interrupt is kept, as an interactive session keeps the last traceback (and its frames)
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        lazykernel.ntk_to_disk(model, torch.randn(6, 3), out=str(tmp_path / "k.npy"), batch_size=2,
+                               progress=True)
+    left_open = [bar for bar in list(tqdm.tqdm._instances) if id(bar) not in open_before]
+    assert not left_open, "the interrupted store's progress bar is still open"
+    assert interrupt.type is KeyboardInterrupt

@@ -197,3 +197,11 @@ def test_an_interrupt_mid_tiling_ends_the_progress_line_without_tqdm(monkeypatch
     err = capsys.readouterr().err
     assert "lazykernel.ntk: 1/10 tiles" in err
     assert err.endswith("\n"), repr(err)
+
+
+def test_the_forward_mode_check_on_a_parameter_subset_raises_no_autograd_warning():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    x = torch.randn(5, 3, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lazykernel.ntk(model, x, method="ntvp", params=lambda name, p: name.startswith("2."))
