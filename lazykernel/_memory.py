@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import sys
 from typing import Optional, Sequence, Tuple
@@ -123,17 +124,26 @@ def _read_stat(filename: str, key: str) -> int:
 def default_memory_budget(device: torch.device) -> int:
     """Bytes of working memory a call may use on ``device`` when none is given: on the
     CPU a quarter of the memory available (within the process's memory cgroup, a
-    container's limit), on CUDA half the device's free memory."""
+    container's limit), on CUDA half the device's free memory, counting as free what
+    PyTorch's caching allocator holds without a tensor in it."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(2 * DEFAULT_FRACTION * free)
+        # what PyTorch's caching allocator holds but no tensor uses (the working memory of
+        # an earlier call) is used to the device, and free to this process
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(2 * DEFAULT_FRACTION * (free + max(0, cached)))
     return int(DEFAULT_FRACTION * _available_cpu_bytes())
 
 
 def format_bytes(n: float) -> str:
+    """``n`` bytes for a person to read: ``"512 B"``, ``"1.5 MiB"``. The unit is that of the
+    value as shown, so that 1023.99 KiB reads ``"1.0 MiB"``, not ``"1024.0 KiB"``."""
+    if not math.isfinite(n):
+        return f"{n} B"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        shown = f"{n:.0f}" if unit == "B" else f"{n:.1f}"
+        if abs(float(shown)) < 1024 or unit == "TiB":
+            return f"{shown} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -68,9 +68,11 @@ class NTKPlan:
         flops: total FLOPs (groups plus operands).
         peak_bytes: predicted peak working memory plus the result, in bytes:
             forming a chunk's operands, holding them with a block's temporaries
-            (per-example gradient slabs, gathered embedding rows), or checking
-            the rules on the probe examples, whichever takes most.
-        result_bytes: bytes of the returned kernel.
+            (per-example gradient slabs, gathered embedding rows), checking
+            the rules on the probe examples, or, for a float16 or bfloat16
+            model, the kernel computed in float32 beside its copy in the
+            model's dtype, whichever takes most.
+        result_bytes: bytes of the returned kernel (in the model's dtype).
         capture: for the structured method, how the cotangents of the O outputs
             are taken: ``"one backward batched over outputs"``, ``"one
             backward per output"`` where PyTorch's batched backward would loop
@@ -144,7 +146,12 @@ def plan(
     """
     with explained_autograd_errors():
         call = _setup(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
-    result_bytes = float(math.prod(call.shape) * call.elt)
+    entries = math.prod(call.shape)
+    result_bytes = float(entries * call.dtype.itemsize)
+    # a float16 or bfloat16 model's kernel is computed in float32, then cast: the
+    # two copies exist together once the tiles are done
+    computed_bytes = float(entries * call.elt)
+    cast_bytes = computed_bytes + result_bytes if call.dtype != call.compute_dtype else 0.0
     report = NTKPlan(method="structured" if method == "auto" else method, output=call.mode,
                      shape=call.shape, chunks=(0, 0), result_bytes=result_bytes)
     if call.engine is None:
@@ -157,16 +164,18 @@ def plan(
         cell = math.prod(call.shape[2:]) if len(call.shape) > 2 else 1
         b1, b2 = _tile_sizes(engine, n1, n2, call.symmetric, cell * call.elt, call.budget, batch_size)
         report.chunks = (int(b1), int(b2))
-        pairs, square_pairs, featurised, block_examples = _schedule(n1, n2, b1, b2, call.symmetric)
+        blocks = _schedule(n1, n2, b1, b2, call.symmetric)
         probe = x1[:_PROBE_EXAMPLES]
         # counted with autograd on (`_counted_flops`), which cannot save inference tensors
         if probe.is_inference():
             with torch.inference_mode(False):
                 probe = probe.clone()
         report.forward_flops = _counted_flops(lambda: call.adapter.forward(probe)) / probe.shape[0]
-        report.operand_flops = featurised * _counted_flops(lambda: engine.features(probe)) / probe.shape[0]
-        report.groups = _groups(engine, call.mode, call.outputs, pairs, square_pairs, block_examples,
-                                b1 + b2, call.elt, report.forward_flops)
+        report.operand_flops = blocks.featurised * _counted_flops(lambda: engine.features(probe)) / probe.shape[0]
+        rows = (_ntvp_row_flops(engine, probe, call.shape[2:], report.forward_flops)
+                if isinstance(engine, _NtvpEngine) else (0.0, 0.0))
+        report.groups = _groups(engine, call.mode, call.outputs, blocks, b1 + b2, call.elt,
+                                report.forward_flops, rows)
         report.flops = report.operand_flops + sum(g.flops for g in report.groups)
         if isinstance(engine, _StructuredEngine) and call.outputs > 1:
             report.capture = engine.plan.capture_name(max(b1, b2))
@@ -184,7 +193,7 @@ def plan(
     # the rules or Jacobians are checked on the probe examples before any chunk is formed
     checked = len(_check_examples(x1, None if call.symmetric else call.x2))
     check = 0.0 if isinstance(engine, _NtvpEngine) else checked * engine.bytes_per_example(checked)
-    report.peak_bytes = max(working + result_bytes, check)
+    report.peak_bytes = max(working + computed_bytes, check, cast_bytes)
     return report
 
 
@@ -226,11 +235,29 @@ def _token_gram_bytes(engine: _StructuredEngine, rows1: int, rows2: int, same: b
     return largest
 
 
-def _schedule(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> Tuple[float, float, float, float]:
-    """As `_run_tiles` does it: (example pairs computed, the same with each diagonal
-    block of a symmetric kernel counted whole, examples whose operands are formed,
-    examples entering blocks summed over blocks)."""
-    pairs = square_pairs = featurised = block_examples = 0.0
+class _Blocks(NamedTuple):
+    """The blocks `_run_tiles` computes, summed over blocks of ``rows × cols`` examples.
+
+    Attributes:
+        pairs: example pairs computed (a diagonal block of a symmetric kernel: its upper triangle).
+        square_pairs: ``rows · cols``, a diagonal block counted whole.
+        featurised: examples whose operands are formed.
+        block_examples: examples entering blocks (a diagonal block's once).
+        row_pairs: ``rows²``, pairs of x1 examples within the x1 chunk of a block.
+        sides: ``rows + cols``, a diagonal block's examples on both sides.
+    """
+
+    pairs: float
+    square_pairs: float
+    featurised: float
+    block_examples: float
+    row_pairs: float
+    sides: float
+
+
+def _schedule(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> _Blocks:
+    """The blocks of a kernel in chunks of ``b1 × b2`` examples, as `_run_tiles` computes them."""
+    pairs = square_pairs = featurised = block_examples = row_pairs = sides = 0.0
     cached = not symmetric and b2 >= n2
     if cached:
         featurised += n2
@@ -244,28 +271,33 @@ def _schedule(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> Tuple[floa
             if symmetric and j < i:
                 continue
             cols = min(b2, n2 - j)
+            row_pairs += rows * rows
             if symmetric and i == j:
                 pairs += rows * (rows + 1) / 2
                 square_pairs += rows * rows
                 block_examples += rows
+                sides += 2 * rows
                 continue
+            sides += rows + cols
             pairs += rows * cols
             square_pairs += rows * cols
             block_examples += rows + cols
             if not cached:
                 featurised += cols
                 last = j
-    return pairs, square_pairs, featurised, block_examples
+    return _Blocks(pairs, square_pairs, featurised, block_examples, row_pairs, sides)
 
 
-def _groups(engine: _Engine, mode: str, o: int, pairs: float, square_pairs: float, block_examples: float,
-            chunk_examples: int, elt: int, forward: float) -> List[PlanGroup]:
+def _groups(engine: _Engine, mode: str, o: int, blocks: _Blocks, chunk_examples: int, elt: int,
+            forward: float, ntvp_rows: Tuple[float, float]) -> List[PlanGroup]:
     """Per group, the FLOPs spent in blocks (operands are counted apart, measured).
 
     A Gram of gradients formed block by block is one GEMM over a whole diagonal
     block (``square_pairs``); the fused op skips its lower half (``pairs``).
+    ``ntvp_rows``: the ntvp method's (JVP, VJP) FLOPs per row and example (`_ntvp_row_flops`).
     """
     m = o * o if mode == "full" else o
+    pairs, square_pairs = blocks.pairs, blocks.square_pairs
     params = engine.adapter.params
     if isinstance(engine, _StructuredEngine):
         plan = engine.plan
@@ -276,7 +308,7 @@ def _groups(engine: _Engine, mode: str, o: int, pairs: float, square_pairs: floa
                 pair, example, size = term_cost(shape, form, o, mode)
                 if is_deferred(shape, form, o):
                     # gradients formed block by block, their Gram one GEMM per block
-                    flops += pair * square_pairs + example * block_examples
+                    flops += pair * square_pairs + example * blocks.block_examples
                 else:
                     flops += pair * pairs
                 elements += size
@@ -289,13 +321,60 @@ def _groups(engine: _Engine, mode: str, o: int, pairs: float, square_pairs: floa
         return groups
     size = engine.adapter.num_params
     if isinstance(engine, _JacobianEngine):
-        return [PlanGroup("Jacobian", list(params), "jacobian", 2.0 * pairs * m * size,
+        # one product of the two chunks' Jacobians per block, a diagonal block's whole
+        return [PlanGroup("Jacobian", list(params), "jacobian", 2.0 * square_pairs * m * size,
                           o * size * chunk_examples * elt)]
-    # each of the N1·O rows is one VJP through its x1 chunk (about 2 forward
-    # passes per example) and one JVP through the x2 chunk (about 3)
-    flops = o * forward * (3.0 * pairs + 2.0 * block_examples * chunk_examples / 2)
+    jvp, vjp = ntvp_rows
+    flops = jvp * square_pairs + vjp * blocks.row_pairs + forward * blocks.sides
     return [PlanGroup("NTK-vector products", list(params), "ntvp", flops,
                       2 * o * size * chunk_examples * elt)]
+
+
+def _ntvp_row_flops(engine: _NtvpEngine, x: torch.Tensor, cell: Tuple[int, ...], forward: float
+                    ) -> Tuple[float, float]:
+    """(JVP, VJP): FLOPs of one row of the ntvp method's block per example it runs through.
+
+    A block of ``r × c`` examples takes the ``O·r`` rows' VJPs through the r
+    examples of its x1 chunk and their JVPs through the c of its x2 chunk, beside
+    one forward pass of each side: ``r·c·JVP + r²·VJP + (r + c)·forward`` FLOPs.
+    Counted on blocks of x's first example against one and two copies of it.
+    """
+    one = x[:1]
+
+    def counted(other: torch.Tensor) -> float:
+        out = torch.zeros((1, other.shape[0]) + tuple(cell), dtype=engine.dtype, device=x.device)
+        return _counted_flops(lambda: engine.block(one, other, False, out))
+
+    single, double = counted(one), counted(torch.cat([one, one]))
+    jvp = max(0.0, double - single - forward)
+    return jvp, max(0.0, single - jvp - 2 * forward)
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten.convolution_backward``: each gradient asked for costs one
+    convolution the size of the forward pass.
+
+    PyTorch's formula takes the weight gradient of a grouped convolution as if
+    it were not grouped, ``groups`` times too many: torch.func forms the weight
+    gradients of n examples as one convolution of n groups, so the count grew
+    with the examples of a chunk.
+    """
+    from torch.utils.flop_counter import conv_flop_count
+
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:
+        flops += conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return flops
+
+
+def _flop_counter():
+    """PyTorch's FLOP counter, with convolution gradients counted per group (`_conv_backward_flops`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
 
 
 def _counted_flops(run) -> float:
@@ -304,9 +383,7 @@ def _counted_flops(run) -> float:
     Counted with autograd enabled, as the capture runs it: without it, inference
     fast paths (fused transformer layers) hide their products from the counter.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
+    counter = _flop_counter()
     try:
         with torch.inference_mode(False), torch.enable_grad(), counter:
             run()
@@ -316,7 +393,7 @@ def _counted_flops(run) -> float:
         # The counter's per-module attribution hooks the backward of every module,
         # which fails on parametrized layers (weight_norm) inside autograd.grad. Only
         # the total is read: count again with every product attributed to the top.
-        counter = FlopCounterMode(display=False)
+        counter = _flop_counter()
         counter.mod_tracker = _NoModules()
         with torch.inference_mode(False), torch.enable_grad(), counter:
             run()
