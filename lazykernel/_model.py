@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from lazykernel._inputs import InputLayout
+
 ParamSelection = Union[None, str, List[str], tuple, Callable[[str, torch.Tensor], bool]]
 
 
@@ -54,6 +56,10 @@ class ModelAdapter:
         # it, or a forward computing from the parameters under torch.no_grad, which stops
         # reverse mode only): products then take reverse mode (`_jacobian.forward_mode_works`).
         self.forward_mode_agrees: Optional[bool] = None
+        # How a batch of several inputs per example is packed into one tensor
+        # (`lazykernel._inputs`), set by the public function that packed them; None
+        # for a model of one tensor.
+        self.layout: Optional[InputLayout] = None
 
     def call(self, values: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Apply the model to a batch ``x`` with the selected parameters set to ``values``."""
@@ -62,7 +68,7 @@ class ModelAdapter:
                 return self._module_call(values, x)
             merged = dict(self._constants)
             merged.update(values)
-            return self._fn(merged, x)
+            return self._fn(merged, x if self.layout is None else self.layout.unpack(x))
 
     def forward_with(self, replaced: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Apply the model with some selected parameters replaced by ``replaced`` (the rest as they are)."""
@@ -90,13 +96,15 @@ class ModelAdapter:
         refuse in-place writes into the module's own tensors anyway.
         """
         if not self._buffers:
-            return restoring_functional_call(self.module, values, x) if values else self.module(x)
+            if values:
+                return restoring_functional_call(self.module, values, x, self.layout)
+            return self.module(x) if self.layout is None else self.layout.apply(self.module, x)
         written = self._written
         buffers = {name: (b.clone() if written is None or name in written else b)
                    for name, b in self._buffers.items()}
         merged = dict(buffers)
         merged.update(values)
-        y = restoring_functional_call(self.module, merged, x)
+        y = restoring_functional_call(self.module, merged, x, self.layout)
         if written is None:
             self._written = _written_copies(buffers)
         return y
@@ -155,9 +163,11 @@ def _explained_self_changes() -> Iterator[None]:
         ) from error
 
 
-def restoring_functional_call(module: nn.Module, values: Mapping[str, torch.Tensor], x: torch.Tensor
-                              ) -> torch.Tensor:
+def restoring_functional_call(module: nn.Module, values: Mapping[str, torch.Tensor], x: torch.Tensor,
+                              layout: Optional[InputLayout] = None) -> torch.Tensor:
     """``torch.func.functional_call``, leaving ``module`` with its own tensors afterwards.
+
+    ``x`` is the one input, or the packed inputs of ``layout``.
 
     With a submodule reachable under two names (one layer listed twice in an
     ``nn.Sequential``), PyTorch puts back the swapped-in values instead of the
@@ -165,11 +175,16 @@ def restoring_functional_call(module: nn.Module, values: Mapping[str, torch.Tens
     tensors in place of its ``nn.Parameter``s. Such models have their tensors
     restored here.
     """
+    if layout is None:
+        args, kwargs = (x,), None
+    else:
+        parts = layout.unpack(x)
+        args, kwargs = ((), parts) if layout.keyword else (parts, None)
     if not _reachable_twice(module):
-        return functional_call(module, dict(values), (x,))
+        return functional_call(module, dict(values), args, kwargs)
     saved = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
     try:
-        return functional_call(module, dict(values), (x,))
+        return functional_call(module, dict(values), args, kwargs)
     finally:
         for m, parameters, buffers in saved:
             m._parameters.update(parameters)

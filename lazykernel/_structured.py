@@ -175,7 +175,8 @@ class StructuredPlan:
 
     def _may_take_chain(self) -> bool:
         """Could `_verify` hand the per-output cotangents to a `LayerChain`?"""
-        return (bool(self.rules) and not self._taps()
+        # the chain runs its layers on x itself: one input tensor only
+        return (bool(self.rules) and not self._taps() and self.adapter.layout is None
                 and LayerChain.of(self.adapter.module) is not None)
 
     def _capture_with_grad(self, x: torch.Tensor, summed: bool, probe_rows: Optional[int],
@@ -307,7 +308,7 @@ class StructuredPlan:
         # but its [O, n, D] result must then be copied into the op's [n, O, D]
         # (about a tenth of a width-1024 MLP's call), which the chain's layout
         # is already.
-        if self.outputs > 1 and self.rules and not self._taps():
+        if self.outputs > 1 and self.rules and not self._taps() and self.adapter.layout is None:
             chain = LayerChain.of(self.adapter.module)
             if chain is not None and _chain_agrees(chain, self.rules, dict(zip(rules, per_rule)), seen, x, f, tol):
                 self.chain = chain

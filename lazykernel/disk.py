@@ -91,7 +91,8 @@ def ntk_to_disk(
 
     Args:
         model, x1, x2, output, method, params, batch_size, precision: as for
-            `lazykernel.ntk` (``x1: [N1, *in]``, ``x2: [N2, *in]``); an ``x2``
+            `lazykernel.ntk` (``x1: [N1, *in]``, ``x2: [N2, *in]``, or a model's
+            several inputs as tuples or dicts of such tensors); an ``x2``
             holding exactly ``x1``'s values is the symmetric kernel of ``x2=None``
             (and its store).
         out: path of the ``.npy`` file; the manifest and the tile logs are
@@ -158,11 +159,13 @@ def _ntk_to_disk(model, x1, x2, out, output, method, params, batch_size, memory_
                       stacklevel=4)
 
     asked_budget = memory_budget
-    if memory_budget is None and world > 1 and isinstance(x1, torch.Tensor) and x1.device.type == "cpu":
+    first = next(iter(x1.values() if isinstance(x1, dict) else x1), None) if isinstance(x1, (tuple, list, dict)) \
+        else x1
+    if memory_budget is None and world > 1 and isinstance(first, torch.Tensor) and first.device.type == "cpu":
         # the CPU processes of one host share its memory: each takes its part of the default
-        memory_budget = _memory.default_memory_budget(x1.device) / distributed.processes_on_this_host()
+        memory_budget = _memory.default_memory_budget(first.device) / distributed.processes_on_this_host()
     setup = _setup(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
-    call = _describe_call(setup, x1, x2, method)
+    call = _describe_call(setup, method)
 
     calls = distributed.gather_all(call)
     if any(other != call for other in calls):
@@ -204,7 +207,7 @@ def _ntk_to_disk(model, x1, x2, out, output, method, params, batch_size, memory_
             bar = _TileProgress(owned, owned - len(mine), rank, world, progress)
             try:
                 with setup.running():
-                    _compute_tiles(setup.engine, x1, setup.x2, grid, mine, paths, setup.budget, bar, rank)
+                    _compute_tiles(setup.engine, setup.x1, setup.x2, grid, mine, paths, setup.budget, bar, rank)
             except RuleDoesNotApply as error:
                 # the tiles written so far are right; the store records the method
                 raise ValueError(f"{error}; on these examples the model does not use that layer as on "
@@ -449,7 +452,7 @@ def _hash_tensor(h: "hashlib._Hash", tensor: torch.Tensor) -> None:
         h.update(piece.view(torch.uint8).numpy().data)
 
 
-def _describe_call(setup, x1, x2, method: str) -> dict:
+def _describe_call(setup, method: str) -> dict:
     adapter = setup.adapter
     model_hash = hashlib.blake2b(digest_size=20)
     for name, tensor in sorted(model_tensors(adapter).items()):
@@ -457,10 +460,13 @@ def _describe_call(setup, x1, x2, method: str) -> dict:
         _hash_tensor(model_hash, tensor)
     inputs_hash = hashlib.blake2b(digest_size=20)
     # an x2 holding x1's values is the symmetric kernel, and its store (`_setup`)
-    for x in (x1, None if setup.symmetric else x2):
+    for x in (setup.x1, None if setup.symmetric else setup.x2):
         inputs_hash.update(b"none" if x is None else b"tensor")
         if x is not None:
             _hash_tensor(inputs_hash, x)
+    if adapter.layout is not None:
+        # several inputs, packed as bytes: their dtypes and shapes (`lazykernel._inputs`)
+        inputs_hash.update(adapter.layout.describe().encode())
     # what the tensors do not show: the layers (their printed form: types, sizes, activations,
     # modes) or, for a functional model, the function; other code changes go unseen
     if adapter.module is not None:

@@ -106,18 +106,35 @@ class LinearizedModel(nn.Module):
         merged.update(self._function_params)
         return self._fn, merged
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs, **keywords) -> torch.Tensor:
+        """``f(x; θ0) + J(x; θ0)(θ − θ0)``: ``[N, *out]``, called as the network is
+        (``lin(x)``, or ``lin(ids, mask)`` / ``lin(ids=..., mask=...)`` for a network of
+        several inputs; a functional ``fn(params, x)`` takes its ``x`` as one argument)."""
+        x = _batch_of(inputs, keywords)
         delta = {name: value - self._theta0[name].to(value.device) for name, value in self.theta().items()}
         model, params = self._model_and_params()
         f0, change = jvp(model, x, delta, params=params, method="auto")
         return f0 + change
 
-    def f0(self, x: torch.Tensor) -> torch.Tensor:
-        """The network at θ0, ``f(x; θ0)``: ``[N, *out]``."""
+    def f0(self, *inputs, **keywords) -> torch.Tensor:
+        """The network at θ0, ``f(x; θ0)``: ``[N, *out]``, called as `forward` is."""
+        x = _batch_of(inputs, keywords)
         model, params = self._model_and_params()
         with torch.no_grad():
             zero = {name: torch.zeros_like(v) for name, v in self._theta0.items()}
             return jvp(model, x, zero, params=params)[0]
+
+
+def _batch_of(inputs: tuple, keywords: dict):
+    """The inputs of a call as the products take them: one tensor, a tuple, or a dict."""
+    if inputs and keywords:
+        raise ValueError("pass the inputs either all by position or all by keyword: the linearized model "
+                         f"got {len(inputs)} positional and keywords {sorted(keywords)}")
+    if keywords:
+        return keywords
+    if not inputs:
+        raise ValueError("the linearized model needs the inputs, [N, *in]")
+    return inputs[0] if len(inputs) == 1 else inputs
 
 
 def linearize(model, params: ParamSelection = None) -> LinearizedModel:

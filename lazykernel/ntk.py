@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from lazykernel import _memory
 from lazykernel._chain import exact_by_construction
+from lazykernel._inputs import matching_layouts, pack_inputs
 from lazykernel._jacobian import ntk_block_by_ntvp, per_example_jacobian
 from lazykernel._precision import check_precision, gemm_gram_accumulate, matmul_precision, uses_tf32
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite,
@@ -59,9 +60,13 @@ def ntk(
             such as BatchNorm statistics belong in ``fn`` itself, e.g.
             ``lambda p, x: functional_call(model, {**p, **buffers}, (x,))``).
         x1: ``[N1, *in]`` inputs (floating point in the model's dtype, or integer
-            token ids).
-        x2: ``[N2, *in]`` inputs; ``None`` means ``x1`` (and half the work);
-            so does an ``x2`` holding exactly ``x1``'s values.
+            token ids). For a model of several inputs, a tuple or list of such
+            tensors, passed as ``model(*x1)`` (a functional ``fn(params, x1)``
+            receives the tuple), or a dict with string keys, passed as
+            ``model(**x1)``; every part holds the N1 examples along its first
+            axis. Inputs given in parts are constants: no derivative flows to them.
+        x2: ``[N2, *in]`` inputs, with the same parts as ``x1``; ``None`` means
+            ``x1`` (and half the work); so does an ``x2`` holding exactly ``x1``'s values.
         output: ``"trace"`` → ``[N1, N2]``, ``Σ_o Θ_oo`` (a sum, not a mean);
             ``"diagonal"`` → ``[N1, N2, O]``, ``Θ_oo``; ``"full"`` →
             ``[N1, N2, O, O]``. With O = 1 every mode gives ``[N1, N2]``.
@@ -110,7 +115,7 @@ def _ntk(model, x1, x2, output, method, params, batch_size, memory_budget, progr
     # warnings point at the caller's line: past this function, ntk and the lock's wrapper
     setup = _setup(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
     try:
-        kernel = _compute(setup, x1, batch_size, progress)
+        kernel = _compute(setup, setup.x1, batch_size, progress)
     except RuleDoesNotApply as error:
         # A layer saw the batch otherwise than the examples its rule was checked
         # on (a model that routes examples): the rules do not describe it.
@@ -118,7 +123,7 @@ def _ntk(model, x1, x2, output, method, params, batch_size, memory_budget, progr
                       "examples its rule was checked on (does it route examples?), so the kernel "
                       "is computed with method='jacobian'", stacklevel=4)
         setup = _setup(model, x1, x2, output, "jacobian", params, batch_size, memory_budget, precision)
-        kernel = _compute(setup, x1, batch_size, progress)
+        kernel = _compute(setup, setup.x1, batch_size, progress)
     finite = not kernel.numel() or _looks_finite(kernel, setup.symmetric)
     if not finite:
         warnings.warn(not_finite_message(setup.dtype), stacklevel=4)
@@ -172,9 +177,12 @@ def _compute(setup: "_Call", x1: torch.Tensor, batch_size: Optional[int], progre
 class _Call:
     """A validated call: the model, the inputs, what the result will be and, once
     `_setup` made it, the engine that computes it. Every way of computing the
-    kernel (`ntk`, `plan`, `ntk_to_disk`) starts from one."""
+    kernel (`ntk`, `plan`, `ntk_to_disk`) starts from one. ``x1`` and ``x2`` are
+    the inputs as the engines take them: a model's several inputs packed into
+    one tensor (`lazykernel._inputs`)."""
 
     adapter: ModelAdapter
+    x1: torch.Tensor
     x2: torch.Tensor
     symmetric: bool
     n1: int
@@ -213,7 +221,7 @@ def _prepare(model, x1, x2, output, method, params, batch_size, memory_budget,
     adapter = make_adapter(model, params)
     if adapter.module is not None:
         check_eval_mode(adapter.module)
-    dtype, device = _check_inputs(adapter, x1, x2)
+    dtype, device, x1, x2 = _check_inputs(adapter, x1, x2)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
                                    or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -233,7 +241,7 @@ def _prepare(model, x1, x2, output, method, params, batch_size, memory_budget,
     mode = "trace" if outputs == 1 else output
     compute_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     elt = torch.empty((), dtype=compute_dtype).element_size()
-    return _Call(adapter, x2_, symmetric, x1.shape[0], x2_.shape[0], mode, outputs, activations,
+    return _Call(adapter, x1, x2_, symmetric, x1.shape[0], x2_.shape[0], mode, outputs, activations,
                  dtype, compute_dtype, elt, device, budget, precision)
 
 
@@ -243,7 +251,7 @@ def _setup(model, x1, x2, output: str, method: str, params: ParamSelection,
     call = _prepare(model, x1, x2, output, method, params, batch_size, memory_budget, precision)
     if call.n1 and call.n2:
         with explicit_attention(call.adapter.module):
-            probe = _check_examples(x1.detach(), None if call.symmetric else call.x2.detach())
+            probe = _check_examples(call.x1.detach(), None if call.symmetric else call.x2.detach())
             call.engine = _make_engine(method, call.adapter, probe, call.mode, call.outputs, call.activations,
                                        call.n1, call.n2, call.budget, call.elt)
         call.engine.gemm_grams = uses_tf32(precision, call.device, call.compute_dtype)
@@ -252,33 +260,56 @@ def _setup(model, x1, x2, output: str, method: str, params: ParamSelection,
 
 # -- validation ------------------------------------------------------------------
 
-def _check_inputs(adapter: ModelAdapter, x1, x2) -> Tuple[torch.dtype, torch.device]:
+def _check_inputs(adapter: ModelAdapter, x1, x2) -> Tuple[torch.dtype, torch.device, torch.Tensor,
+                                                          Optional[torch.Tensor]]:
+    """The parameters' dtype and device, and the inputs checked: several inputs of a model
+    (a tuple, list or dict) each checked, then packed into one tensor, whose layout the
+    adapter then holds (`lazykernel._inputs`)."""
+    def check_part(part: torch.Tensor, label: str) -> None:
+        device, dtype = parameters_device_and_dtype(adapter)
+        _check_input(label, part, device, dtype)
+
+    packed = {}
     for name, x in (("x1", x1), ("x2", x2)):
         if x is None and name == "x2":
+            packed[name] = (None, None)
             continue
+        x, layout = pack_inputs(x, name, check_part)
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor of shape [N, *in], got {type(x).__name__}")
+            raise ValueError(f"{name} must be a torch.Tensor of shape [N, *in] (or, for a model of several "
+                             f"inputs, a tuple or dict of them), got {type(x).__name__}")
         if x.dim() < 1:
             raise ValueError(f"{name} must have a batch dimension first, [N, *in]; got a scalar")
+        packed[name] = (x, layout)
+    (x1, layout1), (x2, layout2) = packed["x1"], packed["x2"]
+    if x2 is not None:
+        matching_layouts(layout1, layout2)
+    adapter.layout = layout1
     if x2 is not None and tuple(x1.shape[1:]) != tuple(x2.shape[1:]):
         raise ValueError(
             f"x1 and x2 must have the same trailing shape (one example's shape): "
             f"x1 is {tuple(x1.shape)}, x2 is {tuple(x2.shape)}"
         )
     device, dtype = parameters_device_and_dtype(adapter)
-    for name, x in (("x1", x1), ("x2", x2)):
-        if x is None:
-            continue
-        if x.device != device:
-            raise ValueError(f"{name} is on device {x.device} but the model's parameters are on "
-                             f"{device}; move them to the same device (e.g. {name}.to({str(device)!r}))")
-        if x.is_floating_point() and x.dtype != dtype:
-            raise ValueError(f"{name} has dtype {x.dtype} but the model's parameters have dtype {dtype}; "
-                             f"convert one of them (e.g. {name}.to({dtype}))")
-        check_finite(name, x)
+    if layout1 is None:
+        for name, x in (("x1", x1), ("x2", x2)):
+            if x is not None:
+                _check_input(name, x, device, dtype)
     for name, tensor in model_tensors(adapter).items():
         check_finite(f"parameter {name!r}" if name in adapter.params else f"model tensor {name!r}", tensor)
-    return dtype, device
+    return dtype, device, x1, x2
+
+
+def _check_input(name: str, x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
+    """An input (or one part of a model's inputs) on the parameters' device, in its dtype if
+    floating point, and finite."""
+    if x.device != device:
+        raise ValueError(f"{name} is on device {x.device} but the model's parameters are on "
+                         f"{device}; move them to the same device (e.g. {name}.to({str(device)!r}))")
+    if x.is_floating_point() and x.dtype != dtype:
+        raise ValueError(f"{name} has dtype {x.dtype} but the model's parameters have dtype {dtype}; "
+                         f"convert one of them (e.g. {name}.to({dtype}))")
+    check_finite(name, x)
 
 
 def _seeds_itself(adapter: ModelAdapter, sample: torch.Tensor, dtype: torch.dtype,

@@ -165,7 +165,7 @@ def plan(
         b1, b2 = _tile_sizes(engine, n1, n2, call.symmetric, cell * call.elt, call.budget, batch_size)
         report.chunks = (int(b1), int(b2))
         blocks = _schedule(n1, n2, b1, b2, call.symmetric)
-        probe = x1[:_PROBE_EXAMPLES]
+        probe = call.x1[:_PROBE_EXAMPLES]
         # counted with autograd on (`_counted_flops`), which cannot save inference tensors
         if probe.is_inference():
             with torch.inference_mode(False):
@@ -191,7 +191,7 @@ def plan(
                           _token_gram_bytes(engine, b1, b2, call.symmetric, held))
         working = max(working, held + temporaries)
     # the rules or Jacobians are checked on the probe examples before any chunk is formed
-    checked = len(_check_examples(x1, None if call.symmetric else call.x2))
+    checked = len(_check_examples(call.x1, None if call.symmetric else call.x2))
     check = 0.0 if isinstance(engine, _NtvpEngine) else checked * engine.bytes_per_example(checked)
     report.peak_bytes = max(working + computed_bytes, check, cast_bytes)
     return report

@@ -30,12 +30,13 @@ from torch.overrides import TorchFunctionMode
 
 from lazykernel import _memory
 from lazykernel._chain import plain_leaves
+from lazykernel._inputs import InputLayout, matching_layouts, pack_inputs
 from lazykernel._jacobian import forward_mode_works
-from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite, first_line,
+from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, first_line,
                                make_adapter, one_call_per_model, parameters_device_and_dtype,
                                restoring_functional_call)
 from lazykernel._precision import check_precision, matmul_precision
-from lazykernel.ntk import _check_examples, _probe
+from lazykernel.ntk import _check_examples, _check_input, _probe
 from lazykernel.ops import linear_jvp_stacked
 from lazykernel.rules import explicit_attention
 
@@ -49,13 +50,33 @@ _ACTIVATION_COPIES = 4
 
 # -- argument handling -------------------------------------------------------------
 
-def _prepare(model, x: torch.Tensor, params: ParamSelection, precision: str) -> Tuple[ModelAdapter, torch.dtype]:
+def _prepare(model, x, params: ParamSelection, precision: str
+             ) -> Tuple[ModelAdapter, torch.dtype, torch.Tensor]:
+    """The adapter, the parameters' dtype, and ``x`` checked (several inputs packed into one tensor)."""
     check_precision(precision)
     adapter = make_adapter(model, params)
     if adapter.module is not None:
         check_eval_mode(adapter.module)
     _refuse_transformed_params(adapter)
-    return adapter, _check_batch(adapter, x, "x")
+    x, adapter.layout = _packed_batch(adapter, x, "x")
+    return adapter, parameters_device_and_dtype(adapter)[1], x
+
+
+def _packed_batch(adapter: ModelAdapter, x, name: str) -> Tuple[torch.Tensor, Optional[InputLayout]]:
+    """``x`` checked; a tuple, list or dict of inputs (`lazykernel._inputs`) with each part
+    checked, then packed into one tensor, with its layout (None for one tensor)."""
+    def check_part(part: torch.Tensor, label: str) -> None:
+        if part.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{label} requires grad, but inputs given as several parts count as constants (they are "
+                f"packed into one tensor): the products carry derivatives to an input given as one tensor "
+                f"only. Pass {label}.detach(), or a model of one input to differentiate with respect to it")
+        _check_batch(adapter, part, label)
+
+    packed, layout = pack_inputs(x, name, check_part)
+    if layout is None:
+        _check_batch(adapter, packed, name)
+    return packed, layout
 
 
 def _refuse_transformed_params(adapter: ModelAdapter) -> None:
@@ -97,13 +118,7 @@ def _check_batch(adapter: ModelAdapter, x, name: str) -> torch.dtype:
     if x.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension first, [N, *in]; got a scalar")
     device, dtype = parameters_device_and_dtype(adapter)
-    if x.device != device:
-        raise ValueError(f"{name} is on device {x.device} but the model's parameters are on "
-                         f"{device}; move them to the same device")
-    if x.is_floating_point() and x.dtype != dtype:
-        raise ValueError(f"{name} has dtype {x.dtype} but the model's parameters have dtype "
-                         f"{dtype}; convert one of them (e.g. {name}.to({dtype}))")
-    check_finite(name, x)
+    _check_input(name, x, device, dtype)
     return dtype
 
 
@@ -286,7 +301,9 @@ def jvp(
         model: an ``nn.Module`` applied as ``model(x)`` or a torch.func-style
             ``fn(params, x)`` (then ``params`` is the dict of its tensors), as in
             :func:`lazykernel.ntk`.
-        x: ``[N, *in]`` inputs.
+        x: ``[N, *in]`` inputs, or a model's several inputs as a tuple, list or
+            dict of such tensors (as in :func:`lazykernel.ntk`; inputs given in
+            parts count as constants).
         tangent: ``θ̇``: a dict mapping each selected parameter name to a tensor of
             that parameter's shape, or a list of such tensors in the order of
             ``model.named_parameters()`` (restricted to the selection).
@@ -329,7 +346,7 @@ def jvp(
     """
     if method not in JVP_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {JVP_METHODS}")
-    adapter, dtype = _prepare(model, x, params, precision)
+    adapter, dtype, x = _prepare(model, x, params, precision)
     with explicit_attention(adapter.module), matmul_precision(precision, x.device, dtype), \
             _attention_with_forward_mode(), _padding_lookups_held(adapter):
         return _jvp(adapter, x, tangent, method, batch_size, memory_budget)
@@ -468,6 +485,9 @@ def _jvp_by_double_backward(adapter: ModelAdapter, tangent: Dict[str, torch.Tens
 
 
 def _is_structured(adapter: ModelAdapter) -> bool:
+    if adapter.layout is not None:
+        # the walk applies the layers to x itself: one input tensor only
+        return False
     leaves = plain_leaves(adapter.module)
     return leaves is not None and any(type(leaf) is nn.Linear for _, leaf in leaves)
 
@@ -568,7 +588,7 @@ def vjp(
         over the cotangent gives one VJP per cotangent. The parameters count as
         constants, as in :func:`jvp`.
     """
-    adapter, dtype = _prepare(model, x, params, precision)
+    adapter, dtype, x = _prepare(model, x, params, precision)
     if not isinstance(cotangent, torch.Tensor):
         raise ValueError(f"cotangent must be a tensor shaped like the model's output, got "
                          f"{type(cotangent).__name__}")
@@ -653,7 +673,8 @@ def ntk_vp(
 
     Args:
         model, params, batch_size, memory_budget, precision: as in :func:`lazykernel.ntk`.
-        x: ``[N, *in]``; x2: ``[N2, *in]``, ``None`` means ``x``.
+        x: ``[N, *in]``; x2: ``[N2, *in]``, ``None`` means ``x`` (or, for a model of
+            several inputs, tuples or dicts of such tensors, as in :func:`lazykernel.ntk`).
         output: which kernel multiplies ``v``, with O the number of outputs:
 
             * ``"full"``: the ``[N, N2, O, O]`` kernel of ``ntk(..., output="full")``;
@@ -690,9 +711,10 @@ def ntk_vp(
     """
     if output not in NTK_VP_OUTPUTS:
         raise ValueError(f"unknown output {output!r}; expected one of {NTK_VP_OUTPUTS}")
-    adapter, dtype = _prepare(model, x, params, precision)
+    adapter, dtype, x = _prepare(model, x, params, precision)
     if x2 is not None:
-        _check_batch(adapter, x2, "x2")
+        x2, layout2 = _packed_batch(adapter, x2, "x2")
+        matching_layouts(adapter.layout, layout2, ("x", "x2"))
         if tuple(x.shape[1:]) != tuple(x2.shape[1:]):
             raise ValueError(f"x and x2 must have the same trailing shape (one example's shape): "
                              f"x is {tuple(x.shape)}, x2 is {tuple(x2.shape)}")

@@ -433,7 +433,7 @@ def test_the_layers_of_a_call_do_not_depend_on_addresses_in_memory(tmp_path):
     def layers(fn):
         model = nn.Sequential(nn.Linear(5, 4), _Applies(fn), nn.Linear(4, 2)).double()
         setup = _setup(model, _inputs(3), None, "trace", "auto", None, None, None)
-        return _describe_call(setup, _inputs(3), None, "auto")["model_structure"]
+        return _describe_call(setup, "auto")["model_structure"]
 
     first, second = (lambda x: torch.tanh(x)), (lambda x: torch.tanh(x))
     assert repr(first) != repr(second)
