@@ -88,7 +88,8 @@ def pack_inputs(x: Any, name: str, check: Optional[Callable[[torch.Tensor, str],
         if bad:
             raise ValueError(f"{name} is a dict whose keys must be the names of the model's keyword arguments "
                              f"(strings); got key {bad[0]!r}")
-        keyed = list(x.items())
+        # in the order of their names: x1 and x2 with the same keys in another order are the same inputs
+        keyed = sorted(x.items())
         keyword = True
     elif isinstance(x, (tuple, list)):
         if not x:

@@ -137,6 +137,8 @@ def test_dict_inputs_are_keyword_arguments():
     ids, mask = _tokens(4, 5)
     x = {"ids": ids, "mask": mask}
     _close(lazykernel.ntk(model, x, output="full"), _reference(model, x, None, "full"))
+    # the same keys in another order are the same inputs: the symmetric kernel
+    _close(lazykernel.ntk(model, x, {"mask": mask, "ids": ids}), _reference(model, x))
 
 
 def test_functional_model_receives_the_tuple():
