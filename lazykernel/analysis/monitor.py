@@ -6,12 +6,13 @@ import csv
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.func import jvp
 
+from lazykernel._inputs import pack_inputs
 from lazykernel._model import restoring_functional_call
 from lazykernel.analysis import metrics
 from lazykernel.ntk import ntk as empirical_ntk
@@ -19,6 +20,9 @@ from lazykernel.ntk import ntk as empirical_ntk
 __all__ = ["RegimeMonitor", "Verdict"]
 
 _STATE_FORMAT = "lazykernel.RegimeMonitor/1"
+
+# one tensor [N, *in], or a model's several inputs: a tuple or list of tensors, or a dict of them
+_Inputs = Union[torch.Tensor, Sequence[torch.Tensor], Dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -55,6 +59,53 @@ def _alignment_targets(probe_y: torch.Tensor) -> torch.Tensor:
     return nn.functional.one_hot(probe_y.long(), int(probe_y.max()) + 1).to(torch.float64)
 
 
+def _examples(x: Any, name: str, letter: str) -> int:
+    """How many examples ``x`` holds: one tensor, or a model's several inputs whose parts
+    `pack_inputs` checks (tensors, the same number of examples, one device)."""
+    packed, _ = pack_inputs(x, name)
+    if not torch.is_tensor(packed) or packed.dim() < 1:
+        given = "a scalar tensor" if torch.is_tensor(packed) else type(packed).__name__
+        raise ValueError(f"{name} must be a [{letter}, *in] tensor, or for a model of several inputs a tuple, list "
+                         f"or dict of such tensors, got {given}")
+    return packed.shape[0]
+
+
+def _form(x: Any) -> str:
+    """What ``x`` is, as messages say it: one tensor, a tuple of parts or a dict of them."""
+    if torch.is_tensor(x):
+        return "one tensor"
+    if isinstance(x, dict):
+        return f"a dict with keys {sorted(x)}"
+    return f"a tuple of {len(x)} tensors"
+
+
+def _copied(x: Any) -> Any:
+    """A copy of the inputs ``x``: a tensor, a tuple (also of a list) or a dict of tensors.
+    A sequence of one tensor is that tensor, as the model gets it."""
+    if torch.is_tensor(x):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {key: part.detach().clone() for key, part in x.items()}
+    if len(x) == 1:
+        return x[0].detach().clone()
+    return tuple(part.detach().clone() for part in x)
+
+
+def _moved(x: Any, device: torch.device) -> Any:
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {key: part.to(device) for key, part in x.items()}
+    return tuple(part.to(device) for part in x)
+
+
+def _called(fn, x: Any):
+    """``fn`` on the inputs ``x``: ``fn(x)``, ``fn(*x)`` or ``fn(**x)``."""
+    if torch.is_tensor(x):
+        return fn(x)
+    return fn(**x) if isinstance(x, dict) else fn(*x)
+
+
 def _last_linear(model: nn.Module) -> Optional[str]:
     names = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
     return names[-1] if names else None
@@ -80,25 +131,34 @@ class RegimeMonitor:
     * ``cka/<layer>``: linear CKA of each chosen representation to its value at θ0;
     * any extra scalars passed to :meth:`step` (e.g. the loss).
 
-    Cost per record: one NTK of the probe (``[P, P]``, P = len(probe_x)), one JVP and
-    one forward on the held-out inputs; keep P small (64–256) and ``every`` large enough.
+    Cost per record: one NTK of the probe (``[P, P]``, P the number of probe examples),
+    one JVP and one forward on the held-out inputs; keep P small (64–256) and ``every``
+    large enough.
 
     Args:
-        model: the ``nn.Module`` being trained (``model(x)``: ``[N, *in] → [N, *out]``).
-        probe_x: ``[P, *in]`` inputs for the NTK and the representations.
+        model: the ``nn.Module`` being trained (``model(x)``: ``[N, *in] → [N, *out]``;
+            a model of several inputs is called ``model(*x)`` or ``model(**x)``).
+        probe_x: ``[P, *in]`` inputs for the NTK and the representations; for a model of
+            several inputs, a tuple or list of tensors (passed positionally) or a dict of
+            them with string keys (passed by keyword), as :func:`lazykernel.ntk` takes
+            them: every part with the P examples along its first axis.
         probe_y: ``[P]`` or ``[P, C]`` targets for the kernel alignment (optional);
             ``[P]`` integer class labels are one-hot encoded first, so that the
             target kernel ``Y = y yᵀ`` says which inputs share a class.
         every: record every this many calls of :meth:`step` (default 10).
-        heldout_x: ``[M, *in]`` inputs for the linearization gap (default ``probe_x``).
-        layers: names of modules (``model.named_modules()``) whose *inputs* are the
+        heldout_x: ``[M, *in]`` inputs for the linearization gap (default ``probe_x``);
+            of the same form as ``probe_x`` (one tensor, or the same number of parts,
+            or a dict of the same keys), every part with M examples.
+        layers: names of modules (``model.named_modules()``) whose *inputs* (the first
+            positional argument of their forward) are the
             representations to compare by CKA; default the input of the last
             ``nn.Linear``/``nn.Conv2d`` (the features the read-out sees); ``()`` for none.
         params: which parameters count, as in :func:`lazykernel.ntk` (default all trainable).
         ntk_output: output mode of the probe NTK (default ``"trace"``).
 
-    ``probe_x``, ``probe_y`` and ``heldout_x`` are copied: a training loop that later
-    changes its data in place does not change what is measured.
+    ``probe_x``, ``probe_y`` and ``heldout_x`` are copied (each part of several inputs, into
+    a tuple or dict of the monitor's own): a training loop that later changes its data in
+    place, or puts other tensors in its list or dict, does not change what is measured.
 
     Use as ``monitor.step(step, loss=…)`` after each optimizer step, or as a context
     manager (``with RegimeMonitor(...) as monitor:``), which records the final state on
@@ -109,25 +169,38 @@ class RegimeMonitor:
     diverged) and stores nothing.
     """
 
-    def __init__(self, model: nn.Module, probe_x: torch.Tensor, probe_y: Optional[torch.Tensor] = None, *,
-                 every: int = 10, heldout_x: Optional[torch.Tensor] = None,
+    def __init__(self, model: nn.Module, probe_x: _Inputs, probe_y: Optional[torch.Tensor] = None, *,
+                 every: int = 10, heldout_x: Optional[_Inputs] = None,
                  layers: Optional[Sequence[str]] = None, params=None, ntk_output: str = "trace"):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be an integer ≥ 1, got {every!r}")
-        if not torch.is_tensor(probe_x) or probe_x.dim() < 1 or probe_x.shape[0] < 2:
-            raise ValueError("probe_x must be a [P, *in] tensor with P ≥ 2")
+        count = _examples(probe_x, "probe_x", "P")
+        if count < 2:
+            raise ValueError(f"probe_x must hold P ≥ 2 examples (along the first axis of each of its tensors) "
+                             f"for a kernel to compare, got {count}")
         if probe_y is not None and (not torch.is_tensor(probe_y) or probe_y.dim() < 1
-                                    or probe_y.shape[0] != probe_x.shape[0]):
-            raise ValueError("probe_y must be a tensor with one row per probe input")
-        if heldout_x is not None and (not torch.is_tensor(heldout_x) or heldout_x.dim() < 1):
-            raise ValueError("heldout_x must be a [M, *in] tensor (or None for probe_x)")
+                                    or probe_y.shape[0] != count):
+            if not torch.is_tensor(probe_y):
+                given = type(probe_y).__name__
+            else:
+                given = "a scalar" if probe_y.dim() < 1 else f"{probe_y.shape[0]}"
+            raise ValueError(f"probe_y must have one row per probe example (P = {count}), got {given}; pass "
+                             "a [P] or [P, C] tensor of the probe's targets")
         self.model = model
         # copies: K0 and f0 belong to these values, whatever the caller does to its tensors
-        self.probe_x = probe_x.detach().clone()
+        self.probe_x = _copied(probe_x)
         self.probe_y = None if probe_y is None else _alignment_targets(probe_y)
-        self.heldout_x = self.probe_x if heldout_x is None else heldout_x.detach().clone()
+        if heldout_x is None:
+            self.heldout_x = self.probe_x
+        else:
+            _examples(heldout_x, "heldout_x", "M")
+            self.heldout_x = _copied(heldout_x)
+            if _form(self.heldout_x) != _form(self.probe_x):
+                raise ValueError(f"heldout_x must hold the same parts as probe_x: probe_x is "
+                                 f"{_form(self.probe_x)}, heldout_x is {_form(self.heldout_x)}; the model "
+                                 "is called with both")
         self.every = every
         self._params = params
         self._output = ntk_output
@@ -203,20 +276,24 @@ class RegimeMonitor:
         # ntk() refuses training-mode BatchNorm/Dropout, and measurements should not see them.
         return RegimeMonitor._Evaluating(self.model)
 
-    def _outputs(self, x: torch.Tensor) -> torch.Tensor:
+    def _outputs(self, x: _Inputs) -> torch.Tensor:
         with torch.no_grad():
-            return self.model(x).detach().clone()
+            return _called(self.model, x).detach().clone()
 
     def _representations(self) -> Dict[str, torch.Tensor]:
         captured: Dict[str, torch.Tensor] = {}
         handles = []
         for name in self.layers:
-            def hook(module, args, name=name):
+            def hook(module, args, kwargs, name=name):
+                if not args:
+                    raise ValueError(f"layer {name!r} receives its inputs by keyword only ({sorted(kwargs)}), so "
+                                     "it has no one input to compare by CKA; name a module whose first positional "
+                                     "input is the representation (layers=...)")
                 captured[name] = args[0].detach().clone()
-            handles.append(self._modules[name].register_forward_pre_hook(hook))
+            handles.append(self._modules[name].register_forward_pre_hook(hook, with_kwargs=True))
         try:
             with torch.no_grad():
-                self.model(self.probe_x)
+                _called(self.model, self.probe_x)
         finally:
             for handle in handles:
                 handle.remove()
@@ -224,10 +301,12 @@ class RegimeMonitor:
 
     def _linearized(self, current: Dict[str, torch.Tensor]) -> torch.Tensor:
         tangent = {n: (current[n].detach() - self.theta0[n]) for n in self._names}
+        # several inputs go through torch.func as one packed tensor and the layout of its parts
+        heldout, layout = pack_inputs(self.heldout_x, "heldout_x")
 
         def f(values):
             return restoring_functional_call(self.model, {**self._buffers0, **self._others0, **values},
-                                             self.heldout_x)
+                                             heldout, layout)
 
         with torch.no_grad():
             f0, df = jvp(f, (self.theta0,), (tangent,))
@@ -329,7 +408,7 @@ class RegimeMonitor:
             "theta0": copies(self.theta0), "others0": copies(self._others0), "buffers0": copies(self._buffers0),
             "k0": self.k0.detach().clone(), "f0": self.f0.detach().clone(),
             "representations0": copies(self.representations0),
-            "probe_x": self.probe_x.clone(), "heldout_x": self.heldout_x.clone(),
+            "probe_x": _copied(self.probe_x), "heldout_x": _copied(self.heldout_x),
             "heldout_is_probe": self.heldout_x is self.probe_x,
             "probe_y": None if self.probe_y is None else self.probe_y.clone(),
             "records": self.table(), "calls": self._calls, "last_step": self._last_step,
@@ -384,8 +463,8 @@ class RegimeMonitor:
                                                                                    "buffers0"))
         self.k0, self.f0 = state["k0"].to(device), state["f0"].to(device)
         self.representations0 = moved(state["representations0"])
-        self.probe_x = state["probe_x"].to(device)
-        self.heldout_x = self.probe_x if state["heldout_is_probe"] else state["heldout_x"].to(device)
+        self.probe_x = _moved(state["probe_x"], device)
+        self.heldout_x = self.probe_x if state["heldout_is_probe"] else _moved(state["heldout_x"], device)
         self.probe_y = None if state["probe_y"] is None else state["probe_y"].to(device)
         self.every = int(state["every"])
         self._records = [dict(row) for row in state["records"]]
