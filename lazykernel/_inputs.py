@@ -28,6 +28,7 @@ Packing keeps the parts' values only: a derivative carried by a part (autograd's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -96,7 +97,7 @@ def pack_inputs(x: Any, name: str, check: Optional[Callable[[torch.Tensor, str],
     """
     if isinstance(x, torch.Tensor):
         return x, None
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         if not x:
             raise ValueError(f"{name} is an empty dict; pass the model's inputs, e.g. {{'ids': ids, 'mask': mask}}")
         bad = [k for k in x if not isinstance(k, str)]
@@ -122,7 +123,7 @@ def pack_inputs(x: Any, name: str, check: Optional[Callable[[torch.Tensor, str],
         if part is None:
             raise ValueError(f"{label} is None; leave an optional argument out of {name} (drop its key from a "
                              f"dict), or bind it in a closure, e.g. lambda x: model(x, None)")
-        if isinstance(part, (tuple, list, dict)):
+        if isinstance(part, (tuple, list, Mapping)):
             raise ValueError(f"{label} is a {type(part).__name__} inside {name}; the parts must be tensors, "
                              f"[N, *in] each, in one flat tuple or dict: for a model of nested inputs, pass "
                              f"them flat and regroup them in a wrapper, e.g. lambda a, b, c: model(a, (b, c))")

@@ -27,6 +27,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Mapping
 from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
@@ -159,8 +160,8 @@ def _ntk_to_disk(model, x1, x2, out, output, method, params, batch_size, memory_
                       stacklevel=4)
 
     asked_budget = memory_budget
-    first = next(iter(x1.values() if isinstance(x1, dict) else x1), None) if isinstance(x1, (tuple, list, dict)) \
-        else x1
+    first = next(iter(x1.values() if isinstance(x1, Mapping) else x1), None) \
+        if isinstance(x1, (tuple, list, Mapping)) else x1
     if memory_budget is None and world > 1 and isinstance(first, torch.Tensor) and first.device.type == "cpu":
         # the CPU processes of one host share its memory: each takes its part of the default
         memory_budget = _memory.default_memory_budget(first.device) / distributed.processes_on_this_host()

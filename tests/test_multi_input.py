@@ -261,3 +261,19 @@ def test_linearized_model_is_called_as_the_network():
     _close(keyword(ids=ids, mask=mask), keyword.f0(ids=ids, mask=mask).double())
     with pytest.raises(ValueError, match="either all by position or all by keyword"):
         keyword(ids, mask=mask)
+
+
+def test_any_mapping_is_a_dict_of_keyword_arguments():
+    from collections import UserDict
+
+    class Encoding(UserDict):
+        """A tokenizer's output: a mapping of names to tensors that is not a dict."""
+
+    torch.manual_seed(7)
+    model = Keywords().eval()
+    ids, mask = _tokens(4, 12)
+    x = Encoding(ids=ids, mask=mask)
+    want = _reference(model, {"ids": ids, "mask": mask}, None, "full")
+    _close(lazykernel.ntk(model, x, output="full"), want)
+    monitor = lazykernel.RegimeMonitor(model, x)
+    _close(monitor.k0, want.diagonal(dim1=2, dim2=3).sum(-1))

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -74,7 +75,7 @@ def _form(x: Any) -> str:
     """What ``x`` is, as messages say it: one tensor, a tuple of parts or a dict of them."""
     if torch.is_tensor(x):
         return "one tensor"
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return f"a dict with keys {sorted(x)}"
     return f"a tuple of {len(x)} tensors"
 
@@ -84,7 +85,7 @@ def _copied(x: Any) -> Any:
     A sequence of one tensor is that tensor, as the model gets it."""
     if torch.is_tensor(x):
         return x.detach().clone()
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return {key: part.detach().clone() for key, part in x.items()}
     if len(x) == 1:
         return x[0].detach().clone()
@@ -94,7 +95,7 @@ def _copied(x: Any) -> Any:
 def _moved(x: Any, device: torch.device) -> Any:
     if torch.is_tensor(x):
         return x.to(device)
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return {key: part.to(device) for key, part in x.items()}
     return tuple(part.to(device) for part in x)
 
@@ -103,7 +104,7 @@ def _called(fn, x: Any):
     """``fn`` on the inputs ``x``: ``fn(x)``, ``fn(*x)`` or ``fn(**x)``."""
     if torch.is_tensor(x):
         return fn(x)
-    return fn(**x) if isinstance(x, dict) else fn(*x)
+    return fn(**x) if isinstance(x, Mapping) else fn(*x)
 
 
 def _last_linear(model: nn.Module) -> Optional[str]:
