@@ -21,7 +21,7 @@ from lazykernel._precision import check_precision, gemm_gram_accumulate, matmul_
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite,
                                explained_autograd_errors, make_adapter, model_tensors, one_call_per_model,
                                parameters_device_and_dtype)
-from lazykernel._structured import StructuredPlan, jacobians_agree, ntvp_agrees
+from lazykernel._structured import StructuredPlan, jacobians_agree, ntvp_agrees, term_cost
 from lazykernel.rules import RuleDoesNotApply, explicit_attention
 from lazykernel.ops import OUTPUTS, TOKEN_BATCH_ELEMENTS, gram_hadamard_accumulate, token_gram_accumulate
 
@@ -90,6 +90,9 @@ def ntk(
         memory_budget: bytes of working memory (the returned kernel is not
             counted); default a quarter of the memory available on the CPU
             (within a container's limit), half of the free memory of a CUDA device.
+            It covers the whole call, the check of the method on a few examples
+            included; ``float('inf')``, or a number too large for a float, means
+            no limit.
         progress: show a progress bar over chunk pairs (tqdm if installed).
         precision: ``"highest"``: every product in the inputs' dtype (on CUDA
             this turns off cuDNN's default TF32 convolutions for the call);
@@ -105,7 +108,8 @@ def ntk(
         ValueError: bad arguments: unknown ``output``/``method``, inputs the model
             rejects, mismatched trailing shapes, devices or dtypes, no trainable
             parameters, training-mode BatchNorm/Dropout, NaN or Inf, or a
-            ``memory_budget`` too small for one example.
+            ``memory_budget`` too small for one example, or for the check of
+            the method on a few examples that comes first.
     """
     with explained_autograd_errors():
         return _ntk(model, x1, x2, output, method, params, batch_size, memory_budget, progress, precision)
@@ -225,13 +229,7 @@ def _prepare(model, x1, x2, output, method, params, batch_size, memory_budget,
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
                                    or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if memory_budget is None:
-        budget = float(_memory.default_memory_budget(device))
-    else:
-        if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Real) \
-                or not memory_budget > 0:
-            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-        budget = float(memory_budget)
+    budget = _budget_bytes(memory_budget, device)
 
     symmetric = x2 is None or _same_examples(x1, x2)
     x2_ = x1 if symmetric else x2
@@ -254,8 +252,43 @@ def _setup(model, x1, x2, output: str, method: str, params: ParamSelection,
             probe = _check_examples(call.x1.detach(), None if call.symmetric else call.x2.detach())
             call.engine = _make_engine(method, call.adapter, probe, call.mode, call.outputs, call.activations,
                                        call.n1, call.n2, call.budget, call.elt)
+        call.engine.default_budget = memory_budget is None
         call.engine.gemm_grams = uses_tf32(precision, call.device, call.compute_dtype)
     return call
+
+
+def _budget_bytes(memory_budget, device: torch.device) -> float:
+    """``memory_budget`` checked, in bytes: the default of ``device`` for None
+    (`_memory.default_memory_budget`), and no limit for a number too large for a
+    float, as for ``float('inf')``."""
+    if memory_budget is None:
+        return float(_memory.default_memory_budget(device))
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Real) \
+            or not memory_budget > 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    try:
+        return float(memory_budget)
+    except OverflowError:
+        # an integer (or fraction) beyond float's range, 1.8e308 bytes: no memory is that large
+        return math.inf
+
+
+def _budget_advice(needed: float, budget: float, default: bool, device: torch.device) -> str:
+    """What to do about a budget of ``budget`` bytes, below the ``needed``: raise it, or,
+    where it is the default (``default``), free memory or pass one."""
+    least = int(needed) + 1
+    if not default:
+        return f"Raise memory_budget to at least {least} bytes."
+    if device.type == "cuda":
+        share = 2 * _memory.DEFAULT_FRACTION
+        source = (f"half of the {_memory.format_bytes(budget / share)} free on {device} (with what PyTorch's "
+                  "caching allocator holds unused)")
+    else:
+        share = _memory.DEFAULT_FRACTION
+        source = (f"a quarter of the {_memory.format_bytes(budget / share)} of memory available to this "
+                  "process (within its memory cgroup, a container's limit)")
+    return (f"memory_budget was not given, and its default is {source}. Free memory and call again, or "
+            f"pass memory_budget explicitly (at least {least} bytes) if that memory is there to use.")
 
 
 # -- validation ------------------------------------------------------------------
@@ -556,6 +589,10 @@ class _Engine:
     reserve = 0.0
     # single-position Grams by GEMMs on tensor cores (precision="tf32", `_precision`)
     gemm_grams = False
+    # the examples the method was checked on before any chunk (`_check_examples`, `_make_engine`)
+    probe: Optional[torch.Tensor] = None
+    # whether the budget is the default one, a share of the memory available (`_memory.default_memory_budget`)
+    default_budget = False
 
     def __init__(self, adapter: ModelAdapter, mode: str, dtype: torch.dtype, outputs: int,
                  activations: int, elt: int, budget: float):
@@ -577,6 +614,17 @@ class _Engine:
     def held_per_example(self) -> float:
         """Bytes per example of features that stay held through `block`, if `reserve` is kept beside them."""
         return 0.0
+
+    def check_bytes(self) -> float:
+        """Peak bytes of the check of the method on the `probe` examples, which `_make_engine`
+        runs before any chunk: their passes, as in a chunk of that many examples."""
+        k = self.probe.shape[0]
+        return k * self.bytes_per_example(k) + self.probe_copies(k)
+
+    def probe_copies(self, rows: int) -> float:
+        """Bytes of ``rows`` probe examples held twice through the check: stacked, and the copy it
+        differentiates."""
+        return 2.0 * rows * self.probe[0].numel() * self.probe.element_size()
 
     def settle(self, rows: int) -> None:
         """Last checks once the largest chunk, ``rows`` examples, is known."""
@@ -675,6 +723,17 @@ class _StructuredEngine(_Engine):
 
     def held_per_example(self):
         return self.elt * self.plan.elements_per_example()
+
+    def check_bytes(self):
+        # `StructuredPlan.verify` checks a single example as two, and forms every rule's
+        # operands in its first form for the one output Σ_o w_o f_o, from captured inputs
+        # and cotangents about as large (a convolution's unfolded patches are its operands):
+        # more than the chosen forms take where those are smaller (gradients of a convolution)
+        rows = max(2, self.probe.shape[0])
+        first = sum(term_cost(shape, shape.forms[0], 1, "trace")[2]
+                    for rule in self.plan.rules for shape in rule.shapes)
+        per_example = max(self.bytes_per_example(rows), 2.0 * first * self.elt)
+        return rows * per_example + self.probe_copies(rows)
 
 
 def _gradient_block(term1, term2, same: bool, out: torch.Tensor, mode: str, slab: int,
@@ -780,6 +839,17 @@ class _NtvpEngine(_Engine):
         p = self.adapter.num_params
         return self.elt * self.outputs * (2 * p + 3 * other_chunk * self.activations)
 
+    def check_bytes(self):
+        k, p = self.probe.shape[0], self.adapter.num_params
+        if self.adapter.forward_mode_agrees is False:
+            # without forward mode the check is the jacobian method's, on per-example Jacobians
+            per_example = self.elt * (3 * self.outputs * p + (self.outputs + 2) * self.activations)
+            return k * per_example + self.probe_copies(k)
+        # `ntvp_agrees`: two rows, each a tangent and a JVP through the probe examples, and
+        # two parameter-sized tangents compared in float64
+        rows = 2 * self.elt * (2 * p + 3 * k * self.activations)
+        return rows + 2.0 * 8 * p + self.probe_copies(k)
+
 
 def _check_examples(x1: torch.Tensor, x2: Optional[torch.Tensor]) -> torch.Tensor:
     """The examples every rule is checked on: up to `_PROBE_EXAMPLES` different ones, and
@@ -822,9 +892,10 @@ def _make_engine(method, adapter, probe, mode, outputs, activations, n1, n2, bud
     if method == "jacobian":
         engine = _JacobianEngine(adapter, *common)
         engine.by_loop = not jacobians_agree(adapter, list(adapter.params), probe)
-        return engine
-    engine = _NtvpEngine(adapter, *common)
-    engine.by_loop = not ntvp_agrees(adapter, probe)
+    else:
+        engine = _NtvpEngine(adapter, *common)
+        engine.by_loop = not ntvp_agrees(adapter, probe)
+    engine.probe = probe
     return engine
 
 
@@ -856,17 +927,11 @@ def _plan_chunks(engine: _Engine, n1: int, n2: int, cell_bytes: float, budget: f
     def cost(b1: int, b2: int) -> float:
         return _tile_bytes(engine, b1, b2, cell_bytes)
 
+    _check_least_budget(engine, n1, symmetric, cell_bytes, budget)
     if symmetric and (batch_size is None or batch_size >= n1) \
             and _working_bytes(engine, n1, n1, n1, True, cell_bytes) <= budget:
         # one chunk: its operands serve as both sides of the only block
         return n1, n1
-    one = cost(1, 1)
-    if one > budget:
-        raise ValueError(
-            f"memory_budget of {_memory.format_bytes(budget)} is too small for even one tile: "
-            f"the {engine.name} method needs about {_memory.format_bytes(one)} for one pair of "
-            f"examples. Raise memory_budget to at least {int(one) + 1} bytes."
-        )
     cap = batch_size or max(n1, n2)
     b1, b2 = min(n1, cap), min(n2, cap)
     while cost(b1, b2) > budget:
@@ -875,6 +940,28 @@ def _plan_chunks(engine: _Engine, n1: int, n2: int, cell_bytes: float, budget: f
         else:
             b2 = (b2 + 1) // 2
     return b1, b2
+
+
+def _check_least_budget(engine: _Engine, n1: int, symmetric: bool, cell_bytes: float, budget: float) -> None:
+    """Refuse a budget below the least the call takes: one tile of a single example on each
+    side (a lone example's symmetric kernel holds its operands once), and the check of
+    the method on the probe examples, which runs before any tile."""
+    alone = symmetric and n1 == 1
+    one = _working_bytes(engine, 1, 1, 1, True, cell_bytes) if alone else _tile_bytes(engine, 1, 1, cell_bytes)
+    check = engine.check_bytes() if engine.probe is not None else 0.0
+    needed = max(one, check)
+    if needed <= budget:
+        return
+    tile = f"{_memory.format_bytes(one)} for {'its one example' if alone else 'one pair of examples'}"
+    if check > one:
+        tile = (f"{_memory.format_bytes(check)} to check itself on {engine.probe.shape[0]} example(s) "
+                f"before the first tile ({tile})")
+    default = "the default " if engine.default_budget else ""
+    device = engine.probe.device if engine.probe is not None else torch.device("cpu")
+    raise ValueError(
+        f"{default}memory_budget of {_memory.format_bytes(budget)} is too small for even one tile: the "
+        f"{engine.name} method needs about {tile}. "
+        + _budget_advice(needed, budget, engine.default_budget, device))
 
 
 def _tile_sizes(engine: _Engine, n1: int, n2: int, symmetric: bool, cell_bytes: float, budget: float,

@@ -21,7 +21,7 @@ from lazykernel._structured import is_deferred, term_cost
 from lazykernel.ops import token_pairs_per_batch
 from lazykernel.rules import TOKENS, explicit_attention
 from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _NtvpEngine, _StructuredEngine,
-                            _check_examples, _setup, _tile_sizes, _working_bytes)
+                            _setup, _tile_sizes, _working_bytes)
 
 
 @dataclass
@@ -191,8 +191,7 @@ def plan(
                           _token_gram_bytes(engine, b1, b2, call.symmetric, held))
         working = max(working, held + temporaries)
     # the rules or Jacobians are checked on the probe examples before any chunk is formed
-    checked = len(_check_examples(call.x1, None if call.symmetric else call.x2))
-    check = 0.0 if isinstance(engine, _NtvpEngine) else checked * engine.bytes_per_example(checked)
+    check = engine.check_bytes()
     report.peak_bytes = max(working + computed_bytes, check, cast_bytes)
     return report
 

@@ -36,7 +36,7 @@ from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, fi
                                make_adapter, one_call_per_model, parameters_device_and_dtype,
                                restoring_functional_call)
 from lazykernel._precision import check_precision, matmul_precision
-from lazykernel.ntk import _check_examples, _check_input, _probe
+from lazykernel.ntk import _budget_advice, _budget_bytes, _check_examples, _check_input, _probe
 from lazykernel.ops import linear_jvp_stacked
 from lazykernel.rules import explicit_attention
 
@@ -241,18 +241,14 @@ def _padding_lookups_held(adapter: ModelAdapter):
     return _PaddingLookupsHeld()
 
 
-def _budget_bytes(memory_budget: Optional[float], device: torch.device) -> float:
-    if memory_budget is None:
-        return float(_memory.default_memory_budget(device))
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Real) \
-            or not memory_budget > 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    return float(memory_budget)
-
-
 def _chunk_size(adapter: ModelAdapter, x: torch.Tensor, batch_size: Optional[int],
-                memory_budget: Optional[float], vectors: int) -> int:
-    """Examples per chunk: activations of a chunk plus ``vectors`` parameter-space vectors fit."""
+                memory_budget: Optional[float], vectors: int, checked_beside: Optional[int] = None) -> int:
+    """Examples per chunk: activations of a chunk plus ``vectors`` parameter-space vectors fit.
+
+    ``checked_beside``: where the chunks' JVPs may take the generic path, the number of
+    parameter-space vectors held while its first chunk checks forward mode
+    (`_forward_mode_agrees`); that check then fits beside them too.
+    """
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
                                    or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -263,17 +259,34 @@ def _chunk_size(adapter: ModelAdapter, x: torch.Tensor, batch_size: Optional[int
     elt = param.element_size()
     budget = _budget_bytes(memory_budget, param.device)
     fixed = vectors * adapter.num_params * elt
+    held = f"{vectors} parameter-space vector(s) take {_memory.format_bytes(fixed)}"
+    if checked_beside is not None and adapter.forward_mode_agrees is None:
+        # the check runs on no more examples than the first chunk holds, whose share per
+        # example covers theirs: only its parameter-sized part may outgrow the vectors
+        check = checked_beside * adapter.num_params * elt + _forward_check_bytes(adapter)
+        if check > fixed:
+            fixed = check
+            held = f"the check of forward mode takes {_memory.format_bytes(fixed)}"
     _, activations = _probe(adapter, x, "x", needs_outputs=False)
     per_example = _ACTIVATION_COPIES * activations * elt
     if budget < fixed + per_example:
+        default = "the default " if memory_budget is None else ""
         raise ValueError(
-            f"memory_budget of {_memory.format_bytes(budget)} is too small: {vectors} parameter-space "
-            f"vector(s) take {_memory.format_bytes(fixed)} and one example about "
-            f"{_memory.format_bytes(per_example)}; raise memory_budget")
+            f"{default}memory_budget of {_memory.format_bytes(budget)} is too small: {held} and one "
+            f"example about {_memory.format_bytes(per_example)}. "
+            + _budget_advice(fixed + per_example, budget, memory_budget is None, param.device))
     size = n if math.isinf(budget) else max(1, int((budget - fixed) // per_example))
     if batch_size is not None:
         size = min(size, int(batch_size))
     return min(size, n)
+
+
+def _forward_check_bytes(adapter: ModelAdapter) -> float:
+    """Bytes `_jacobian.forward_mode_works` holds beside the examples' passes: the random
+    direction and the pulled-back gradient (a parameter-sized vector each), and up to three
+    float64 copies of the largest parameter while the two are compared."""
+    largest = max(p.numel() for p in adapter.params.values())
+    return 2.0 * adapter.num_params * next(iter(adapter.params.values())).element_size() + 3.0 * 8 * largest
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -319,7 +332,8 @@ def jvp(
             generic otherwise.
         batch_size: at most this many examples per chunk.
         memory_budget: bytes of working memory; default a quarter of the memory
-            available on the CPU, half of the free memory on a CUDA device.
+            available on the CPU, half of the free memory on a CUDA device;
+            ``float('inf')``, or a number too large for a float, means no limit.
         precision: ``"highest"`` or ``"tf32"``, as in :func:`lazykernel.ntk`:
             on CUDA in float32, whether PyTorch's matrix products and cuDNN
             convolutions may use TF32 during the call (the fused ``linear_jvp``
@@ -368,7 +382,8 @@ def _jvp(adapter: ModelAdapter, x: torch.Tensor, tangent: Tangent, method: str, 
                          "method='generic' to differentiate the result")
     use_structured = method == "structured" or (method == "auto" and not needs_grad
                                                   and _prefers_structured(adapter))
-    size = _chunk_size(adapter, x, batch_size, memory_budget, vectors=1)
+    size = _chunk_size(adapter, x, batch_size, memory_budget, vectors=1,
+                       checked_beside=None if use_structured else 0)
     outs, tans = [], []
     for part in _chunks(x.shape[0], size):
         if use_structured:
@@ -744,11 +759,16 @@ class _KernelProduct:
                  dtype: torch.dtype, batch_size: Optional[int], memory_budget: Optional[float], precision: str):
         self.model, self.adapter, self.output, self.dtype, self.precision = model, adapter, output, dtype, precision
         self.x, self.x2 = x, (x if x2 is None else x2)
+        # the pushforwards (either way: the transposed product's go through x2) check forward
+        # mode on the generic path, beside the pulled-back vector they push
+        generic = not _prefers_structured(adapter) or _result_needs_grad(x, {"x2": self.x2})
+        checked = 1 if generic else None
         with self._settings():
             self.outputs, _ = _probe(adapter, self.x2 if self.x2.shape[0] else x, "x2" if x2 is not None else "x")
-            self.size_x = _chunk_size(adapter, x, batch_size, memory_budget, vectors=3)
+            self.size_x = _chunk_size(adapter, x, batch_size, memory_budget, vectors=3, checked_beside=checked)
             self.size_x2 = self.size_x if x2 is None else _chunk_size(adapter, self.x2, batch_size,
-                                                                       memory_budget, vectors=3)
+                                                                       memory_budget, vectors=3,
+                                                                       checked_beside=checked)
         self._versions = self._current_versions()
 
     @property

@@ -59,10 +59,13 @@ def test_plan_counts_the_check_of_the_jacobians_on_the_probe_examples():
     x = torch.randn(9, 8)
     size = sum(p.numel() for p in model.parameters())
     tiny = 8 * 3 * size * 4    # fits one pair of examples' Jacobians, not the four checked
-    plan = lazykernel.plan(model, x, method="jacobian", memory_budget=tiny)
-    assert plan.chunks == (1, 1)
+    # the check on the probe examples runs before any tile, inside the budget
+    with pytest.raises(ValueError, match="to check itself on 4 example"):
+        lazykernel.plan(model, x, method="jacobian", memory_budget=tiny)
+    plan = lazykernel.plan(model, x, method="jacobian", memory_budget=2 * tiny)
     # the check forms the four probe examples' Jacobians [4, O, P] and copies them once
     assert plan.peak_bytes >= 2 * 4 * 3 * size * 4
+    assert plan.peak_bytes <= 2 * tiny
 
 
 def test_plan_chunks_are_python_integers_for_a_numpy_batch_size():
