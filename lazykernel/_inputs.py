@@ -85,14 +85,16 @@ class InputLayout:
         return ("{" + inner + "}") if self.keyword else ("(" + inner + ")")
 
 
-def pack_inputs(x: Any, name: str, check: Optional[Callable[[torch.Tensor, str], None]] = None
-                ) -> Tuple[Any, Optional[InputLayout]]:
+def pack_inputs(x: Any, name: str, check: Optional[Callable[[torch.Tensor, str], None]] = None,
+                collapse: bool = True) -> Tuple[Any, Optional[InputLayout]]:
     """``x`` as one tensor, and the layout of its parts (None for a tensor, returned as it is).
 
     A tuple, list or dict of tensors is checked (every part a tensor with the
     examples first, the same number of them, on one device; then
     ``check(part, label)``, the caller's checks of an input, on each part) and
-    packed. A sequence of one tensor is that tensor. Anything else is returned
+    packed. With ``collapse`` (for a module, which gets ``model(*x)`` either way)
+    a sequence of one tensor is that tensor; a functional model's ``fn(params, x)``
+    keeps the one-element tuple it was given. Anything else is returned
     unchanged, for the caller's own checks to refuse.
     """
     if isinstance(x, torch.Tensor):
@@ -145,7 +147,7 @@ def pack_inputs(x: Any, name: str, check: Optional[Callable[[torch.Tensor, str],
         if part.device != first.device:
             raise ValueError(f"the parts of {name} must be on one device: {name}[{first_key!r}] is on "
                              f"{first.device}, {name}[{key!r}] on {part.device}")
-    if not keyword and len(keyed) == 1:
+    if collapse and not keyword and len(keyed) == 1:
         return first, None
     for key, part in keyed:
         if forward_ad.unpack_dual(part).tangent is not None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
+from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 from lazykernel import _memory
@@ -298,7 +300,11 @@ def _check_inputs(adapter: ModelAdapter, x1, x2) -> Tuple[torch.dtype, torch.dev
     """The parameters' dtype and device, and the inputs checked: several inputs of a model
     (a tuple, list or dict) each checked, then packed into one tensor, whose layout the
     adapter then holds (`lazykernel._inputs`)."""
+    for name, p in adapter.params.items():
+        _refuse_transformed(f"parameter {name!r}", p)
+
     def check_part(part: torch.Tensor, label: str) -> None:
+        _refuse_transformed(label, part)
         device, dtype = parameters_device_and_dtype(adapter)
         _check_input(label, part, device, dtype)
 
@@ -307,7 +313,7 @@ def _check_inputs(adapter: ModelAdapter, x1, x2) -> Tuple[torch.dtype, torch.dev
         if x is None and name == "x2":
             packed[name] = (None, None)
             continue
-        x, layout = pack_inputs(x, name, check_part)
+        x, layout = pack_inputs(x, name, check_part, collapse=adapter.module is not None)
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor of shape [N, *in] (or, for a model of several "
                              f"inputs, a tuple or dict of them), got {type(x).__name__}")
@@ -327,10 +333,24 @@ def _check_inputs(adapter: ModelAdapter, x1, x2) -> Tuple[torch.dtype, torch.dev
     if layout1 is None:
         for name, x in (("x1", x1), ("x2", x2)):
             if x is not None:
+                _refuse_transformed(name, x)
                 _check_input(name, x, device, dtype)
     for name, tensor in model_tensors(adapter).items():
         check_finite(f"parameter {name!r}" if name in adapter.params else f"model tensor {name!r}", tensor)
     return dtype, device, x1, x2
+
+
+def _refuse_transformed(name: str, t: torch.Tensor) -> None:
+    """Refuse a tensor of an enclosing ``torch.func`` transform or a forward-mode dual:
+    the kernel holds its inputs and parameters constant, so a derivative through it
+    would be zero without a word (and vmap fails deep inside)."""
+    if is_functorch_wrapped_tensor(t) or forward_ad.unpack_dual(t).tangent is not None:
+        raise ValueError(
+            f"{name} is a tensor of an enclosing torch.func transform (grad, jacrev, jvp or vmap) or a "
+            "forward-mode dual: ntk computes the kernel at the current inputs and parameters, holds them "
+            "constant (a derivative through it would be zero) and maps over the examples itself. Call it "
+            "outside the transform on all the examples at once; for a derivative of the kernel, form "
+            "J(x1) J(x2)ᵀ from torch.func.jacrev inside the transform")
 
 
 def _check_input(name: str, x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
@@ -442,8 +462,12 @@ def _probe(adapter: ModelAdapter, x: torch.Tensor, name: str, needs_outputs: boo
         with torch.no_grad(), precise, counting, explicit_attention(adapter.module):
             y = adapter.forward(sample)
     except Exception as error:
+        layout = adapter.layout
+        given = f"{name} of shape {tuple(x.shape)}" if layout is None else (
+            f"{name}, {x.shape[0]} examples of {layout.describe()} passed as "
+            f"{'model(**' if layout.keyword else 'model(*'}{name})")
         raise ValueError(
-            f"the model could not be applied to {name} of shape {tuple(x.shape)} "
+            f"the model could not be applied to {given} "
             f"(tried its first {k} example(s)): {type(error).__name__}: {error}{hint}"
         ) from error
     finally:

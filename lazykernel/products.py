@@ -73,7 +73,7 @@ def _packed_batch(adapter: ModelAdapter, x, name: str) -> Tuple[torch.Tensor, Op
                 f"only. Pass {label}.detach(), or a model of one input to differentiate with respect to it")
         _check_batch(adapter, part, label)
 
-    packed, layout = pack_inputs(x, name, check_part)
+    packed, layout = pack_inputs(x, name, check_part, collapse=adapter.module is not None)
     if layout is None:
         _check_batch(adapter, packed, name)
     return packed, layout

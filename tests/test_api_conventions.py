@@ -168,3 +168,26 @@ def test_a_compiled_model_gives_the_eager_kernel_without_breaking_its_graph(capl
         compiled = lazykernel.ntk(torch.compile(model), x, output="full")
     torch.testing.assert_close(compiled, lazykernel.ntk(model, x, output="full"), rtol=1e-12, atol=1e-12)
     assert not [r for r in caplog.records if "Graph break" in r.getMessage()]
+
+
+@pytest.mark.parametrize("transform", ["grad", "jvp", "vmap", "forward_ad", "params"])
+def test_ntk_inside_a_torch_func_transform_is_refused_not_zero(transform):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    if transform == "grad":
+        run = lambda: torch.func.grad(lambda x: lazykernel.ntk(model, x).sum())(x)          # noqa: E731
+    elif transform == "jvp":
+        run = lambda: torch.func.jvp(lambda x: lazykernel.ntk(model, x), (x,), (torch.ones_like(x),))  # noqa: E731
+    elif transform == "vmap":
+        run = lambda: torch.func.vmap(lambda xi: lazykernel.ntk(model, xi))(x.reshape(5, 1, 3))  # noqa: E731
+    elif transform == "forward_ad":
+        def run():
+            with torch.autograd.forward_ad.dual_level():
+                lazykernel.ntk(model, torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+    else:
+        fn = lambda p, x: torch.func.functional_call(model, p, (x,))                        # noqa: E731
+        run = lambda: torch.func.grad(lambda p: lazykernel.ntk(fn, x, params=p).sum())(    # noqa: E731
+            dict(model.named_parameters()))
+    with pytest.raises(ValueError, match=r"is a tensor of an enclosing torch.func transform .* holds them constant"):
+        run()

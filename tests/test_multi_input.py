@@ -10,6 +10,8 @@ from torch import nn
 import lazykernel
 from lazykernel._inputs import pack_inputs
 
+from conftest import reference_ntk
+
 
 class MaskedMean(nn.Module):
     """Token embeddings averaged over the unmasked positions, then an MLP: model(ids, mask)."""
@@ -277,3 +279,29 @@ def test_any_mapping_is_a_dict_of_keyword_arguments():
     _close(lazykernel.ntk(model, x, output="full"), want)
     monitor = lazykernel.RegimeMonitor(model, x)
     _close(monitor.k0, want.diagonal(dim1=2, dim2=3).sum(-1))
+
+
+def test_a_model_that_takes_fewer_inputs_is_told_how_it_was_called():
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    x, t = _timed(6, 13)
+    with pytest.raises(ValueError, match=r"could not be applied to x1, 6 examples of \(\(4,\) torch.float32, "
+                                         r"\(1,\) torch.float32\) passed as model\(\*x1\).*TypeError"):
+        lazykernel.ntk(model, (x, t))
+    with pytest.raises(ValueError, match=r"passed as model\(\*\*x1\)"):
+        lazykernel.ntk(model, {"x": x, "t": t})
+
+
+def test_a_functional_model_keeps_a_one_element_tuple():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def fn(p, inputs):
+        (x,) = inputs
+        return torch.func.functional_call(model, p, (x,))
+
+    x = _timed(4, 14)[0]
+    want = reference_ntk(model, x, output="full")
+    _close(lazykernel.ntk(fn, (x,), params=params, output="full"), want)
+    _, y_dot = lazykernel.jvp(fn, (x,), {k: torch.ones_like(v) for k, v in params.items()}, params=params)
+    assert y_dot.shape == (4, 2)
