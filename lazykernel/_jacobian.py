@@ -155,9 +155,13 @@ def _agreement_tolerance(dtypes) -> float:
     """Relative difference of two products of the same derivative that round-off explains,
     for a model computing in ``dtypes``: relative to the Cauchy-Schwarz bound of the
     products, round-off measured below a tenth of the coarsest dtype's epsilon (float32
-    MLP, CNN with BatchNorm and transformer; bfloat16 and float16 MLPs)."""
+    MLP, CNN with BatchNorm and transformer), and below 4e-5 for bfloat16 and float16
+    models (MLPs of up to 32 layers with LayerNorm, CNNs with BatchNorm or GroupNorm,
+    transformers of up to 8 layers). Half precision is held to 2e-4, not 100 epsilons: a
+    weight also used under ``torch.no_grad`` (a copy added to it) differed by 5e-4 to 1e-3,
+    and passed as round-off the products were 2 to 20 % off."""
     eps = max(torch.finfo(dtype).eps for dtype in dtypes if dtype.is_floating_point)
-    return min(100 * eps, 1e-2)
+    return min(100 * eps, 2e-4)
 
 
 def ntvp_rows(adapter: ModelAdapter, values: Dict[str, torch.Tensor], vjp_fn, x2: torch.Tensor,
