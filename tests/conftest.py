@@ -188,3 +188,53 @@ def functional_model_with_buffers_in_params():
         return torch.func.functional_call(net, p, (x,))
 
     return fn, params
+
+
+# -- models of several inputs (x as a tuple or dict of tensors) ----------------------
+
+def float64_part(part):
+    return part.double() if part.is_floating_point() else part
+
+
+def several_inputs_jacobian(model, inputs):
+    """[N, O, P] per-example Jacobians of ``model`` (already float64) on a tuple or dict of inputs,
+    one example and one output at a time."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    keyword = isinstance(inputs, dict)
+    n = next(iter(inputs.values() if keyword else inputs)).shape[0]
+    rows = []
+    for i in range(n):
+        if keyword:
+            y = model(**{k: v[i:i + 1] for k, v in inputs.items()}).reshape(-1)
+        else:
+            y = model(*(v[i:i + 1] for v in inputs)).reshape(-1)
+        per_output = []
+        for o in range(y.shape[0]):
+            grads = torch.autograd.grad(y[o], params, retain_graph=True, allow_unused=True)
+            per_output.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                         for g, p in zip(grads, params)]))
+        rows.append(torch.stack(per_output))
+    return torch.stack(rows)
+
+
+def several_inputs_reference(model, x1, x2=None, output="trace"):
+    """Float64 NTK of a model of several inputs (tuples or dicts of tensors), as ntk's outputs."""
+    model = copy.deepcopy(model).double()
+    as_double = (lambda x: {k: float64_part(v) for k, v in x.items()}) if isinstance(x1, dict) \
+        else (lambda x: tuple(float64_part(v) for v in x))
+    j1 = several_inputs_jacobian(model, as_double(x1))
+    j2 = j1 if x2 is None else several_inputs_jacobian(model, as_double(x2))
+    full = torch.einsum("iap,jbp->ijab", j1, j2)
+    if output == "full":
+        return full
+    if output == "diagonal":
+        return torch.diagonal(full, dim1=2, dim2=3)
+    return torch.diagonal(full, dim1=2, dim2=3).sum(-1)
+
+
+def assert_near_reference(got, want):
+    """Any-dtype result within 2e-5 of the float64 reference's largest entry."""
+    got = got.detach().double()
+    scale = want.abs().max().clamp(min=1e-12)
+    assert got.shape == want.shape
+    assert float((got - want).abs().max() / scale) < 2e-5

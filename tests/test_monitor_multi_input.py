@@ -10,6 +10,8 @@ from torch import nn
 from lazykernel import analysis
 from lazykernel.analysis import metrics
 
+from conftest import several_inputs_jacobian
+
 
 class TimeConditioned(nn.Module):
     """A network of an input and a scalar time per example: model(x, t)."""
@@ -67,24 +69,8 @@ def _call(fn, inputs):
 
 
 def _jacobian(model, inputs):
-    """[N, O, P] per-example Jacobians of a float64 copy, one example and one output at a time."""
-    model = copy.deepcopy(model).double()
-    params = [p for p in model.parameters() if p.requires_grad]
-    keyword = isinstance(inputs, dict)
-    n = next(iter(inputs.values() if keyword else inputs)).shape[0]
-    rows = []
-    for i in range(n):
-        if keyword:
-            y = model(**{k: v[i:i + 1] for k, v in inputs.items()}).reshape(-1)
-        else:
-            y = model(*(v[i:i + 1] for v in inputs)).reshape(-1)
-        per_output = []
-        for o in range(y.shape[0]):
-            grads = torch.autograd.grad(y[o], params, retain_graph=True, allow_unused=True)
-            per_output.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                         for g, p in zip(grads, params)]))
-        rows.append(torch.stack(per_output))
-    return torch.stack(rows)
+    """[N, O, P] per-example Jacobians of a float64 copy of ``model``."""
+    return several_inputs_jacobian(copy.deepcopy(model).double(), inputs)
 
 
 def _trace_ntk(model, inputs):

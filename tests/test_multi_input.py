@@ -11,6 +11,10 @@ import lazykernel
 from lazykernel._inputs import pack_inputs
 
 from conftest import reference_ntk
+from conftest import float64_part
+from conftest import assert_near_reference as _close
+from conftest import several_inputs_jacobian as _jacobian
+from conftest import several_inputs_reference as _reference
 
 
 class MaskedMean(nn.Module):
@@ -67,51 +71,6 @@ def _timed(n, seed, d=4):
     return torch.randn(n, d, generator=g), torch.rand(n, 1, generator=g)
 
 
-def _double(part):
-    return part.double() if part.is_floating_point() else part
-
-
-def _jacobian(model, inputs):
-    """[N, O, P] per-example Jacobians of a float64 copy, one example and one output at a time."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    keyword = isinstance(inputs, dict)
-    n = next(iter(inputs.values() if keyword else inputs)).shape[0]
-    rows = []
-    for i in range(n):
-        if keyword:
-            y = model(**{k: v[i:i + 1] for k, v in inputs.items()}).reshape(-1)
-        else:
-            y = model(*(v[i:i + 1] for v in inputs)).reshape(-1)
-        per_output = []
-        for o in range(y.shape[0]):
-            grads = torch.autograd.grad(y[o], params, retain_graph=True, allow_unused=True)
-            per_output.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                         for g, p in zip(grads, params)]))
-        rows.append(torch.stack(per_output))
-    return torch.stack(rows)
-
-
-def _reference(model, x1, x2=None, output="trace"):
-    model = copy.deepcopy(model).double()
-    as_double = (lambda x: {k: _double(v) for k, v in x.items()}) if isinstance(x1, dict) \
-        else (lambda x: tuple(_double(v) for v in x))
-    j1 = _jacobian(model, as_double(x1))
-    j2 = j1 if x2 is None else _jacobian(model, as_double(x2))
-    full = torch.einsum("iap,jbp->ijab", j1, j2)
-    if output == "full":
-        return full
-    if output == "diagonal":
-        return torch.diagonal(full, dim1=2, dim2=3)
-    return torch.diagonal(full, dim1=2, dim2=3).sum(-1)
-
-
-def _close(got, want):
-    got = got.double()
-    scale = want.abs().max().clamp(min=1e-12)
-    assert got.shape == want.shape
-    assert float((got - want).abs().max() / scale) < 2e-5
-
-
 @pytest.mark.parametrize("method", ["auto", "structured", "jacobian", "ntvp"])
 @pytest.mark.parametrize("output", ["trace", "full"])
 def test_tuple_inputs_match_reference(method, output):
@@ -160,7 +119,7 @@ def test_products_take_several_inputs():
     torch.manual_seed(4)
     model = TimeConditioned().eval()
     x = _timed(5, 7)
-    j = _jacobian(copy.deepcopy(model).double(), tuple(_double(v) for v in x))     # [N, O, P]
+    j = _jacobian(copy.deepcopy(model).double(), tuple(float64_part(v) for v in x))     # [N, O, P]
     g = torch.Generator().manual_seed(8)
     tangent = {name: torch.randn(p.shape, generator=g) for name, p in model.named_parameters()}
     flat = torch.cat([t.reshape(-1) for t in tangent.values()]).double()

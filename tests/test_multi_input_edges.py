@@ -1,7 +1,6 @@
 """Inputs in parts at their edges: no examples, conjugate views, derivatives through a part,
 keyword order, and parts that are not tensors."""
 
-import copy
 
 import pytest
 import torch
@@ -10,6 +9,9 @@ from torch.autograd import forward_ad
 
 import lazykernel
 from lazykernel._inputs import pack_inputs
+
+from conftest import assert_near_reference as _close
+from conftest import several_inputs_reference as _reference
 
 
 class TimeConditioned(nn.Module):
@@ -53,51 +55,6 @@ class Concatenated(nn.Module):
 def _timed(n, seed, d=4):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g), torch.rand(n, 1, generator=g)
-
-
-def _double(part):
-    return part.double() if part.is_floating_point() else part
-
-
-def _jacobian(model, inputs):
-    """[N, O, P] per-example Jacobians of a float64 copy, one example and one output at a time."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    keyword = isinstance(inputs, dict)
-    n = next(iter(inputs.values() if keyword else inputs)).shape[0]
-    rows = []
-    for i in range(n):
-        if keyword:
-            y = model(**{k: v[i:i + 1] for k, v in inputs.items()}).reshape(-1)
-        else:
-            y = model(*(v[i:i + 1] for v in inputs)).reshape(-1)
-        per_output = []
-        for o in range(y.shape[0]):
-            grads = torch.autograd.grad(y[o], params, retain_graph=True, allow_unused=True)
-            per_output.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                         for g, p in zip(grads, params)]))
-        rows.append(torch.stack(per_output))
-    return torch.stack(rows)
-
-
-def _reference(model, x1, x2=None, output="trace"):
-    model = copy.deepcopy(model).double()
-    as_double = (lambda x: {k: _double(v) for k, v in x.items()}) if isinstance(x1, dict) \
-        else (lambda x: tuple(_double(v) for v in x))
-    j1 = _jacobian(model, as_double(x1))
-    j2 = j1 if x2 is None else _jacobian(model, as_double(x2))
-    full = torch.einsum("iap,jbp->ijab", j1, j2)
-    if output == "full":
-        return full
-    if output == "diagonal":
-        return torch.diagonal(full, dim1=2, dim2=3)
-    return torch.diagonal(full, dim1=2, dim2=3).sum(-1)
-
-
-def _close(got, want):
-    got = got.detach().double()
-    scale = want.abs().max().clamp(min=1e-12)
-    assert got.shape == want.shape
-    assert float((got - want).abs().max() / scale) < 2e-5
 
 
 def test_parts_with_no_examples_give_empty_results():
