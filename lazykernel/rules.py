@@ -252,9 +252,6 @@ class StructuredRule:
         """
         raise NotImplementedError
 
-    def restrict_direction(self, direction: Dict[str, torch.Tensor]) -> None:
-        """Zero the parts of a check direction that autograd by convention gives no gradient."""
-
     def directional(self, terms: List[tuple], n: int, direction: Dict[str, torch.Tensor]
                     ) -> torch.Tensor:
         """``[n]``: ``⟨Σ_o ∂f_o(x_i)/∂θ, V⟩`` for each example, V given per full parameter name.
@@ -814,14 +811,6 @@ class EmbeddingRule(StructuredRule):
         dense = rows.g.new_zeros(n, m.num_embeddings, m.embedding_dim)
         dense.index_put_((rows.example, rows.ids), rows.g.sum(1), accumulate=True)
         return {self.names["weight"]: dense}
-
-    def restrict_direction(self, direction):
-        # the padding row is looked up in the forward pass, but PyTorch's backward
-        # gives it no gradient, and the NTK follows the backward's convention
-        if self.module.padding_idx is not None:
-            name = self.names["weight"]
-            direction[name] = direction[name].clone()
-            direction[name][self.module.padding_idx] = 0
 
     def directional(self, terms, n, direction):
         if self.shared:
