@@ -238,3 +238,17 @@ def assert_near_reference(got, want):
     scale = want.abs().max().clamp(min=1e-12)
     assert got.shape == want.shape
     assert float((got - want).abs().max() / scale) < 2e-5
+
+
+def peak_allocated_bytes(fn) -> int:
+    """The most bytes ``fn`` holds allocated at once on the CPU, from the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak

@@ -14,6 +14,7 @@ from torch import nn
 import lazykernel
 from lazykernel import _memory
 from conftest import _explicit_jacobian, assert_close_to_reference, reference_ntk
+from conftest import peak_allocated_bytes as _peak_allocated_bytes
 
 ntk_module = importlib.import_module("lazykernel.ntk")
 
@@ -46,20 +47,6 @@ def _one_output_mlp(n=8):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 256), nn.Tanh(), nn.Linear(256, 1)).eval()
     return model, torch.randn(n, 16)
-
-
-def _peak_allocated_bytes(fn) -> int:
-    """The most bytes ``fn`` holds allocated at once on the CPU, from the profiler's allocation events."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    held = peak = 0
-    for event in events:
-        held += event.nbytes()
-        peak = max(peak, held)
-    return peak
 
 
 def _stated_least_budget(call) -> int:

@@ -9,6 +9,7 @@ from torch import nn
 
 import lazykernel
 from lazykernel import _memory
+from conftest import peak_allocated_bytes as _peak_allocated_bytes
 
 
 class _TiedProjection(nn.Module):
@@ -145,20 +146,6 @@ def test_ntk_gathers_shared_embedding_rows_in_batches_the_budget_holds(monkeypat
 class _MeanOverPositions(nn.Module):
     def forward(self, h):
         return h.mean(1)
-
-
-def _peak_allocated_bytes(fn) -> int:
-    """The most bytes ``fn`` holds allocated at once on the CPU, from the profiler's allocation events."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    held = peak = 0
-    for event in events:
-        held += event.nbytes()
-        peak = max(peak, held)
-    return peak
 
 
 def test_a_transformer_kernel_stays_within_a_tight_budget():

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import lazykernel
 from lazykernel import _memory
 from conftest import assert_close_to_reference, reference_ntk
+from conftest import peak_allocated_bytes as _peak_allocated_bytes
 
 ntk_module = importlib.import_module("lazykernel.ntk")
 
@@ -17,20 +18,6 @@ ntk_module = importlib.import_module("lazykernel.ntk")
 def _mlp(dtype=torch.float32):
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)).to(dtype).eval()
-
-
-def _peak_allocated_bytes(fn) -> int:
-    """The most bytes ``fn`` holds allocated at once on the CPU, from the profiler's allocation events."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    held = peak = 0
-    for event in events:
-        held += event.nbytes()
-        peak = max(peak, held)
-    return peak
 
 
 def _counted_tile_flops(model, x1, x2, output, method, budget=None) -> float:
