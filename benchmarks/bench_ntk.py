@@ -59,6 +59,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 import lazykernel
+from lazykernel.cli import _positive_int
 from workloads import BUILDERS, FAMILIES, Workload, build, make_mlp, relative_difference
 
 try:
@@ -649,15 +650,8 @@ def _model_line(record: dict) -> str:
 
 # -- driver --------------------------------------------------------------------------
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer ≥ 1 (sizes, repeats)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+# an argparse type: an integer ≥ 1 (sizes, repeats), as the CLI takes them
+positive_int = _positive_int
 
 
 def checked_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
