@@ -648,6 +648,11 @@ class Conv2dRule(_ConvRule):
     spatial = 2
 
 
+@register_rule(nn.Conv3d)
+class Conv3dRule(_ConvRule):
+    spatial = 3
+
+
 # -- embeddings ----------------------------------------------------------------------
 
 @register_rule(nn.Embedding)
@@ -901,6 +906,62 @@ class GroupNormRule(_AffineNormRule):
 
     def _param_axes(self, y):
         return (1,)
+
+
+@register_rule(nn.RMSNorm)
+class RMSNormRule(_AffineNormRule):
+    """RMSNorm's ``weight`` over its ``normalized_shape`` (the last axes):
+    ``x̂ = x / √(mean(x²) + eps)`` over those axes (Zhang & Sennrich, 2019)."""
+
+    def _normalised(self, x):
+        m = self.module
+        return F.rms_norm(x, m.normalized_shape, None, m.eps)
+
+    def _param_axes(self, y):
+        k = len(self.module.normalized_shape)
+        return tuple(range(y.dim() - k, y.dim()))
+
+
+class _InstanceNormRule(_AffineNormRule):
+    """InstanceNorm's per-channel ``weight``/``bias`` (``affine=True``), channels on axis 1.
+
+    Each example is normalised with its own statistics per channel (or, in
+    eval mode with ``track_running_stats=True``, with the running ones), so
+    examples stay independent in either mode. An unbatched input ``[C, *spatial]``
+    has no example axis for the rule and goes to the generic rule.
+    """
+
+    spatial = 0
+
+    def _normalised(self, x):
+        m = self.module
+        if x.dim() != self.spatial + 2:
+            raise RuleDoesNotApply(f"lazykernel: {type(m).__name__} input of shape {tuple(x.shape)} is not "
+                                   "batched; its rule needs [N, C, *spatial]")
+        own = m.training or not m.track_running_stats
+        # running statistics are read, never updated (momentum 0 on copies)
+        mean = None if own or m.running_mean is None else m.running_mean
+        var = None if own or m.running_var is None else m.running_var
+        return F.instance_norm(x, mean, var, None, None, use_input_stats=own or mean is None, momentum=0.0,
+                               eps=m.eps)
+
+    def _param_axes(self, y):
+        return (1,)
+
+
+@register_rule(nn.InstanceNorm1d)
+class InstanceNorm1dRule(_InstanceNormRule):
+    spatial = 1
+
+
+@register_rule(nn.InstanceNorm2d)
+class InstanceNorm2dRule(_InstanceNormRule):
+    spatial = 2
+
+
+@register_rule(nn.InstanceNorm3d)
+class InstanceNorm3dRule(_InstanceNormRule):
+    spatial = 3
 
 
 class _BatchNormRule(_AffineNormRule):

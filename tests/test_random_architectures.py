@@ -3,8 +3,9 @@
 Hypothesis draws a small, printable specification (`Arch`): a family of input
 (feature vectors, float sequences, token ids, 1-d signals, images), a stack of
 blocks built from the layers that have structured rules (Linear on [N, *, d],
-Conv1d/Conv2d with every geometry option, Embedding, the norm affines,
-MultiheadAttention, TransformerEncoderLayer) mixed with what must fall back to
+Conv1d/Conv2d with every geometry option, Embedding, the norm affines of
+LayerNorm, RMSNorm, BatchNorm, GroupNorm and InstanceNorm, MultiheadAttention,
+TransformerEncoderLayer) mixed with what must fall back to
 the generic rule or be handled around the rules (residual connections, a module
 called twice, weights tied between two modules, extra free parameters, frozen
 blocks, parameter selections), a head with 1 to 12 outputs, example counts and
@@ -14,6 +15,7 @@ example prints everything needed to rebuild it.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -125,7 +127,7 @@ def _vector_blocks(draw, width: int):
     blocks = []
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(("linear", "linear", "residual_linear", "shared_linear",
-                                     "tied_linear", "layernorm", "batchnorm1d", "free_scale")))
+                                     "tied_linear", "layernorm", "rmsnorm", "batchnorm1d", "free_scale")))
         act = draw(st.sampled_from(ACTIVATIONS))
         if kind == "linear":
             out = draw(st.integers(2, 8))
@@ -136,6 +138,8 @@ def _vector_blocks(draw, width: int):
         elif kind == "layernorm":
             blocks.append(_block("layernorm", shape=(width,), affine=draw(st.booleans()),
                                  bias=draw(st.booleans())))
+        elif kind == "rmsnorm":
+            blocks.append(_block("rmsnorm", shape=(width,), affine=draw(st.booleans())))
         elif kind == "batchnorm1d":
             blocks.append(_block("batchnorm1d", channels=width, affine=draw(st.booleans())))
         else:
@@ -148,7 +152,7 @@ def _sequence_blocks(draw, width: int, length: int):
     """Blocks on [N, T, width]; attention needs width divisible by the head count."""
     blocks = []
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(("linear", "residual_linear", "shared_linear", "layernorm",
+        kind = draw(st.sampled_from(("linear", "residual_linear", "shared_linear", "layernorm", "rmsnorm",
                                      "attention", "attention", "encoder_layer", "encoder_layer")))
         act = draw(st.sampled_from(ACTIVATIONS))
         if kind == "linear":
@@ -161,6 +165,10 @@ def _sequence_blocks(draw, width: int, length: int):
             last_two = draw(st.booleans())
             blocks.append(_block("layernorm", shape=(length, width) if last_two else (width,),
                                  affine=draw(st.booleans()), bias=draw(st.booleans())))
+        elif kind == "rmsnorm":
+            last_two = draw(st.booleans())
+            blocks.append(_block("rmsnorm", shape=(length, width) if last_two else (width,),
+                                 affine=draw(st.booleans())))
         elif kind == "attention":
             heads = draw(st.sampled_from([h for h in (1, 2, 3) if width % h == 0]))
             blocks.append(_block("attention", width=width, heads=heads, bias=draw(st.booleans()),
@@ -186,7 +194,7 @@ def _conv_blocks(draw, channels: int, length: int, dims: int):
     conv = f"conv{dims}d"
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from((conv, conv, conv, "residual_conv", "shared_conv",
-                                     f"batchnorm{dims}d", "groupnorm", "pool")))
+                                     f"batchnorm{dims}d", "groupnorm", f"instancenorm{dims}d", "pool")))
         act = draw(st.sampled_from(ACTIVATIONS))
         if kind == conv:
             k, s, p, d = _conv_geometry(draw, min(lengths), dims)
@@ -209,6 +217,12 @@ def _conv_blocks(draw, channels: int, length: int, dims: int):
         elif kind == "groupnorm":
             blocks.append(_block("groupnorm", groups=draw(st.sampled_from(_divisors(channels))),
                                  channels=channels, affine=draw(st.booleans())))
+        elif kind == f"instancenorm{dims}d":
+            # per-example statistics need more than one position per channel
+            if math.prod(lengths) < 2:
+                continue
+            blocks.append(_block(kind, channels=channels, affine=draw(st.booleans()),
+                                 running=draw(st.booleans())))
         elif min(lengths) >= 2:
             how = draw(st.sampled_from(("avg", "max")))
             blocks.append(_block("pool", how=how, dims=dims))
@@ -420,6 +434,15 @@ def _build_block(b: Block) -> nn.Module:
         return norm
     if kind == "groupnorm":
         norm = nn.GroupNorm(b["groups"], b["channels"], affine=b["affine"])
+        _randomise_norm(norm)
+        return norm
+    if kind == "rmsnorm":
+        norm = nn.RMSNorm(b["shape"], elementwise_affine=b["affine"])
+        _randomise_norm(norm)
+        return norm
+    if kind in ("instancenorm1d", "instancenorm2d"):
+        norm = (nn.InstanceNorm1d if kind == "instancenorm1d" else nn.InstanceNorm2d)(
+            b["channels"], affine=b["affine"], track_running_stats=b["running"])
         _randomise_norm(norm)
         return norm
     if kind == "embedding":

@@ -172,7 +172,7 @@ NORMS = {
                              (4, 4), "GroupNormRule"),
     "instance norm with affine parameters": (
         lambda: nn.Sequential(nn.Conv1d(2, 4, 3), nn.InstanceNorm1d(4, affine=True), nn.Tanh(), nn.Flatten(),
-                              nn.Linear(20, 3)), (4, 2, 7), "PerExampleJacobian"),
+                              nn.Linear(20, 3)), (4, 2, 7), "InstanceNorm1dRule"),
 }
 
 

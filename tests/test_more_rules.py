@@ -1,0 +1,106 @@
+"""Rules for Conv3d, RMSNorm and InstanceNorm: each against explicit float64 Jacobians.
+
+Each model is built so that the layer under test takes its own rule (the plan
+names it) and the kernel matches the reference in every output mode.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import lazykernel
+from conftest import assert_close_to_reference, reference_ntk
+
+OUTPUTS = ("trace", "diagonal", "full")
+
+
+def _rules_of(model, x, layer):
+    """The rule name of each plan group holding one of ``layer``'s parameters."""
+    names = {name for name, p in model.named_parameters() if any(p is q for q in layer.parameters())}
+    return {group.rule for group in lazykernel.plan(model, x).groups if names & set(group.params)}
+
+
+def _conv3d_model(**options):
+    conv = nn.Conv3d(4, 6, **options)
+    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)), conv
+
+
+@pytest.mark.parametrize("options", [
+    dict(kernel_size=3),
+    dict(kernel_size=(2, 3, 1), stride=(2, 1, 2), padding=(1, 0, 1), bias=False),
+    dict(kernel_size=2, dilation=(1, 2, 1), groups=2, padding="same"),
+    dict(kernel_size=3, padding=1, padding_mode="circular"),
+    dict(kernel_size=3, padding=1, padding_mode="replicate", groups=2),
+])
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_conv3d_rule_matches_the_reference(options, output):
+    torch.manual_seed(0)
+    model, conv = _conv3d_model(**options)
+    x1, x2 = torch.randn(5, 4, 5, 4, 6), torch.randn(3, 4, 5, 4, 6)
+    model(x1)  # materialise the lazy head
+    assert _rules_of(model, x1, conv) == {"Conv3dRule"}
+    for method in ("structured", "auto"):
+        got = lazykernel.ntk(model, x1, x2, output=output, method=method)
+        assert_close_to_reference(got, reference_ntk(model, x1, x2, output=output), torch.float32)
+
+
+@pytest.mark.parametrize("shape, eps", [(8, None), ((3, 8), 1e-3)])
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_rmsnorm_rule_matches_the_reference(shape, eps, output):
+    torch.manual_seed(1)
+    norm = nn.RMSNorm(shape, eps=eps)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    model = nn.Sequential(nn.Linear(8, 8), norm, nn.GELU(), nn.Flatten(), nn.LazyLinear(2))
+    x1, x2 = torch.randn(6, 3, 8), torch.randn(4, 3, 8)
+    model(x1)
+    assert _rules_of(model, x1, norm) == {"RMSNormRule"}
+    got = lazykernel.ntk(model, x1, x2, output=output)
+    assert_close_to_reference(got, reference_ntk(model, x1, x2, output=output), torch.float32)
+
+
+def test_rmsnorm_of_float64_uses_its_dtypes_epsilon():
+    # eps=None means torch.finfo(dtype).eps: with inputs near zero the two dtypes' eps differ a lot
+    torch.manual_seed(2)
+    norm = nn.RMSNorm(4).double()
+    model = nn.Sequential(norm, nn.Linear(4, 1)).double()
+    x = 1e-9 * torch.randn(5, 4, dtype=torch.float64)
+    got = lazykernel.ntk(model, x, method="structured")
+    torch.testing.assert_close(got, reference_ntk(model, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind, spatial", [(nn.InstanceNorm1d, (7,)), (nn.InstanceNorm2d, (4, 5)),
+                                           (nn.InstanceNorm3d, (3, 3, 4))])
+@pytest.mark.parametrize("running, training", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("output", ("trace", "full"))
+def test_instance_norm_rule_matches_the_reference(kind, spatial, running, training, output):
+    torch.manual_seed(3)
+    norm = kind(4, affine=True, track_running_stats=running)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+        if running:
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+    model = nn.Sequential(norm, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    x1, x2 = torch.randn((5, 4) + spatial), torch.randn((2, 4) + spatial)
+    model(x1)
+    model.train(training)
+    assert _rules_of(model, x1, norm) == {type(norm).__name__ + "Rule"}
+    got = lazykernel.ntk(model, x1, x2, output=output)
+    want = reference_ntk(model, x1, x2, output=output)
+    assert_close_to_reference(got, want, torch.float32)
+
+
+def test_instance_norm_in_training_mode_keeps_its_running_statistics():
+    # in training mode its forward would update them: the kernel must leave the model as it was
+    torch.manual_seed(4)
+    norm = nn.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), norm, nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(6, 2, 6, 6)
+    got = lazykernel.ntk(model, x, output="full")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert_close_to_reference(got, reference_ntk(model, x, output="full"), torch.float32)
