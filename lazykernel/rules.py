@@ -653,6 +653,136 @@ class Conv3dRule(_ConvRule):
     spatial = 3
 
 
+class _ConvTransposeRule(StructuredRule):
+    """A transposed convolution as a linear map at every *input* position, one term per group.
+
+    Input position ``t`` of group ``c`` sends its ``K = C_in/G`` channels ``a_t``
+    through the kernel to the outputs ``stride·t + dilation·κ − padding``. The
+    weight gradient of one example is therefore ``Σ_t a_t h_tᵀ`` with ``h_t``
+    the cotangent's window over those outputs, ``D = C_out/G · ∏kernel`` values,
+    which are the patches a plain convolution with the same stride, dilation
+    and padding would unfold from the cotangent. The bias reads the cotangent at
+    every output position, not at the input positions: its own term, the
+    per-example gradient ``Σ_p g_p``.
+    """
+
+    spatial = 0
+
+    @classmethod
+    def supports(cls, module):
+        return module.transposed is True and module.padding_mode == "zeros"
+
+    def _use(self) -> Tuple[bool, bool]:
+        return "weight" in self.names, "bias" in self.names
+
+    def _checked(self, x: torch.Tensor, g: torch.Tensor, n: int) -> None:
+        m = self.module
+        if x.dim() != self.spatial + 2:
+            raise RuleDoesNotApply(f"lazykernel: {type(m).__name__} input of shape {tuple(x.shape)} "
+                                   "is not batched; its rule needs [N, C, *spatial]")
+        if x.shape[0] != n or g.shape[1] != n:
+            raise RuleDoesNotApply(f"lazykernel: a {type(m).__name__} saw a batch of {x.shape[0]} "
+                                   f"rows for {n} examples; its rule needs the batch axis first")
+
+    def _cotangent_windows(self, g: torch.Tensor, positions: Tuple[int, ...]) -> torch.Tensor:
+        """``g: [O, n, C_out, *out]`` -> the window of every input position,
+        ``[O, n, C_out, *kernel, *positions]`` (a strided view of the zero-padded cotangent)."""
+        m = self.module
+        pad = tuple(m.padding)
+        if any(pad):
+            g = F.pad(g, tuple(p for size in reversed(pad) for p in (size, size)))
+        kernel, steps = tuple(m.kernel_size), g.stride()[3:]
+        for axis in range(self.spatial):
+            reach = m.stride[axis] * (positions[axis] - 1) + m.dilation[axis] * (kernel[axis] - 1) + 1
+            if reach > g.shape[3 + axis]:
+                raise RuleDoesNotApply(f"lazykernel: the output of a {type(m).__name__} is shorter than "
+                                       "its input positions reach")
+        return g.as_strided(
+            tuple(g.shape[:3]) + kernel + tuple(positions),
+            g.stride()[:3] + tuple(steps[i] * m.dilation[i] for i in range(self.spatial))
+            + tuple(steps[i] * m.stride[i] for i in range(self.spatial)))
+
+    def _groups(self, cotangents, n):
+        """Per group: ``a: [n, T, K]`` and ``h: [n, T, O, D]``, all calls stacked along T."""
+        m = self.module
+        groups = m.groups
+        k, d = m.in_channels // groups, m.out_channels // groups
+        per_group = [([], []) for _ in range(groups)]
+        for x, g in zip(self.inputs, cotangents):
+            self._checked(x, g, n)
+            positions = tuple(x.shape[2:])
+            t = math.prod(positions)
+            o = g.shape[0]
+            a = x.reshape(n, groups, k, t).permute(1, 0, 3, 2)                              # [G, n, T, K]
+            h = self._cotangent_windows(g, positions).reshape(o, n, groups, d * math.prod(m.kernel_size), t)
+            h = h.permute(2, 1, 4, 0, 3)                                                   # [G, n, T, O, D]
+            for c in range(groups):
+                per_group[c][0].append(a[c])
+                per_group[c][1].append(h[c])
+        return [(torch.cat(a, 1) if len(a) > 1 else a[0], torch.cat(h, 1) if len(h) > 1 else h[0])
+                for a, h in per_group]
+
+    def _bias_gradient(self, cotangents, n) -> torch.Tensor:
+        """``[n, 1, O, C_out]``: each example's bias gradient, every call and output position summed."""
+        total = None
+        for x, g in zip(self.inputs, cotangents):
+            self._checked(x, g, n)
+            part = g.sum(dim=tuple(range(3, g.dim())))                                     # [O, n, C_out]
+            total = part if total is None else total + part
+        return total.permute(1, 0, 2).unsqueeze(1).contiguous()
+
+    def term_shapes(self):
+        m = self.module
+        use_weight, use_bias = self._use()
+        shapes = []
+        if use_weight:
+            positions = sum(x[0].numel() // m.in_channels for x in self.inputs)
+            d = (m.out_channels // m.groups) * math.prod(m.kernel_size)
+            shapes += [_linear_shape(positions, m.in_channels // m.groups, d, True, False)] * m.groups
+        if use_bias:
+            shapes.append(_linear_shape(1, 1, m.out_channels, False, True))
+        return shapes
+
+    def operands(self, cotangents, n, forms):
+        use_weight, use_bias = self._use()
+        terms = []
+        if use_weight:
+            for c, (a, h) in enumerate(self._groups(cotangents, n)):
+                terms.append(_linear_term(a, h, True, False, forms[c] if forms else PAIRWISE))
+        if use_bias:
+            bias = self._bias_gradient(cotangents, n)
+            terms.append(Pairwise(bias.new_ones(n, 1, 1), bias))
+        return terms
+
+    def per_example_gradients(self, terms):
+        use_weight, use_bias = self._use()
+        m = self.module
+        grads = {}
+        if use_weight:
+            n = terms[0].a.shape[0]
+            # per group [n, K, D]: input channels by (output channel, kernel offset), W's own layout
+            weights = [torch.einsum("ntod,ntk->nkd", term.g, term.a) for term in terms[:m.groups]]
+            grads[self.names["weight"]] = torch.cat(weights, 1).reshape(n, *m.weight.shape)
+        if use_bias:
+            grads[self.names["bias"]] = terms[-1].g.sum(dim=(1, 2))
+        return grads
+
+
+@register_rule(nn.ConvTranspose1d)
+class ConvTranspose1dRule(_ConvTransposeRule):
+    spatial = 1
+
+
+@register_rule(nn.ConvTranspose2d)
+class ConvTranspose2dRule(_ConvTransposeRule):
+    spatial = 2
+
+
+@register_rule(nn.ConvTranspose3d)
+class ConvTranspose3dRule(_ConvTransposeRule):
+    spatial = 3
+
+
 # -- embeddings ----------------------------------------------------------------------
 
 @register_rule(nn.Embedding)

@@ -104,3 +104,88 @@ def test_instance_norm_in_training_mode_keeps_its_running_statistics():
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert_close_to_reference(got, reference_ntk(model, x, output="full"), torch.float32)
+
+
+def _transpose_model(cls, channels, **options):
+    conv = cls(*channels, **options)
+    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double(), conv
+
+
+@pytest.mark.parametrize("cls, spatial, options", [
+    (nn.ConvTranspose1d, (7,), dict(kernel_size=3)),
+    (nn.ConvTranspose1d, (6,), dict(kernel_size=4, stride=3, padding=2, dilation=2, output_padding=1, groups=2)),
+    (nn.ConvTranspose2d, (4, 5), dict(kernel_size=3, stride=2, padding=1, output_padding=1)),
+    (nn.ConvTranspose2d, (4, 3), dict(kernel_size=(2, 3), stride=(2, 1), dilation=(1, 2), groups=2, bias=False)),
+    (nn.ConvTranspose2d, (3, 3), dict(kernel_size=2, stride=3, padding=2, dilation=3, output_padding=2)),
+    (nn.ConvTranspose3d, (3, 2, 3), dict(kernel_size=2, stride=(1, 2, 2), padding=(0, 1, 0))),
+])
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_transposed_convolution_rule_matches_the_reference(cls, spatial, options, output):
+    torch.manual_seed(5)
+    model, conv = _transpose_model(cls, (4, 6), **options)
+    x1 = torch.randn((5, 4) + spatial, dtype=torch.float64)
+    x2 = torch.randn((3, 4) + spatial, dtype=torch.float64)
+    model(x1)
+    assert _rules_of(model, x1, conv) == {cls.__name__ + "Rule"}
+    want = reference_ntk(model, x1, x2, output=output)
+    for method in ("structured", "auto"):
+        got = lazykernel.ntk(model, x1, x2, output=output, method=method)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("select", [["0.weight"], ["0.bias"], ["0.weight", "2.bias"]])
+def test_transposed_convolution_with_some_parameters_selected(select):
+    torch.manual_seed(6)
+    conv = nn.ConvTranspose2d(3, 4, 3, stride=2)
+    model = nn.Sequential(conv, nn.GELU(), nn.Conv2d(4, 2, 3), nn.Flatten(), nn.LazyLinear(2)).double()
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    model(x)
+    got = lazykernel.ntk(model, x, output="full", params=select)
+    want = reference_ntk(model, x, output="full", params_selection=select)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+    assert _rules_of(model, x, conv) <= {"ConvTranspose2dRule"}
+
+
+class _Upsampler(nn.Module):
+    """One transposed convolution called twice (on two scales) and with ``output_size``."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1)
+        self.head = nn.Linear(2 * 7 * 7 + 2 * 9 * 9, 3)
+
+    def forward(self, x):
+        small = self.up(x, output_size=[7, 7])               # output_padding 0 by the size asked
+        large = self.up(torch.tanh(small)[:, :, :5, :5], output_size=[10, 10])[:, :, :9, :9]
+        return self.head(torch.cat([small.flatten(1), large.flatten(1)], 1))
+
+
+def test_transposed_convolution_called_twice_with_output_size():
+    torch.manual_seed(7)
+    model = _Upsampler().double()
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    assert _rules_of(model, x, model.up) == {"ConvTranspose2dRule"}
+    got = lazykernel.ntk(model, x, output="diagonal")
+    want = reference_ntk(model, x, output="diagonal")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+
+
+class _Unbatched(nn.Module):
+    """Applies its transposed convolution to each example alone, ``[C, L]`` at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose1d(2, 3, 3, stride=2)
+        self.head = nn.Linear(3 * 9, 2)
+
+    def forward(self, x):
+        return self.head(torch.stack([self.up(row) for row in x]).flatten(1))
+
+
+def test_transposed_convolution_on_unbatched_calls_goes_to_the_generic_rule():
+    torch.manual_seed(8)
+    model = _Unbatched().double()
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    assert _rules_of(model, x, model.up) == {"PerExampleJacobian"}
+    got = lazykernel.ntk(model, x, output="full")
+    torch.testing.assert_close(got, reference_ntk(model, x, output="full"), rtol=1e-10, atol=1e-12)

@@ -3,9 +3,9 @@
 Hypothesis draws a small, printable specification (`Arch`): a family of input
 (feature vectors, float sequences, token ids, 1-d signals, images), a stack of
 blocks built from the layers that have structured rules (Linear on [N, *, d],
-Conv1d/Conv2d with every geometry option, Embedding, the norm affines of
-LayerNorm, RMSNorm, BatchNorm, GroupNorm and InstanceNorm, MultiheadAttention,
-TransformerEncoderLayer) mixed with what must fall back to
+Conv1d/Conv2d with every geometry option and their transposes, Embedding, the
+norm affines of LayerNorm, RMSNorm, BatchNorm, GroupNorm and InstanceNorm,
+MultiheadAttention, TransformerEncoderLayer) mixed with what must fall back to
 the generic rule or be handled around the rules (residual connections, a module
 called twice, weights tied between two modules, extra free parameters, frozen
 blocks, parameter selections), a head with 1 to 12 outputs, example counts and
@@ -193,7 +193,7 @@ def _conv_blocks(draw, channels: int, length: int, dims: int):
     blocks = []
     conv = f"conv{dims}d"
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from((conv, conv, conv, "residual_conv", "shared_conv",
+        kind = draw(st.sampled_from((conv, conv, conv, f"conv_transpose{dims}d", "residual_conv", "shared_conv",
                                      f"batchnorm{dims}d", "groupnorm", f"instancenorm{dims}d", "pool")))
         act = draw(st.sampled_from(ACTIVATIONS))
         if kind == conv:
@@ -205,6 +205,18 @@ def _conv_blocks(draw, channels: int, length: int, dims: int):
             out = groups * draw(st.integers(1, 3))
             blocks.append(_block(conv, channels=(channels, out), kernel=k, stride=s, padding=p,
                                  dilation=d, groups=groups, bias=draw(st.booleans()), act=act))
+            channels, lengths = out, outs
+        elif kind == f"conv_transpose{dims}d":
+            k, s, d = (draw(st.sampled_from(v)) for v in ((1, 2, 3), (1, 2), (1, 2)))
+            p = draw(st.integers(0, d * (k - 1)))
+            extra = draw(st.integers(0, max(s, d) - 1))
+            outs = [(n - 1) * s - 2 * p + d * (k - 1) + extra + 1 for n in lengths]
+            if not 1 <= min(outs) <= max(outs) <= 12:
+                continue
+            groups = draw(st.sampled_from(_divisors(channels)))
+            out = groups * draw(st.integers(1, 3))
+            blocks.append(_block(kind, channels=(channels, out), kernel=k, stride=s, padding=p, dilation=d,
+                                 output_padding=extra, groups=groups, bias=draw(st.booleans()), act=act))
             channels, lengths = out, outs
         elif kind in ("residual_conv", "shared_conv"):
             # stride 1 and padding d·(k-1)/2 with odd k keep the shape
@@ -459,6 +471,11 @@ def _build_block(b: Block) -> nn.Module:
                                           norm_first=b["norm_first"])
     if kind == "pool_positions":
         return PoolPositions(b["how"])
+    if kind in ("conv_transpose1d", "conv_transpose2d"):
+        cls = nn.ConvTranspose1d if kind == "conv_transpose1d" else nn.ConvTranspose2d
+        conv = cls(*b["channels"], b["kernel"], stride=b["stride"], padding=b["padding"],
+                   output_padding=b["output_padding"], groups=b["groups"], bias=b["bias"], dilation=b["dilation"])
+        return nn.Sequential(conv, _activation(b["act"]))
     if kind in ("conv1d", "conv2d"):
         dims = 1 if kind == "conv1d" else 2
         return nn.Sequential(_conv(dims, b, b["channels"]), _activation(b["act"]))
