@@ -309,6 +309,7 @@ class StructuredPlan:
                     # not called on these examples (or on none of them), so not
                     # checked: routing by example could call it on others
                     raise RuleDoesNotApply("no call on the verification examples")
+                rule.find_batch_axes(n)
                 rule.shapes = rule.term_shapes()
                 operands[rule] = [] if exact else rule.operands(cotangents, n, None)
             except torch.OutOfMemoryError:

@@ -159,6 +159,9 @@ class StructuredRule:
         self.shapes: List[TermShape] = []
         # examples in the batch being captured (set by the plan before each forward)
         self.batch: Optional[int] = None
+        # per recorded call, the axis of its input that holds the examples, found
+        # by `find_batch_axes` when the plan is verified; empty means axis 0
+        self.batch_axes: List[int] = []
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -204,6 +207,25 @@ class StructuredRule:
         return output.clone()
 
     # -- the rule ----------------------------------------------------------------
+    def find_batch_axes(self, n: int) -> None:
+        """Settle, from the calls recorded on ``n`` verification examples, which axis of
+        each call's input holds the examples (`batch_axes`). Rules that take the
+        examples first only, the default, keep axis 0."""
+        self.batch_axes = []
+
+    def batch_axis(self, call: int, x: torch.Tensor, n: int) -> int:
+        """The examples' axis of call ``call``'s input ``x`` on a batch of ``n``, as verified.
+
+        A layer that saw its examples along another axis on the verification
+        examples (a sequence-first ``[T, N, E]``) must see them there again.
+        """
+        axis = self.batch_axes[call] if call < len(self.batch_axes) else 0
+        if x.dim() <= axis or x.shape[axis] != n:
+            raise RuleDoesNotApply(
+                f"lazykernel: a {type(self.module).__name__} saw an input of shape {tuple(x.shape)} for {n} "
+                f"examples; its rule needs the examples along axis {axis}, as on the examples it was checked on")
+        return axis
+
     def term_shapes(self) -> List[TermShape]:
         """Sizes of the terms for the calls recorded now, per example."""
         raise NotImplementedError
@@ -354,6 +376,20 @@ def _positions(a: torch.Tensor, g: torch.Tensor, n: int, k: int, d: int, module:
     return a.reshape(n, t, k), g.reshape(o, n, t, d).permute(1, 2, 0, 3)
 
 
+def examples_axes(inputs: Sequence[torch.Tensor], n: int, leading: int) -> List[int]:
+    """Per input, the axis holding the ``n`` examples: 0 where its size is n, else the one
+    other axis among the first ``dim - leading`` of size n, else 0 (the rule then refuses
+    the call). The plan's check confirms the choice on the verification examples."""
+    axes = []
+    for x in inputs:
+        if x.dim() < 2 or x.shape[0] == n:
+            axes.append(0)
+            continue
+        found = [axis for axis in range(1, x.dim() - leading) if x.shape[axis] == n]
+        axes.append(found[0] if len(found) == 1 else 0)
+    return axes
+
+
 def gradient_is_smaller(positions: int, k: int, d: int, outputs: int) -> bool:
     """Is one example's gradient (``O·D·K`` elements) no larger than its pairwise operands (``T·(K + O·D)``)?
 
@@ -413,15 +449,28 @@ class LinearRule(StructuredRule):
     def _use(self) -> Tuple[bool, bool]:
         return "weight" in self.names, "bias" in self.names
 
+    def find_batch_axes(self, n):
+        # a sequence-first layout ([T, N, E], nn.Transformer's default) has the examples on axis 1
+        self.batch_axes = examples_axes(self.inputs, n, leading=1)
+
+    def _batch_first(self, call: int, a: torch.Tensor, g: torch.Tensor, n: int):
+        """The call's input and cotangent with the examples moved to the front."""
+        axis = self.batch_axis(call, a, n)
+        if axis == 0:
+            return a, g
+        return a.movedim(axis, 0), g.movedim(axis + 1, 1)
+
     def _stacked(self, cotangents, n):
         d_in, d_out = self.module.in_features, self.module.out_features
-        parts = [_positions(a, g, n, d_in, d_out, self.module) for a, g in zip(self.inputs, cotangents)]
+        parts = [_positions(*self._batch_first(call, a, g, n), n, d_in, d_out, self.module)
+                 for call, (a, g) in enumerate(zip(self.inputs, cotangents))]
         if len(parts) == 1:
             return parts[0]
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
     def term_shapes(self):
-        positions = sum(math.prod(a.shape[1:-1]) for a in self.inputs)
+        positions = sum(math.prod(a.shape[:-1]) // max(a.shape[axis], 1) if a.dim() > 1 else 0
+                        for a, axis in zip(self.inputs, self.batch_axes or [0] * len(self.inputs)))
         return [_linear_shape(positions, self.module.in_features, self.module.out_features, *self._use())]
 
     def operands(self, cotangents, n, forms):
@@ -980,9 +1029,23 @@ class _AffineNormRule(StructuredRule):
         size = sum(getattr(self.module, local).numel() for local in self._order())
         return [TermShape("linear", 1, 1, size, (GRADIENT,))]
 
+    # Norms over the last axes (LayerNorm, RMSNorm) may see the examples on another
+    # axis (sequence-first inputs); per-channel norms take them first only.
+    last_axes = False
+
+    def find_batch_axes(self, n):
+        self.batch_axes = (examples_axes(self.inputs, n, leading=self._normalised_axes())
+                           if self.last_axes else [])
+
+    def _normalised_axes(self) -> int:
+        return 0
+
     def operands(self, cotangents, n, forms):
         parts = {local: [] for local in self._order()}
-        for x, y, g in zip(self.inputs, self.outputs, cotangents):
+        for call, (x, y, g) in enumerate(zip(self.inputs, self.outputs, cotangents)):
+            axis = self.batch_axis(call, x, n) if x.dim() > 1 else 0
+            if axis:
+                x, y, g = x.movedim(axis, 0), y.movedim(axis, 0), g.movedim(axis + 1, 1)
             if x.shape[0] != n or g.shape[1] != n:
                 raise RuleDoesNotApply(f"lazykernel: a {type(self.module).__name__} saw a batch of "
                                        f"{x.shape[0]} rows for {n} examples; its rule needs the batch axis first")
@@ -1017,6 +1080,11 @@ def _sum_over(t: torch.Tensor, dims: Tuple[int, ...]) -> torch.Tensor:
 class LayerNormRule(_AffineNormRule):
     """LayerNorm's ``weight``/``bias`` over its ``normalized_shape`` (the last axes)."""
 
+    last_axes = True
+
+    def _normalised_axes(self):
+        return len(self.module.normalized_shape)
+
     def _normalised(self, x):
         m = self.module
         return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
@@ -1042,6 +1110,11 @@ class GroupNormRule(_AffineNormRule):
 class RMSNormRule(_AffineNormRule):
     """RMSNorm's ``weight`` over its ``normalized_shape`` (the last axes):
     ``x̂ = x / √(mean(x²) + eps)`` over those axes (Zhang & Sennrich, 2019)."""
+
+    last_axes = True
+
+    def _normalised_axes(self):
+        return len(self.module.normalized_shape)
 
     def _normalised(self, x):
         m = self.module

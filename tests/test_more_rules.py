@@ -189,3 +189,69 @@ def test_transposed_convolution_on_unbatched_calls_goes_to_the_generic_rule():
     assert _rules_of(model, x, model.up) == {"PerExampleJacobian"}
     got = lazykernel.ntk(model, x, output="full")
     torch.testing.assert_close(got, reference_ntk(model, x, output="full"), rtol=1e-10, atol=1e-12)
+
+
+class _SequenceFirst(nn.Module):
+    """Token ids ``[N, T]`` through nn.TransformerEncoderLayer's default sequence-first layout."""
+
+    def __init__(self, width=8, norm_first=False, rms=False):
+        super().__init__()
+        self.tokens = nn.Embedding(20, width)
+        self.layer = nn.TransformerEncoderLayer(width, 2, 12, dropout=0.0, norm_first=norm_first)
+        self.norm = nn.RMSNorm(width) if rms else nn.LayerNorm(width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, ids):
+        h = self.layer(self.tokens(ids).transpose(0, 1))          # [T, N, E]
+        return self.head(self.norm(h).mean(dim=0))
+
+
+@pytest.mark.parametrize("norm_first, rms", [(False, False), (True, True)])
+@pytest.mark.parametrize("n, length, batch_size", [(6, 5, None), (5, 5, None), (7, 3, 3)])
+@pytest.mark.parametrize("output", ("trace", "full"))
+def test_sequence_first_layers_take_their_rules(norm_first, rms, n, length, batch_size, output):
+    # the examples sit on axis 1 of the feed-forward layers' and norms' inputs; with
+    # n == T (and chunks of T examples) axis 0 has the examples' size too
+    torch.manual_seed(9)
+    model = _SequenceFirst(norm_first=norm_first, rms=rms).double().eval()
+    ids = torch.randint(0, 20, (n, length))
+    rules = {group.rule for group in lazykernel.plan(model, ids).groups}
+    assert "PerExampleJacobian" not in rules and {"LinearRule", "LayerNormRule"} <= rules
+    want = reference_ntk(model, ids, output=output)
+    for method in ("structured", "auto"):
+        got = lazykernel.ntk(model, ids, output=output, method=method, batch_size=batch_size)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+
+
+def test_sequence_first_with_as_many_positions_as_checked_examples_stays_exact():
+    # on the verification examples axis 0 (T) and axis 1 (N) have the same size: the
+    # first axis is tried, fails the check, and the layers go to the generic rule
+    torch.manual_seed(10)
+    model = _SequenceFirst().double().eval()
+    ids = torch.randint(0, 20, (9, 4))
+    got = lazykernel.ntk(model, ids, output="full")
+    want = reference_ntk(model, ids, output="full")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+
+
+class _Flipping(nn.Module):
+    """Keeps the examples first for small batches and moves them to axis 1 for large ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):                                          # x: [N, T, 4]
+        if x.shape[0] > 4:
+            return self.head(torch.tanh(self.inner(x.transpose(0, 1))).mean(0))
+        return self.head(torch.tanh(self.inner(x)).mean(1))
+
+
+def test_a_layer_that_moves_its_examples_axis_after_the_check_sends_the_call_to_the_jacobian():
+    torch.manual_seed(11)
+    model = _Flipping().double()
+    x = torch.randn(7, 3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="examples along axis 0"):
+        got = lazykernel.ntk(model, x, method="structured")
+    torch.testing.assert_close(got, reference_ntk(model, x), rtol=1e-10, atol=1e-12)
