@@ -1203,6 +1203,18 @@ class BatchNorm3dRule(_BatchNormRule):
     pass
 
 
+@register_rule(nn.PReLU)
+class PReLURule(_AffineNormRule):
+    """PReLU, ``y = max(0, x) + w ⊙ min(0, x)``: the weight's per-example gradient is
+    ``Σ g ⊙ min(0, x)``, per channel (axis 1) or, with one shared slope, over everything."""
+
+    def _normalised(self, x):
+        return torch.clamp(x, max=0)
+
+    def _param_axes(self, y):
+        return () if self.module.weight.numel() == 1 else (1,)
+
+
 # -- attention -------------------------------------------------------------------------
 
 @register_rule(nn.MultiheadAttention)

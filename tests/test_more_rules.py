@@ -255,3 +255,18 @@ def test_a_layer_that_moves_its_examples_axis_after_the_check_sends_the_call_to_
     with pytest.warns(UserWarning, match="examples along axis 0"):
         got = lazykernel.ntk(model, x, method="structured")
     torch.testing.assert_close(got, reference_ntk(model, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("slopes, shape", [(1, (5,)), (6, (6,)), (6, (6, 4)), (1, (6, 4))])
+@pytest.mark.parametrize("output", ("trace", "full"))
+def test_prelu_rule_matches_the_reference(slopes, shape, output):
+    torch.manual_seed(12)
+    prelu = nn.PReLU(slopes, init=0.3)
+    first = nn.Linear(3, shape[-1]) if len(shape) == 1 else nn.Conv1d(3, shape[0], 3, padding=1)
+    model = nn.Sequential(first, prelu, nn.Flatten(), nn.LazyLinear(3)).double()
+    x1 = torch.randn((5, 3) if len(shape) == 1 else (5, 3, shape[1]), dtype=torch.float64)
+    model(x1)
+    assert _rules_of(model, x1, prelu) == {"PReLURule"}
+    want = reference_ntk(model, x1, output=output)
+    got = lazykernel.ntk(model, x1, output=output, method="structured")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())

@@ -39,10 +39,13 @@ from conftest import METHODS, OUTPUTS, reference_ntk
 RTOL = 1e-10
 ATOL_PER_SCALE = 1e-10
 
-ACTIVATIONS = ("tanh", "gelu", "silu", "relu", "identity")
+ACTIVATIONS = ("tanh", "gelu", "silu", "relu", "identity", "prelu")
 
 
 def _activation(name: str) -> nn.Module:
+    if name == "prelu":
+        # one slope shared by every channel, away from 1 so that it matters
+        return nn.PReLU(init=0.3)
     return {"tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU,
             "identity": nn.Identity}[name]()
 
