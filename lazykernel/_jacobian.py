@@ -9,7 +9,7 @@ flow, ``.item()``, unsupported ops) they fall back to loops with the same result
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Union
 
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
@@ -17,21 +17,31 @@ from torch.func import jacrev, jvp, vjp, vmap
 from lazykernel._model import ModelAdapter
 
 
-def per_example_jacobian(adapter: ModelAdapter, names: List[str], x: torch.Tensor, by_loop: bool = False
-                         ) -> torch.Tensor:
+class VmapFailed(RuntimeError):
+    """torch.func's vmap over the examples raised on this model (see `per_example_jacobian`)."""
+
+
+def per_example_jacobian(adapter: ModelAdapter, names: List[str], x: torch.Tensor,
+                         by_loop: Union[bool, str] = False, strict: bool = False) -> torch.Tensor:
     """Jacobian of each example's outputs with respect to the parameters ``names``.
 
     Args:
         adapter: the model.
         names: selected parameter names (a subset of ``adapter.params``).
         x: ``[N, *in]`` inputs.
-        by_loop: one plain backward per example and output instead of torch.func's
-            vmap, for models whose batched backward PyTorch gets wrong.
+        by_loop: ``False``: torch.func's vmap of ``jacrev`` over the examples, or
+            where vmap raises a loop of ``jacrev`` over them; ``"examples"``: that
+            loop from the start, for models whose vmap raised when they were
+            checked (a batching rule that fails on some batches can be silently
+            wrong on others, see `lazykernel._structured.jacobian_loop`);
+            ``True``: one plain backward per example and output, for models
+            whose batched backward PyTorch gets wrong.
+        strict: raise `VmapFailed` where vmap raises, instead of looping.
 
     Returns:
         ``[N, O, P]`` with P the total size of ``names`` in the given order.
     """
-    if by_loop:
+    if by_loop is True:
         return _per_example_jacobian_by_backward(adapter, names, x)
     values = {name: adapter.params[name].detach() for name in names}
     others = {name: p.detach() for name, p in adapter.params.items() if name not in values}
@@ -42,10 +52,15 @@ def per_example_jacobian(adapter: ModelAdapter, names: List[str], x: torch.Tenso
         return one_row_per_example(adapter.call(merged, xi.unsqueeze(0)), 1).reshape(-1)
 
     n = x.shape[0]
-    try:
-        jac = vmap(jacrev(f_single), in_dims=(None, 0))(values, x)
-    except Exception:
+    if by_loop == "examples":
         jac = _per_example_jacobian_loop(f_single, values, x)
+    else:
+        try:
+            jac = vmap(jacrev(f_single), in_dims=(None, 0))(values, x)
+        except Exception as error:
+            if strict:
+                raise VmapFailed(str(error)) from error
+            jac = _per_example_jacobian_loop(f_single, values, x)
     return torch.cat([jac[name].reshape(n, jac[name].shape[1], -1) for name in names], dim=2)
 
 
@@ -165,9 +180,10 @@ def _agreement_tolerance(dtypes) -> float:
 
 
 def ntvp_rows(adapter: ModelAdapter, values: Dict[str, torch.Tensor], vjp_fn, x2: torch.Tensor,
-              seeds: torch.Tensor, by_loop: bool) -> torch.Tensor:
+              seeds: torch.Tensor, by_loop: bool, strict: bool = False) -> torch.Tensor:
     """``[S, N2·O]``: ``J2 (J1ᵀ s)`` for each of the ``S`` rows ``s`` of ``seeds``,
-    where ``vjp_fn`` is the VJP of ``x1``'s flattened outputs."""
+    where ``vjp_fn`` is the VJP of ``x1``'s flattened outputs. With ``strict``, a vmap
+    over the rows that raises raises `VmapFailed` instead of looping."""
 
     def f2(p):
         return one_row_per_example(adapter.call(p, x2), x2.shape[0]).reshape(-1)
@@ -180,8 +196,9 @@ def ntvp_rows(adapter: ModelAdapter, values: Dict[str, torch.Tensor], vjp_fn, x2
         if not by_loop:
             try:
                 return vmap(row)(seeds)
-            except Exception:
-                pass
+            except Exception as error:
+                if strict:
+                    raise VmapFailed(str(error)) from error
         try:
             return torch.stack([row(v) for v in seeds])
         except NotImplementedError:
@@ -189,7 +206,7 @@ def ntvp_rows(adapter: ModelAdapter, values: Dict[str, torch.Tensor], vjp_fn, x2
     # an op without forward-mode AD, or forward mode that differs from reverse mode
     # (`forward_mode_works`): J2 from reverse mode, then one product
     names = list(values)
-    jac = per_example_jacobian(adapter, names, x2, by_loop=by_loop)          # [N2, O, P]
+    jac = per_example_jacobian(adapter, names, x2, by_loop=by_loop, strict=strict)     # [N2, O, P]
     if by_loop:
         tangents = [vjp_fn(v)[0] for v in seeds]
         flat = torch.stack([torch.cat([t[name].reshape(-1) for name in names]) for t in tangents])

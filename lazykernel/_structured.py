@@ -14,13 +14,13 @@ import contextlib
 import math
 import threading
 import warnings
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.nn.utils import parametrize
 
 from lazykernel._chain import LayerChain, exact_by_construction
-from lazykernel._jacobian import forward_mode_works, ntvp_rows, per_example_jacobian
+from lazykernel._jacobian import VmapFailed, forward_mode_works, ntvp_rows, per_example_jacobian
 from lazykernel._memory import empty_buffer
 from lazykernel._model import ModelAdapter
 from lazykernel.rules import (GRADIENT, BroadcastParameterRule, EmbeddingRule, PAIRWISE, TOKENS, GradientOf,
@@ -381,11 +381,11 @@ class StructuredPlan:
             self._check_generic_jacobians(probe)
 
     def _check_generic_jacobians(self, x: torch.Tensor) -> None:
-        """Do the generic group's per-example Jacobians come from torch.func's vmap? Not where
-        it gets them wrong on ``x`` (`jacobians_agree`): asked again whenever parameters join
-        the group, since their ops may be the ones vmap gets wrong."""
-        if self.generic and not self.generic_by_loop:
-            self.generic_by_loop = not jacobians_agree(self.adapter, self.generic, x)
+        """How are the generic group's per-example Jacobians formed (`jacobian_loop`)? Asked
+        again whenever parameters join the group, since their ops may be the ones vmap gets
+        wrong, until it comes to one backward per example and output."""
+        if self.generic and self.generic_by_loop is not True:
+            self.generic_by_loop = jacobian_loop(self.adapter, self.generic, x)
 
     def _demote_rules_used_outside_their_calls(self, x: torch.Tensor) -> None:
         """Demote the module rules whose parameters the forward on ``x`` also uses outside the module's call.
@@ -765,8 +765,31 @@ def jacobians_agree(adapter: ModelAdapter, names: List[str], x: torch.Tensor) ->
         return _jacobians_agree(adapter, names, x)
 
 
+def jacobian_loop(adapter: ModelAdapter, names: List[str], x: torch.Tensor) -> Union[bool, str]:
+    """`per_example_jacobian`'s ``by_loop`` for this model, checked on ``x`` (`jacobians_agree`).
+
+    ``False`` where torch.func's vmap over the examples gives autograd's Jacobians;
+    ``"examples"`` where that vmap raises on ``x`` and a loop of ``jacrev`` over the
+    examples gives them: a batching rule that raises on some batch sizes can run,
+    and be wrong, on others (PReLU's backward with one shared slope broadcast the
+    examples against the features when the two counts were equal, 5 % off), so
+    the vmap that was not checked is not used; ``True`` where neither matches, for
+    one plain backward per example and output.
+    """
+    with _differentiable(x) as x:
+        try:
+            jac, loop = per_example_jacobian(adapter, names, x, strict=True), False
+        except VmapFailed:
+            jac, loop = per_example_jacobian(adapter, names, x, by_loop="examples"), "examples"
+        return loop if _jacobian_agrees(adapter, names, x, jac) else True
+
+
 def _jacobians_agree(adapter: ModelAdapter, names: List[str], x: torch.Tensor) -> bool:
-    jac = per_example_jacobian(adapter, names, x)                          # [n, O, P]
+    return jacobian_loop(adapter, names, x) is False
+
+
+def _jacobian_agrees(adapter: ModelAdapter, names: List[str], x: torch.Tensor, jac: torch.Tensor) -> bool:
+    """Does ``jac: [n, O, P]``, per-example Jacobians of ``names`` on ``x``, match autograd along a random direction?"""
     gen = torch.Generator(device="cpu").manual_seed(2)
     values = adapter.detached_params()
     direction = {name: _rank_one_direction(values[name], gen) for name in names}
@@ -803,7 +826,13 @@ def ntvp_agrees(adapter: ModelAdapter, x: torch.Tensor) -> bool:
         gen = torch.Generator(device="cpu").manual_seed(3)
         seeds, u = (torch.rand(size, y.numel(), generator=gen, dtype=torch.float64).add_(0.5).to(y)
                     for size in (2, 1))
-        rows = ntvp_rows(adapter, values, vjp_fn, x, seeds, by_loop=False).detach().double()  # [2, n·O]
+        try:
+            rows = ntvp_rows(adapter, values, vjp_fn, x, seeds, by_loop=False, strict=True).detach().double()
+        except VmapFailed:
+            # a vmap that raised on these seeds may run, and be wrong, on the method's rows;
+            # the loop, which the method then takes, raises what is wrong with the model itself
+            ntvp_rows(adapter, values, vjp_fn, x, seeds, by_loop=True)
+            return False
 
         def flat(weights: torch.Tensor) -> torch.Tensor:
             (tangent,) = vjp_fn(weights)

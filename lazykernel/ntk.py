@@ -23,7 +23,7 @@ from lazykernel._precision import check_precision, gemm_gram_accumulate, matmul_
 from lazykernel._model import (ModelAdapter, ParamSelection, check_eval_mode, check_finite,
                                explained_autograd_errors, make_adapter, model_tensors, one_call_per_model,
                                parameters_device_and_dtype)
-from lazykernel._structured import StructuredPlan, jacobians_agree, ntvp_agrees, term_cost
+from lazykernel._structured import StructuredPlan, jacobian_loop, ntvp_agrees, term_cost
 from lazykernel.rules import RuleDoesNotApply, explicit_attention
 from lazykernel.ops import OUTPUTS, TOKEN_BATCH_ELEMENTS, gram_hadamard_accumulate, token_gram_accumulate
 
@@ -814,7 +814,8 @@ def _gradient_gram(out: torch.Tensor, grad1: torch.Tensor, grad2: torch.Tensor, 
 
 class _JacobianEngine(_Engine):
     name = "jacobian"
-    # one backward per example and output, where torch.func's vmap was found wrong (`jacobians_agree`)
+    # how the per-example Jacobians are formed (`jacobian_loop`): torch.func's vmap, a loop
+    # of jacrev over the examples, or one backward per example and output
     by_loop = False
 
     def features(self, x):
@@ -915,7 +916,7 @@ def _make_engine(method, adapter, probe, mode, outputs, activations, n1, n2, bud
         return _StructuredEngine(plan, probe, *common)
     if method == "jacobian":
         engine = _JacobianEngine(adapter, *common)
-        engine.by_loop = not jacobians_agree(adapter, list(adapter.params), probe)
+        engine.by_loop = jacobian_loop(adapter, list(adapter.params), probe)
     else:
         engine = _NtvpEngine(adapter, *common)
         engine.by_loop = not ntvp_agrees(adapter, probe)

@@ -270,3 +270,26 @@ def test_prelu_rule_matches_the_reference(slopes, shape, output):
     want = reference_ntk(model, x1, output=output)
     got = lazykernel.ntk(model, x1, output=output, method="structured")
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("n1, n2", [(1, 2), (2, 2), (3, 2), (2, None)])
+@pytest.mark.parametrize("method", ["jacobian", "ntvp", "structured"])
+def test_a_batching_rule_that_raises_on_the_check_is_not_trusted_on_other_batches(n1, n2, method):
+    # torch.func's vmap of PReLU's backward with one shared slope raises when the examples
+    # and the features differ in number, and broadcasts one against the other when they
+    # are equal: the check's examples raise, a chunk of two examples of two features ran
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.PReLU(init=0.3), nn.Linear(2, 2, bias=False)).double()
+    x1 = torch.randn(n1, 2, dtype=torch.float64)
+    x2 = None if n2 is None else torch.randn(n2, 2, dtype=torch.float64)
+    params = ["1.weight", "2.weight"] if method == "structured" else None
+    rules = lazykernel.rules._RULES
+    prelu_rule = rules.pop(nn.PReLU, None)   # the structured method's generic rule takes the slope
+    try:
+        got = lazykernel.ntk(model, x1, x2, output="full", method=method, params=params)
+    finally:
+        if prelu_rule is not None:
+            rules[nn.PReLU] = prelu_rule
+    want = reference_ntk(model, x1, x2, output="full", params_selection=params)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+
