@@ -873,8 +873,16 @@ def _agrees_along_random_direction(adapter: ModelAdapter, rules: List[Structured
     for rule in rules:
         names = list(rule.names.values())
         want = sum(actual[name] for name in names)
-        predicted = (rule.directional(operands[rule], n, direction).double().cpu()
-                     if operands[rule] else torch.zeros_like(want))
+        try:
+            predicted = (rule.directional(operands[rule], n, direction).double().cpu()
+                         if operands[rule] else torch.zeros_like(want))
+        except torch.OutOfMemoryError:
+            raise
+        except (RuleDoesNotApply, IndexError, RuntimeError):
+            # operands of the wrong sizes (a call the rule misread): it fails the check
+            continue
+        if predicted.shape != want.shape:
+            continue
         if _within_round_off(predicted, want, sum(rounding[name] for name in names), tol):
             agreeing.append(rule)
     return agreeing

@@ -890,7 +890,12 @@ def _check_examples(x1: torch.Tensor, x2: Optional[torch.Tensor]) -> torch.Tenso
     The probe is never longer than the batch, which a model may rely on.
     """
     n = x1.shape[0]
-    chosen = [x1[i] for i in dict.fromkeys((n // 2, 0, n - 1))] if n else []
+    chosen = []
+    for i in dict.fromkeys((n // 2, 0, n - 1)):
+        # equal rows check nothing that one of them does not: a layer reading its
+        # positions as its examples gives equal examples the same gradients either way
+        if not any(torch.equal(x1[i], seen) for seen in chosen):
+            chosen.append(x1[i])
     chosen = chosen[:_PROBE_EXAMPLES]
     if x2 is not None and len(chosen) < _PROBE_EXAMPLES:
         like = chosen[0].dtype if chosen else x2.dtype

@@ -10,6 +10,7 @@ FLOPs; elementwise work is not counted.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -19,7 +20,7 @@ from lazykernel import _memory
 from lazykernel._model import ParamSelection, explained_autograd_errors, one_call_per_model
 from lazykernel._structured import is_deferred, term_cost
 from lazykernel.ops import token_pairs_per_batch
-from lazykernel.rules import TOKENS, explicit_attention
+from lazykernel.rules import TOKENS, RuleDoesNotApply, explicit_attention
 from lazykernel.ntk import (_PROBE_EXAMPLES, _Engine, _JacobianEngine, _NtvpEngine, _StructuredEngine,
                             _setup, _tile_sizes, _working_bytes)
 
@@ -157,6 +158,22 @@ def plan(
     if call.engine is None:
         report.peak_bytes = result_bytes
         return report
+    try:
+        return _report(call, report, batch_size, computed_bytes, cast_bytes, result_bytes)
+    except RuleDoesNotApply as error:
+        if method == "jacobian":
+            raise
+        # as `lazykernel.ntk` does when a chunk shows a layer its rule does not describe
+        warnings.warn(f"{error}; on these examples the model does not use that layer as on the examples its "
+                      "rule was checked on (does it route examples?), so ntk would compute the kernel with "
+                      "method='jacobian', which this plan describes", stacklevel=3)
+        return plan(model, x1, x2, output=output, method="jacobian", params=params, batch_size=batch_size,
+                    memory_budget=memory_budget, precision=precision)
+
+
+def _report(call, report: NTKPlan, batch_size: Optional[int], computed_bytes: float, cast_bytes: float,
+            result_bytes: float) -> NTKPlan:
+    """``report`` filled in for the set-up ``call``: chunks, each group's FLOPs, peak memory."""
     engine = call.engine
     n1, n2 = call.shape[0], call.shape[1]
     with explicit_attention(call.adapter.module):

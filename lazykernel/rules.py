@@ -1043,6 +1043,10 @@ class _AffineNormRule(StructuredRule):
     def operands(self, cotangents, n, forms):
         parts = {local: [] for local in self._order()}
         for call, (x, y, g) in enumerate(zip(self.inputs, self.outputs, cotangents)):
+            if self.last_axes and x.dim() <= self._normalised_axes():
+                raise RuleDoesNotApply(f"lazykernel: a {type(self.module).__name__} saw an input of shape "
+                                       f"{tuple(x.shape)}, no axis besides its normalised ones (an unbatched "
+                                       "call); its rule needs the examples on an axis before them")
             axis = self.batch_axis(call, x, n) if x.dim() > 1 else 0
             if axis:
                 x, y, g = x.movedim(axis, 0), y.movedim(axis, 0), g.movedim(axis + 1, 1)

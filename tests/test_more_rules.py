@@ -293,3 +293,25 @@ def test_a_batching_rule_that_raises_on_the_check_is_not_trusted_on_other_batche
     want = reference_ntk(model, x1, x2, output="full", params_selection=params)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
 
+
+class _RoutesSmallBatches(nn.Module):
+    """Moves its examples to axis 1 for batches of fewer than four, as the plan's FLOP count runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):                                          # x: [N, T, 4]
+        if x.shape[0] < 4:
+            return self.head(torch.tanh(self.inner(x.transpose(0, 1))).mean(0))
+        return self.head(torch.tanh(self.inner(x)).mean(1))
+
+
+def test_plan_reports_the_jacobian_method_where_a_layer_moves_its_examples():
+    torch.manual_seed(14)
+    model = _RoutesSmallBatches().double()
+    x = torch.randn(7, 5, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="would compute the kernel with method='jacobian'"):
+        report = lazykernel.plan(model, x)
+    assert report.method == "jacobian" and report.flops > 0
