@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
@@ -1464,3 +1465,7 @@ def _attention_mask(attn_mask, key_padding_mask, n, heads, length, source, dtype
         mask = additive(key_padding_mask).reshape(n, 1, 1, source)
         total = mask if total is None else total + mask
     return total
+
+
+# the recurrent layers' rules, in a module of their own, register themselves with `register_rule`
+importlib.import_module("lazykernel._recurrent")

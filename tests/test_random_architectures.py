@@ -5,7 +5,7 @@ Hypothesis draws a small, printable specification (`Arch`): a family of input
 blocks built from the layers that have structured rules (Linear on [N, *, d],
 Conv1d/Conv2d with every geometry option and their transposes, Embedding, the
 norm affines of LayerNorm, RMSNorm, BatchNorm, GroupNorm and InstanceNorm,
-MultiheadAttention, TransformerEncoderLayer) mixed with what must fall back to
+MultiheadAttention, TransformerEncoderLayer, RNN/GRU/LSTM) mixed with what must fall back to
 the generic rule or be handled around the rules (residual connections, a module
 called twice, weights tied between two modules, extra free parameters, frozen
 blocks, parameter selections), a head with 1 to 12 outputs, example counts and
@@ -156,7 +156,7 @@ def _sequence_blocks(draw, width: int, length: int):
     blocks = []
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(("linear", "residual_linear", "shared_linear", "layernorm", "rmsnorm",
-                                     "attention", "attention", "encoder_layer", "encoder_layer")))
+                                     "attention", "attention", "encoder_layer", "encoder_layer", "recurrent", "recurrent")))
         act = draw(st.sampled_from(ACTIVATIONS))
         if kind == "linear":
             out = draw(st.sampled_from((2, 3, 4, 6)))
@@ -172,6 +172,12 @@ def _sequence_blocks(draw, width: int, length: int):
             last_two = draw(st.booleans())
             blocks.append(_block("rmsnorm", shape=(length, width) if last_two else (width,),
                                  affine=draw(st.booleans())))
+        elif kind == "recurrent":
+            hidden, both = draw(st.integers(2, 4)), draw(st.booleans())
+            blocks.append(_block("recurrent", cell=draw(st.sampled_from(("rnn", "gru", "lstm"))),
+                                 features=(width, hidden), layers=draw(st.integers(1, 2)), bidirectional=both,
+                                 bias=draw(st.booleans()), batch_first=draw(st.booleans())))
+            width = hidden * (2 if both else 1)
         elif kind == "attention":
             heads = draw(st.sampled_from([h for h in (1, 2, 3) if width % h == 0]))
             blocks.append(_block("attention", width=width, heads=heads, bias=draw(st.booleans()),
@@ -380,6 +386,22 @@ class SelfAttention(nn.Module):
         return x + h if self.residual else h
 
 
+class Recurrent(nn.Module):
+    """A recurrent layer on [N, T, d] returning its whole output sequence, batch-first or not."""
+
+    def __init__(self, b: "Block"):
+        super().__init__()
+        cls = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[b["cell"]]
+        self.batch_first = b["batch_first"]
+        self.rnn = cls(*b["features"], num_layers=b["layers"], bidirectional=b["bidirectional"], bias=b["bias"],
+                       batch_first=self.batch_first)
+
+    def forward(self, x):
+        if self.batch_first:
+            return self.rnn(x)[0]
+        return self.rnn(x.transpose(0, 1))[0].transpose(0, 1)
+
+
 class PoolPositions(nn.Module):
     """[N, T, d] → [N, d] (mean or first position) or [N, T·d] (flatten)."""
 
@@ -472,6 +494,8 @@ def _build_block(b: Block) -> nn.Module:
         return nn.TransformerEncoderLayer(b["width"], b["heads"], dim_feedforward=b["feedforward"],
                                           dropout=0.0, activation=b["activation"], batch_first=True,
                                           norm_first=b["norm_first"])
+    if kind == "recurrent":
+        return Recurrent(b)
     if kind == "pool_positions":
         return PoolPositions(b["how"])
     if kind in ("conv_transpose1d", "conv_transpose2d"):
