@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from lazykernel.rules import (PAIRWISE, RuleDoesNotApply, StructuredRule, _linear_gradients, _linear_shape,
+from lazykernel.rules import (PAIRWISE, ExplicitForwardRule, RuleDoesNotApply, _linear_gradients, _linear_shape,
                               _linear_term, register_rule)
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
@@ -143,7 +143,7 @@ def cell_forward(m: nn.RNNCellBase, record, input, hx=None):
     return (h, c) if lstm else h
 
 
-class _RecurrentRule(StructuredRule):
+class _RecurrentRule(ExplicitForwardRule):
     """The input and hidden weights of every layer and direction as linear maps over the steps.
 
     Terms, in order: for each layer and direction with a selected parameter,
@@ -155,19 +155,6 @@ class _RecurrentRule(StructuredRule):
     def handled(cls, module):
         kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         return {name: p for name, p in module.named_parameters(recurse=False) if name.startswith(kinds)}
-
-    def attach(self):
-        self.clear()
-        # an instance attribute shadows the class's forward for the capture only
-        self._previous = self.module.__dict__.get("forward")
-        self.module.forward = self._forward
-
-    def detach(self):
-        if getattr(self, "_previous", None) is not None:
-            self.module.forward = self._previous
-        else:
-            self.module.__dict__.pop("forward", None)
-        self._previous = None
 
     def clear(self):
         super().clear()

@@ -1222,8 +1222,30 @@ class PReLURule(_AffineNormRule):
 
 # -- attention -------------------------------------------------------------------------
 
+class ExplicitForwardRule(StructuredRule):
+    """A rule whose module, while it captures, runs `_forward` instead of its own forward:
+    the same function written with explicit products, exposing (recording) what the
+    module's fused kernels hide."""
+
+    def attach(self):
+        self.clear()
+        # an instance attribute shadows the class's forward for the capture only
+        self._previous = self.module.__dict__.get("forward")
+        self.module.forward = self._forward
+
+    def detach(self):
+        if getattr(self, "_previous", None) is not None:
+            self.module.forward = self._previous
+        else:
+            self.module.__dict__.pop("forward", None)
+        self._previous = None
+
+    def _forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+
 @register_rule(nn.MultiheadAttention)
-class MultiheadAttentionRule(StructuredRule):
+class MultiheadAttentionRule(ExplicitForwardRule):
     """``nn.MultiheadAttention``: its input and output projections as linear maps.
 
     The module's own forward hides the projections' outputs, so while the rule
@@ -1248,19 +1270,6 @@ class MultiheadAttentionRule(StructuredRule):
         found = {"in_proj_weight": module.in_proj_weight, "in_proj_bias": module.in_proj_bias,
                  "out_proj.weight": module.out_proj.weight, "out_proj.bias": module.out_proj.bias}
         return {name: p for name, p in found.items() if p is not None}
-
-    def attach(self):
-        self.clear()
-        # an instance attribute shadows the class's forward for the capture only
-        self._previous = self.module.__dict__.get("forward")
-        self.module.forward = self._forward
-
-    def detach(self):
-        if getattr(self, "_previous", None) is not None:
-            self.module.forward = self._previous
-        else:
-            self.module.__dict__.pop("forward", None)
-        self._previous = None
 
     def clear(self):
         super().clear()
