@@ -40,6 +40,8 @@ from lazykernel.rules import StructuredRule
 # reads them runs faster than one big batch; a GPU wants large batches.
 _CHUNK_BYTES_CPU = 4 << 20
 _CHUNK_BYTES_CUDA = 256 << 20
+# channels per block of oneDNN's blocked layouts (16 on AVX-512 machines, 8 on others)
+_CHANNEL_BLOCK = 16
 
 # layers whose derivative is elementwise: the chain takes it from autograd, on
 # one batch of examples, once per capture
@@ -144,10 +146,59 @@ class _Step:
     def release(self) -> None:
         """Drop what the forward kept, once the capture is done."""
 
+    def kept_elements(self, sizes: "_Sizes", elt: int) -> float:
+        """Elements (of ``elt`` bytes) per example that the forward keeps until the capture ends:
+        its output, which the next layer's rule or backward reads."""
+        return sizes.output
+
+    def backward_elements(self, sizes: "_Sizes", g: "_Held", into: bool) -> Tuple[float, "_Held"]:
+        """What `backward` allocates per example and seed, for a cotangent held as ``g``
+        and, with ``into``, a store of the layer before to write into: (elements
+        allocated while it runs, its result included; how its result is held)."""
+        raise NotImplementedError
+
+    def workspace_elements(self, sizes: "_Sizes") -> float:
+        """Elements per example and seed that the library kernel of `backward` allocates inside itself."""
+        return 0.0
+
+    def fixed_elements(self, sizes: "_Sizes", g: "_Held") -> float:
+        """Elements per seed that `backward` allocates once per capture, whatever the examples."""
+        return 0.0
+
+
+class _Held:
+    """How a cotangent of the capture is held, for counting its bytes: ``kind`` is
+    ``"broadcast"`` (the same for every example: no memory per example), ``"stored"``
+    (in a rule's store, counted with the stores), ``"split"`` (a broadcast view of a
+    smaller buffer, as an average pool's backward leaves it) or ``"fresh"`` (a
+    tensor of its own); ``elements``: the elements per example and seed of its own
+    buffer."""
+
+    def __init__(self, kind: str, elements: float = 0.0):
+        self.kind, self.elements = kind, elements
+
+    def copied(self, size: float) -> float:
+        """Elements a contiguous copy of the cotangent (``size`` per example) allocates: none
+        for one already contiguous."""
+        return size if self.kind in ("broadcast", "split") else 0.0
+
+
+class _Sizes:
+    """Elements per example of a layer's input and output."""
+
+    def __init__(self, input_shape: Sequence[int], output_shape: Sequence[int]):
+        self.input, self.output = math.prod(input_shape), math.prod(output_shape)
+
 
 class _IdentityStep(_Step):
     def backward(self, g, rows, out):
         return g
+
+    def kept_elements(self, sizes, elt):
+        return 0.0
+
+    def backward_elements(self, sizes, g, into):
+        return 0.0, g
 
 
 class _LinearStep(_Step):
@@ -177,6 +228,19 @@ class _LinearStep(_Step):
 
     def release(self):
         self._common = None
+
+    def backward_elements(self, sizes, g, into):
+        if g.kind == "broadcast":
+            # the product is formed once (`fixed_elements`) and broadcast again
+            return 0.0, _Held("stored") if into else g
+        copy = g.copied(sizes.output)
+        if into:
+            return copy, _Held("stored")
+        return copy + sizes.input, _Held("fresh", sizes.input)
+
+    def fixed_elements(self, sizes, g):
+        # the broadcast product stays until the capture ends
+        return sizes.input if g.kind == "broadcast" else 0.0
 
 
 class _ConvStep(_Step):
@@ -211,6 +275,25 @@ class _ConvStep(_Step):
         shape = g.shape[:2] + self.input_shape[1:]
         return _Cotangent(grad_in.view(shape), shape, owned=True)
 
+    def backward_elements(self, sizes, g, into):
+        # a contiguous cotangent, the stand-in of the input's shape and the input's
+        # gradient (never written into the store: copied there afterwards)
+        return g.copied(sizes.output) + 2 * sizes.input, _Held("fresh", sizes.input)
+
+    def workspace_elements(self, sizes):
+        # oneDNN (on a CPU, float32 and narrower) copies the output's gradient and forms
+        # the input's in a layout of channel blocks, padded, then reorders it: at most
+        # two copies of the larger of the two, as measured for 1 to 128 channels (1.0 to
+        # 2.0 of them beside the result). cuDNN's workspace on a GPU is taken to be as large.
+        c_in, c_out = self.layer.in_channels, self.layer.out_channels
+        padded_in = sizes.input // c_in * _padded_channels(c_in)
+        padded_out = sizes.output // c_out * _padded_channels(c_out)
+        return 2.0 * max(padded_in, padded_out)
+
+
+def _padded_channels(channels: int) -> int:
+    return -(-channels // _CHANNEL_BLOCK) * _CHANNEL_BLOCK
+
 
 class _ElementwiseStep(_Step):
     """An activation: its derivative at this batch, taken from autograd once, then a multiply."""
@@ -239,6 +322,23 @@ class _ElementwiseStep(_Step):
 
     def release(self) -> None:
         self.derivative = self.output = None
+
+    def kept_elements(self, sizes, elt):
+        # the output, and the derivative of any activation but ReLU
+        return sizes.output * (1 if type(self.layer) is nn.ReLU else 2)
+
+    def backward_elements(self, sizes, g, into):
+        return _multiplied_elements(sizes, g, into)
+
+
+def _multiplied_elements(sizes: _Sizes, g: _Held, into: bool) -> Tuple[float, _Held]:
+    """`_Cotangent.scaled` and `passed_where_positive`: into the store, in place where the
+    cotangent is a tensor of its own, a new tensor otherwise."""
+    if into:
+        return 0.0, _Held("stored")
+    if g.kind == "fresh":
+        return 0.0, g
+    return sizes.input, _Held("fresh", sizes.input)
 
 
 class _AvgPoolStep(_Step):
@@ -304,6 +404,12 @@ class _AvgPoolStep(_Step):
     def release(self):
         self._spread_matrix = None
 
+    def backward_elements(self, sizes, g, into):
+        # the product along the last axis; the other axes stay a broadcast view of it
+        spread = sizes.output * self.window[-1]
+        pooled = sizes.output if g.kind == "split" else 0.0
+        return pooled + spread, _Held("split", spread)
+
 
 class _MaxPoolStep(_Step):
     """Max pooling: its backward adds each cotangent at the input position its window took.
@@ -337,6 +443,13 @@ class _MaxPoolStep(_Step):
     def release(self):
         self.indices = None
 
+    def kept_elements(self, sizes, elt):
+        # the output, and the positions its windows took (int64)
+        return sizes.output * (1 + 8 / elt)
+
+    def backward_elements(self, sizes, g, into):
+        return g.copied(sizes.output) + sizes.input, _Held("fresh", sizes.input)
+
 
 class _BatchNormStep(_Step):
     """Eval-mode batch norm: per channel, ``∂/∂x = g · w / √(running_var + eps)``."""
@@ -348,6 +461,9 @@ class _BatchNormStep(_Step):
             scale = scale * layer.weight
         dims = len(self.input_shape) - 2
         return g.scaled(scale.to(g.values.dtype).reshape((1, -1) + (1,) * dims), out)
+
+    def backward_elements(self, sizes, g, into):
+        return _multiplied_elements(sizes, g, into)
 
 
 class _FlattenStep(_Step):
@@ -362,6 +478,14 @@ class _FlattenStep(_Step):
 
     def backward(self, g, rows, out):
         return g.reshaped(self.input_shape[1:])
+
+    def kept_elements(self, sizes, elt):
+        return 0.0
+
+    def backward_elements(self, sizes, g, into):
+        if g.kind == "split":
+            return sizes.input, _Held("fresh", sizes.input)
+        return 0.0, g
 
 
 def _pooling_rank(layer: nn.Module, kinds: Tuple[Type[nn.Module], ...], input_shape: Tuple[int, ...]) -> int:
@@ -504,6 +628,8 @@ class LayerChain:
 
     def __init__(self, steps: List[_Step]):
         self.steps = steps
+        # per layer, the sizes of one example's input and output in the last capture
+        self._sizes: List[_Sizes] = []
 
     @classmethod
     def of(cls, module: Optional[nn.Module]) -> Optional["LayerChain"]:
@@ -571,18 +697,11 @@ class LayerChain:
             shapes[i] = tuple(h.shape[1:])
             if rule is not None:
                 rule.outputs.append(h.detach())
+        self._sizes = [_Sizes(step.input_shape[1:], shapes[i]) for i, step in enumerate(self.steps)]
         f = h.reshape(n, -1)
         o = f.shape[1]
         b = o if weights is None else 1
-        # Every example's backward is its own: a chunk of examples runs the whole
-        # chain while its cotangents are still in the cache.
-        widest = max((math.prod(shapes[i]) for i in range(first, len(self.steps))), default=1)
-        # each chunk reads every weight its backward multiplies by: a chunk's
-        # cotangents should be no smaller than the largest of them (a width-4096
-        # Linear's 64 MiB, read again per chunk, made small chunks 10 % slower)
-        heaviest = max((step.layer.weight.numel() * step.layer.weight.element_size()
-                        for step in self.steps[first + 1:] if isinstance(step, _LinearStep)), default=0)
-        chunk = _chunk_examples(widest * b * f.element_size(), f.device, n, heaviest)
+        chunk = self._chunk_rows(first, b, f.element_size(), f.device, n)
         # a chunked rule's cotangents pass through one buffer of a chunk; the others are kept
         streamed = {i for i in targets if at[id(self.steps[i].layer)] in chunked}
         stores = {i: empty_buffer(((chunk if i in streamed else n), b) + shapes[i], f.dtype, f.device)
@@ -610,6 +729,56 @@ class LayerChain:
             index = next(i for i in targets if self.steps[i].layer is rule.module)
             per_rule.append(None if index in streamed else [stores[index].transpose(0, 1)])
         return f.detach(), per_rule
+
+    def _chunk_rows(self, first: int, seeds: int, elt: int, device: torch.device, n: int) -> int:
+        """Examples per chunk of the backward from layer ``first`` on, with ``seeds`` cotangents per example."""
+        # Every example's backward is its own: a chunk of examples runs the whole
+        # chain while its cotangents are still in the cache.
+        widest = max((self._sizes[i].output for i in range(first, len(self.steps))), default=1)
+        # each chunk reads every weight its backward multiplies by: a chunk's
+        # cotangents should be no smaller than the largest of them (a width-4096
+        # Linear's 64 MiB, read again per chunk, made small chunks 10 % slower)
+        heaviest = max((step.layer.weight.numel() * step.layer.weight.element_size()
+                        for step in self.steps[first + 1:] if isinstance(step, _LinearStep)), default=0)
+        return _chunk_examples(widest * seeds * elt, device, n, heaviest)
+
+    def capture_elements(self, rules: Sequence[StructuredRule], chunked: Sequence[StructuredRule], rows: int,
+                         dtype: torch.dtype, device: torch.device, gathered: float = 0.0) -> float:
+        """Elements of ``dtype`` that `capture` of ``rows`` examples, one cotangent per
+        output, holds at its peak: what its forward keeps, the rules' stores (those in
+        ``chunked`` a chunk long) and, for one chunk of examples, the largest
+        layer backward's cotangents and temporaries, beside ``gathered`` elements per
+        example of the chunk that the rules in ``chunked`` gather themselves
+        (`StructuredRule.add_chunk`).
+
+        Counted from the layers' sizes in the last capture (the plan's check runs one).
+        """
+        if not self._sizes:
+            raise RuntimeError("the layer chain's sizes are known once it has captured examples")
+        elt = torch.empty((), dtype=dtype).element_size()
+        at = {id(rule.module) for rule in rules}
+        streamed_at = {id(rule.module) for rule in chunked}
+        targets = [i for i, step in enumerate(self.steps) if id(step.layer) in at]
+        first = min(targets, default=len(self.steps))
+        last = len(self.steps) - 1
+        seeds = self._sizes[last].output
+        chunk = self._chunk_rows(first, seeds, elt, device, rows)
+        # oneDNN's blocked layouts (and cuDNN's workspace); PyTorch's float64 CPU convolution has none
+        blocked = not (device.type == "cpu" and dtype == torch.float64)
+        kept = sum(step.kept_elements(sizes, elt) for step, sizes in zip(self.steps, self._sizes))
+        stored = sum(self._sizes[i].output for i in targets if id(self.steps[i].layer) not in streamed_at)
+        streamed = sum(self._sizes[i].output for i in targets if id(self.steps[i].layer) in streamed_at)
+        # the backward of one chunk, layer by layer from the seeds (broadcast views)
+        g, fixed, largest = _Held("broadcast"), 0.0, 0.0
+        for i in range(last, first, -1):
+            step, sizes = self.steps[i], self._sizes[i]
+            fixed += step.fixed_elements(sizes, g)
+            allocated, result = step.backward_elements(sizes, g, i - 1 in targets)
+            workspace = step.workspace_elements(sizes) if blocked else 0.0
+            # the cotangent it reads stays until the step returns
+            largest = max(largest, g.elements + allocated + workspace)
+            g = result
+        return rows * (kept + seeds * stored) + chunk * (seeds * (streamed + largest) + gathered) + seeds * fixed
 
 
 def _chunk_examples(bytes_per_example: int, device: torch.device, n: int, at_least: int = 0) -> int:

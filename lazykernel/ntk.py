@@ -665,6 +665,7 @@ class _StructuredEngine(_Engine):
         super().__init__(plan.adapter, *args)
         self.plan = plan
         self.probe = probe
+        self._forward_elements: Optional[float] = None
         # per-example gradient slabs and gathered embedding rows are formed in `block`
         if any(form in ("gradient", "tokens") for forms in plan.forms for form in (forms or [])):
             self.reserve = 0.25
@@ -734,16 +735,60 @@ class _StructuredEngine(_Engine):
         self.plan.check_taps_at(self.probe, rows)
 
     def bytes_per_example(self, other_chunk):
+        return self._pass_bytes(self.chain_elements(other_chunk))
+
+    def _pass_bytes(self, chain: float) -> float:
+        """Bytes per example of a chunk's passes, where a layer chain's capture takes ``chain``
+        elements per example (`chain_elements`)."""
         o = self.plan.outputs or 1
         # the operands, plus the larger of what forms them: the batched backward's
-        # cotangent buffers and forward graph, or the cotangents copied into the
-        # operands' layout
+        # cotangent buffers and forward graph, a layer chain's capture, or the
+        # cotangents copied into the operands' layout
         operands = self.plan.elements_per_example()
         # torch.func forms the generic group's Jacobian per use of a parameter and
         # sums them (a tied weight, what sends a parameter there, has two): one more
         # Jacobian than the operands hold while it is formed
         forming = o * self.plan.generic_size() if self.plan.generic else 0
-        return self.elt * (operands + max(operands, (o + 2) * self.activations) + forming)
+        return self.elt * (operands + max(operands, (o + 2) * self.forward_elements(), chain) + forming)
+
+    def forward_elements(self) -> float:
+        """Elements per example of the tensors the model's forward creates: the larger of
+        its layers' outputs (`_probe`) and of every tensor its operations return.
+
+        The layers' outputs miss what a module's own ``forward`` computes between
+        them with functions (``F.affine_grid`` and ``F.grid_sample``, say), which the
+        backward keeps and differentiates too; a forward of the probe examples counts
+        it (a functional model's count, `_probe`'s, is already that)."""
+        if self._forward_elements is None:
+            counted = 0.0
+            # (a perceptron's layers' outputs are all its forward creates)
+            if self.adapter.module is not None and not exact_by_construction(self.adapter.module, self.probe):
+                seen = [self.probe[0].numel() * self.probe.shape[0]]
+                with torch.no_grad(), _CountAllocations(lambda t: seen.append(t.numel())), \
+                        explicit_attention(self.adapter.module):
+                    self.adapter.forward(self.probe)
+                counted = sum(seen) / self.probe.shape[0]
+            self._forward_elements = max(float(self.activations), counted)
+        return self._forward_elements
+
+    def chain_elements(self, other_chunk: int) -> float:
+        """Elements per example of a layer chain's capture (`LayerChain.capture_elements`),
+        with the patches the convolution rules that take its chunks gather; 0 without a chain.
+
+        Its backward runs a chunk of examples at a time, and that chunk's temporaries are
+        spread over ``other_chunk`` examples: the same chunk's in a symmetric kernel
+        (square tiles), and in the sum of both sides' passes of another tile
+        (`_tile_bytes`) at least once whichever side is larger.
+        """
+        chain = self.plan.chain
+        if chain is None:
+            return 0.0
+        rows = max(1, int(min(other_chunk, sys.maxsize)))
+        chunked = [rule for rule, forms in zip(self.plan.rules, self.plan.forms) if rule.takes_chunks(forms)]
+        # each gathers its patches, with a row of ones for the bias (`_ConvRule.add_chunk`)
+        gathered = sum((shape.k + 1) * shape.positions for rule in chunked for shape in rule.shapes)
+        dtype = next(iter(self.adapter.params.values())).dtype
+        return chain.capture_elements(self.plan.rules, chunked, rows, dtype, self.probe.device, gathered) / rows
 
     def held_per_example(self):
         return self.elt * self.plan.elements_per_example()
@@ -756,8 +801,19 @@ class _StructuredEngine(_Engine):
         rows = max(2, self.probe.shape[0])
         first = sum(term_cost(shape, shape.forms[0], 1, "trace")[2]
                     for rule in self.plan.rules for shape in rule.shapes)
-        per_example = max(self.bytes_per_example(rows), 2.0 * first * self.elt)
-        return rows * per_example + self.probe_copies(rows)
+        # (its captures take the cotangents with autograd, or a layer chain's of one
+        # weighted output, which takes less than the forward's graph)
+        per_example = max(self._pass_bytes(0.0), 2.0 * first * self.elt)
+        along = 0.0
+        if not exact_by_construction(self.adapter.module, self.probe):
+            # then the rules' gradients along a random direction (`_agrees_along_random_direction`),
+            # beside those operands and the cotangents and inputs they came from: a forward's
+            # graph and its backward for one weighted output, the direction (dense) and
+            # autograd's gradients of two examples (the last one's still held while the next
+            # is formed), these three parameter-sized (the rules' parameters, at most all)
+            forward = self.forward_elements()
+            along = rows * self.elt * (first + 4 * forward) + 3.0 * self.adapter.num_params * self.elt
+        return max(rows * per_example, along) + self.probe_copies(rows)
 
 
 def _gradient_block(term1, term2, same: bool, out: torch.Tensor, mode: str, slab: int,

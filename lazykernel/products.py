@@ -258,16 +258,21 @@ def _chunk_size(adapter: ModelAdapter, x: torch.Tensor, batch_size: Optional[int
     param = next(iter(adapter.params.values()))
     elt = param.element_size()
     budget = _budget_bytes(memory_budget, param.device)
-    fixed = vectors * adapter.num_params * elt
-    held = f"{vectors} parameter-space vector(s) take {_memory.format_bytes(fixed)}"
-    if checked_beside is not None and adapter.forward_mode_agrees is None:
+    _, activations = _probe(adapter, x, "x", needs_outputs=False)
+    checked = checked_beside is not None and adapter.forward_mode_agrees is None
+    # a pullback (vjp's and ntk_vp's chunks, the check of forward mode) sums the
+    # gradients of a parameter used several times
+    summing = _summed_gradient_elements(adapter, x) * elt if vectors >= 2 or checked else 0.0
+    fixed = vectors * adapter.num_params * elt + summing
+    summed = " and the sums of a shared parameter's gradients" if summing else ""
+    held = f"{vectors} parameter-space vector(s){summed} take {_memory.format_bytes(fixed)}"
+    if checked:
         # the check runs on no more examples than the first chunk holds, whose share per
         # example covers theirs: only its parameter-sized part may outgrow the vectors
-        check = checked_beside * adapter.num_params * elt + _forward_check_bytes(adapter)
+        check = checked_beside * adapter.num_params * elt + _forward_check_bytes(adapter, summing)
         if check > fixed:
             fixed = check
             held = f"the check of forward mode takes {_memory.format_bytes(fixed)}"
-    _, activations = _probe(adapter, x, "x", needs_outputs=False)
     per_example = _ACTIVATION_COPIES * activations * elt
     if budget < fixed + per_example:
         default = "the default " if memory_budget is None else ""
@@ -281,12 +286,84 @@ def _chunk_size(adapter: ModelAdapter, x: torch.Tensor, batch_size: Optional[int
     return min(size, n)
 
 
-def _forward_check_bytes(adapter: ModelAdapter) -> float:
+def _summed_gradient_elements(adapter: ModelAdapter, x: torch.Tensor) -> float:
+    """Elements a pullback holds beside its parameter-sized gradients while it sums the
+    gradients of a parameter used more than once (a tied weight, a module called
+    twice): autograd forms one per use and adds them, the sum a third tensor of the
+    parameter's size beside the two it adds (which measured twice that parameter
+    beyond the vectors). The uses are counted in a forward of one example
+    (`_ParameterUses`)."""
+    values = adapter.detached_params()
+    uses = _ParameterUses(values)
+    try:
+        with torch.no_grad(), uses:
+            adapter.call(values, x[:1])
+    except Exception:
+        # the chunks will say what is wrong with the model
+        return 0.0
+    return 2.0 * sum(values[name].numel() for name, count in uses.counts.items() if count > 1)
+
+
+class _ParameterUses(TorchFunctionMode):
+    """Counts, per parameter, the calls that read it (or a view of it) and return a new
+    tensor: each is a gradient a pullback adds to the parameter's. Calls that return
+    a view of a parameter (a transpose, a slice) pass it on instead, and calls that
+    return no tensor (its shape, its dtype) are not uses."""
+
+    def __init__(self, values: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.counts = {name: 0 for name in values}
+        self._owner = {id(t): name for name, t in values.items()}
+        self._storage = {name: _storage_of(t) for name, t in values.items()}
+        # the views found, kept so that no other tensor takes one's id during the forward
+        self._views: List[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        read = {self._owner[id(a)] for a in _flat_tensors((args, kwargs)) if id(a) in self._owner}
+        results = _flat_tensors(out)
+        if not read or not results:
+            return out
+        for name in read:
+            storage = self._storage[name]
+            views = [t for t in results if storage is not None and _storage_of(t) == storage]
+            if views:
+                for t in views:
+                    self._owner[id(t)] = name
+                self._views.extend(views)
+            else:
+                self.counts[name] += 1
+        return out
+
+
+def _flat_tensors(value) -> List[torch.Tensor]:
+    """The tensors in ``value``, a tensor or nested tuples, lists and dicts of them."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for part in value for t in _flat_tensors(part)]
+    return []
+
+
+def _storage_of(t: torch.Tensor) -> Optional[int]:
+    """The address of ``t``'s storage; None for a tensor without one (of a torch.func transform)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _forward_check_bytes(adapter: ModelAdapter, summing: float = 0.0) -> float:
     """Bytes `_jacobian.forward_mode_works` holds beside the examples' passes: the random
-    direction and the pulled-back gradient (a parameter-sized vector each), and up to three
-    float64 copies of the largest parameter while the two are compared."""
+    direction and the pulled-back gradient (a parameter-sized vector each), and the larger
+    of ``summing`` bytes while the pullback sums a shared parameter's gradients
+    (`_summed_gradient_elements`) and up to three float64 copies of the largest
+    parameter while the two are compared, which comes after."""
     largest = max(p.numel() for p in adapter.params.values())
-    return 2.0 * adapter.num_params * next(iter(adapter.params.values())).element_size() + 3.0 * 8 * largest
+    vectors = 2.0 * adapter.num_params * next(iter(adapter.params.values())).element_size()
+    return vectors + max(3.0 * 8 * largest, summing)
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
