@@ -31,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -176,6 +177,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args(argv)
+    # torch.func's notes on ops it batches by looping (the generic rule's vmap over
+    # fused recurrent kernels) would drown the table; the times show their cost
+    warnings.filterwarnings("ignore", message="There is a performance drop")
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = {"machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}",

@@ -151,6 +151,8 @@ class _RecurrentRule(ExplicitForwardRule):
     (``weight_hh``, ``bias_hh``), each over the steps of every call.
     """
 
+    stepwise = True
+
     @classmethod
     def handled(cls, module):
         kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")

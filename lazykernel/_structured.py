@@ -90,9 +90,11 @@ class StructuredPlan:
         It does where the backward batched over outputs would fall back to a
         loop anyway (`_batched_backward_falls_back`, found when the plan is
         verified) and one output's cotangents are large enough to pay for a
-        pass of their own.
+        pass of their own, and always for a model with a rule whose capture runs
+        a recurrent layer step by step (`StructuredRule.stepwise`).
         """
-        return (self.falls_back and self._pays_per_output(rows)) or self.batched_is_wrong
+        return ((self.falls_back and self._pays_per_output(rows)) or self.batched_is_wrong
+                or any(rule.stepwise for rule in self.rules))
 
     def _pays_per_output(self, rows: int) -> bool:
         # below a few MiB per output, one batched pass beats O passes' overhead
