@@ -7,6 +7,7 @@ batch forward once, and obtains every row of the Jacobian with its own
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -252,3 +253,12 @@ def peak_allocated_bytes(fn) -> int:
         held += event.nbytes()
         peak = max(peak, held)
     return peak
+
+
+def stated_least_budget(call) -> int:
+    """The least budget, in bytes, that the error of ``call(1)`` (a memory budget of one byte) asks for."""
+    with pytest.raises(ValueError, match="memory_budget of 1 B is too small") as error:
+        call(1)
+    stated = re.search(r"at least (\d+) bytes", str(error.value))
+    assert stated, f"the error states no least budget: {error.value}"
+    return int(stated.group(1))

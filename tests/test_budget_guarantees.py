@@ -13,6 +13,7 @@ from torch import nn
 
 import lazykernel
 from lazykernel import _memory
+from conftest import stated_least_budget
 from conftest import _explicit_jacobian, assert_close_to_reference, reference_ntk
 from conftest import peak_allocated_bytes as _peak_allocated_bytes
 
@@ -49,15 +50,6 @@ def _one_output_mlp(n=8):
     return model, torch.randn(n, 16)
 
 
-def _stated_least_budget(call) -> int:
-    """The least budget the error of ``call(memory_budget=1)`` asks for, in bytes."""
-    with pytest.raises(ValueError, match="memory_budget of 1 B is too small") as error:
-        call(1)
-    stated = re.search(r"at least (\d+) bytes", str(error.value))
-    assert stated, f"the error states no least budget: {error.value}"
-    return int(stated.group(1))
-
-
 def _tensor_bytes(result) -> int:
     parts = result.values() if isinstance(result, dict) else result if isinstance(result, tuple) else [result]
     return sum(t.numel() * t.element_size() for t in parts)
@@ -69,7 +61,7 @@ def test_ntk_fits_in_the_least_budget_its_error_states(build, method):
     # the rules (or products) are checked on four examples before any tile: at the least
     # budget the error stated, that check alone went past it
     model, x = build()
-    least = _stated_least_budget(lambda budget: lazykernel.ntk(model, x, method=method, memory_budget=budget))
+    least = stated_least_budget(lambda budget: lazykernel.ntk(model, x, method=method, memory_budget=budget))
     result = {}
     peak = _peak_allocated_bytes(lambda: result.update(k=lazykernel.ntk(model, x, method=method,
                                                                         memory_budget=least)))
@@ -83,7 +75,7 @@ def test_a_lone_examples_kernel_asks_for_one_examples_memory():
     engine = ntk_module._setup(model, x, None, "trace", "jacobian", None, None, None).engine
     pair = ntk_module._tile_bytes(engine, 1, 1, 4)
     budget = int(0.6 * pair)
-    least = _stated_least_budget(lambda b: lazykernel.ntk(model, x, method="jacobian", memory_budget=b))
+    least = stated_least_budget(lambda b: lazykernel.ntk(model, x, method="jacobian", memory_budget=b))
     assert least <= budget
     result = {}
     peak = _peak_allocated_bytes(lambda: result.update(k=lazykernel.ntk(model, x, method="jacobian",
@@ -161,7 +153,7 @@ def test_the_products_fit_in_the_least_budget_their_error_states(op):
             return lazykernel.jvp(model, x, tangent, memory_budget=budget)[1]
         return lazykernel.ntk_vp(model, x, v, output="full", memory_budget=budget)
 
-    least = _stated_least_budget(call)
+    least = stated_least_budget(call)
     result = {}
     peak = _peak_allocated_bytes(lambda: result.update(r=call(least)))
     assert peak - _tensor_bytes(result["r"]) <= _MARGIN * least

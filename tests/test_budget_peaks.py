@@ -8,13 +8,13 @@ call, less the returned result, which the budget does not cover."""
 
 import copy
 import importlib
-import re
 
 import pytest
 import torch
 from torch import nn
 
 import lazykernel
+from conftest import stated_least_budget
 from conftest import _explicit_jacobian, assert_close_to_reference, peak_allocated_bytes, reference_ntk
 
 ntk_module = importlib.import_module("lazykernel.ntk")
@@ -39,15 +39,6 @@ def _peak_beside_result(call):
     out = {}
     peak = peak_allocated_bytes(lambda: out.update(result=call()))
     return out["result"], peak - _tensor_bytes(out["result"])
-
-
-def _stated_least_budget(call) -> int:
-    """The least budget the error of ``call(1)`` (a budget of one byte) asks for, in bytes."""
-    with pytest.raises(ValueError, match="memory_budget of 1 B is too small") as error:
-        call(1)
-    stated = re.search(r"at least (\d+) bytes", str(error.value))
-    assert stated, f"the error states no least budget: {error.value}"
-    return int(stated.group(1))
 
 
 # -- a CNN kernel in one chunk: the layer chain's capture --------------------------
@@ -143,7 +134,7 @@ def test_the_structured_check_fits_in_the_least_budget_its_error_states(build, s
     model = build().eval()
     torch.manual_seed(3)
     x = torch.randn(_N, *shape)
-    least = _stated_least_budget(lambda budget: lazykernel.ntk(model, x, memory_budget=budget))
+    least = stated_least_budget(lambda budget: lazykernel.ntk(model, x, memory_budget=budget))
     kernel, peak = _peak_beside_result(lambda: lazykernel.ntk(model, x, memory_budget=least))
     assert peak <= _MARGIN * least, f"peak {peak} B beside the kernel, least budget stated {least} B"
     assert_close_to_reference(kernel, reference_ntk(model, x), torch.float32)
@@ -186,7 +177,7 @@ def test_vjp_of_a_weight_used_twice_fits_in_the_least_budget_its_error_states(bu
     model = build().eval()
     torch.manual_seed(4)
     x, cotangent = torch.randn(16, 256), torch.randn(16, 3)
-    least = _stated_least_budget(lambda budget: lazykernel.vjp(model, x, cotangent, memory_budget=budget))
+    least = stated_least_budget(lambda budget: lazykernel.vjp(model, x, cotangent, memory_budget=budget))
     grads, peak = _peak_beside_result(lambda: lazykernel.vjp(model, x, cotangent, memory_budget=least))
     assert peak <= _MARGIN * least, f"peak {peak} B beside the gradients, least budget stated {least} B"
     model64 = copy.deepcopy(model).double()
