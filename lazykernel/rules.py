@@ -1152,7 +1152,8 @@ class _InstanceNormRule(_AffineNormRule):
             raise RuleDoesNotApply(f"lazykernel: {type(m).__name__} input of shape {tuple(x.shape)} is not "
                                    "batched; its rule needs [N, C, *spatial]")
         own = m.training or not m.track_running_stats
-        # running statistics are read, never updated (momentum 0 on copies)
+        # running statistics are only read: with them the input statistics are off, and
+        # without them there is nothing to update
         mean = None if own or m.running_mean is None else m.running_mean
         var = None if own or m.running_var is None else m.running_var
         return F.instance_norm(x, mean, var, None, None, use_input_stats=own or mean is None, momentum=0.0,
