@@ -94,10 +94,6 @@ class _SequenceFirstTransformer(TokenTransformer):
         return self.head(h.mean(dim=0))
 
 
-def _sequence_first_rules() -> Dict[type, object]:
-    return {nn.Linear: rules._RULES[nn.Linear], nn.LayerNorm: rules._RULES[nn.LayerNorm]}
-
-
 def workloads() -> Dict[str, Tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], Tuple[type, ...], str]]:
     """name -> (model builder, input builder, the layer types whose rules are measured, description)."""
     return {

@@ -761,10 +761,10 @@ def jacobians_agree(adapter: ModelAdapter, names: List[str], x: torch.Tensor) ->
     what forward mode alone sees (the lookups of an Embedding's padding row, uses
     under ``torch.no_grad``) does not send every tied embedding to the loop. Where
     they differ, PyTorch's batched backward is wrong for some op of the model, and
-    the Jacobians must come from one backward per example and output.
+    the Jacobians must come from a loop (`jacobian_loop`, which also tells a vmap that
+    raises on ``x`` from one that is wrong there; both disagree here).
     """
-    with _differentiable(x) as x:
-        return _jacobians_agree(adapter, names, x)
+    return jacobian_loop(adapter, names, x) is False
 
 
 def jacobian_loop(adapter: ModelAdapter, names: List[str], x: torch.Tensor) -> Union[bool, str]:
@@ -784,10 +784,6 @@ def jacobian_loop(adapter: ModelAdapter, names: List[str], x: torch.Tensor) -> U
         except VmapFailed:
             jac, loop = per_example_jacobian(adapter, names, x, by_loop="examples"), "examples"
         return loop if _jacobian_agrees(adapter, names, x, jac) else True
-
-
-def _jacobians_agree(adapter: ModelAdapter, names: List[str], x: torch.Tensor) -> bool:
-    return jacobian_loop(adapter, names, x) is False
 
 
 def _jacobian_agrees(adapter: ModelAdapter, names: List[str], x: torch.Tensor, jac: torch.Tensor) -> bool:
@@ -823,7 +819,7 @@ def ntvp_agrees(adapter: ModelAdapter, x: torch.Tensor) -> bool:
     with _differentiable(x) as x:
         values = adapter.detached_params()
         if not forward_mode_works(adapter, values, x):
-            return _jacobians_agree(adapter, list(values), x)
+            return jacobian_loop(adapter, list(values), x) is False
         y, vjp_fn = torch.func.vjp(lambda p: adapter.call(p, x).reshape(-1), values)
         gen = torch.Generator(device="cpu").manual_seed(3)
         seeds, u = (torch.rand(size, y.numel(), generator=gen, dtype=torch.float64).add_(0.5).to(y)
