@@ -75,6 +75,8 @@ class StructuredPlan:
         self.generic_by_loop = False
         # set by a capture that left those findings to `_verify` (see `_capture`)
         self._batched_checks_deferred = False
+        # a perceptron whose rules hold by construction (`exact_by_construction`), found by `verify`
+        self.exact = False
 
     def capture_name(self, rows: int) -> str:
         """How a capture of ``rows`` examples takes the cotangents of the outputs."""
@@ -279,7 +281,7 @@ class StructuredPlan:
         rows = n if rows is None else rows
         self._drop_failing_taps(x)
         # a perceptron's Linear rules hold by construction: only their shapes are needed
-        exact = exact_by_construction(self.adapter.module, x)
+        exact = self.exact = exact_by_construction(self.adapter.module, x)
         if not exact:
             self._demote_rules_used_outside_their_calls(x)
         # the check needs only Σ_o of each example's gradient: one plain backward

@@ -762,7 +762,7 @@ class _StructuredEngine(_Engine):
         if self._forward_elements is None:
             counted = 0.0
             # (a perceptron's layers' outputs are all its forward creates)
-            if self.adapter.module is not None and not exact_by_construction(self.adapter.module, self.probe):
+            if self.adapter.module is not None and not self.plan.exact:
                 seen = [self.probe[0].numel() * self.probe.shape[0]]
                 with torch.no_grad(), _CountAllocations(lambda t: seen.append(t.numel())), \
                         explicit_attention(self.adapter.module):
@@ -805,7 +805,7 @@ class _StructuredEngine(_Engine):
         # weighted output, which takes less than the forward's graph)
         per_example = max(self._pass_bytes(0.0), 2.0 * first * self.elt)
         along = 0.0
-        if not exact_by_construction(self.adapter.module, self.probe):
+        if not self.plan.exact:
             # then the rules' gradients along a random direction (`_agrees_along_random_direction`),
             # beside those operands and the cotangents and inputs they came from: a forward's
             # graph and its backward for one weighted output, the direction (dense) and
