@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lazykernel.rules import (PAIRWISE, ExplicitForwardRule, RuleDoesNotApply, _linear_gradients, _linear_shape,
-                              _linear_term, register_rule)
+                              _linear_term, along_positions, register_rule)
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
 
@@ -225,9 +225,7 @@ class _RecurrentRule(ExplicitForwardRule):
                     g = torch.cat([g[..., :2 * hidden], g[..., 2 * hidden:] * r.unsqueeze(2)], dim=-1)
             a_parts.append(a)
             g_parts.append(g)
-        if len(a_parts) == 1:
-            return a_parts[0], g_parts[0]
-        return torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1)
+        return along_positions(a_parts, g_parts)
 
     def operands(self, cotangents, n, forms):
         terms = []

@@ -382,6 +382,15 @@ def _positions(a: torch.Tensor, g: torch.Tensor, n: int, k: int, d: int, module:
     return a.reshape(n, t, k), g.reshape(o, n, t, d).permute(1, 2, 0, 3)
 
 
+def along_positions(a_parts: Sequence[torch.Tensor], g_parts: Sequence[torch.Tensor]
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One term's ``a: [n, T, K]`` and ``g: [n, T, O, D]`` from the parts of several calls,
+    their positions side by side (a single call's, as they are)."""
+    if len(a_parts) == 1:
+        return a_parts[0], g_parts[0]
+    return torch.cat(list(a_parts), dim=1), torch.cat(list(g_parts), dim=1)
+
+
 def examples_axes(inputs: Sequence[torch.Tensor], n: int, leading: int) -> List[int]:
     """Per input, the axis holding the ``n`` examples: 0 where its size is n, else the one
     other axis among the first ``dim - leading`` of size n, else 0 (the rule then refuses
@@ -470,12 +479,11 @@ class LinearRule(StructuredRule):
         d_in, d_out = self.module.in_features, self.module.out_features
         parts = [_positions(*self._batch_first(call, a, g, n), n, d_in, d_out, self.module)
                  for call, (a, g) in enumerate(zip(self.inputs, cotangents))]
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+        return along_positions([p[0] for p in parts], [p[1] for p in parts])
 
     def term_shapes(self):
-        positions = sum(math.prod(a.shape[:-1]) // max(a.shape[axis], 1) if a.dim() > 1 else 0
+        # every axis but the examples' and the features'
+        positions = sum(math.prod(size for i, size in enumerate(a.shape[:-1]) if i != axis)
                         for a, axis in zip(self.inputs, self.batch_axes or [0] * len(self.inputs)))
         return [_linear_shape(positions, self.module.in_features, self.module.out_features, *self._use())]
 
@@ -588,8 +596,7 @@ class _ConvRule(StructuredRule):
             for c in range(groups):
                 per_group[c][0].append(patches[c])
                 per_group[c][1].append(cot[c])
-        return [(torch.cat(a, 1) if len(a) > 1 else a[0], torch.cat(g, 1) if len(g) > 1 else g[0])
-                for a, g in per_group]
+        return [along_positions(a, g) for a, g in per_group]
 
     def term_shapes(self):
         m = self.module
@@ -774,8 +781,7 @@ class _ConvTransposeRule(StructuredRule):
             for c in range(groups):
                 per_group[c][0].append(a[c])
                 per_group[c][1].append(h[c])
-        return [(torch.cat(a, 1) if len(a) > 1 else a[0], torch.cat(h, 1) if len(h) > 1 else h[0])
-                for a, h in per_group]
+        return [along_positions(a, h) for a, h in per_group]
 
     def _bias_gradient(self, cotangents, n) -> torch.Tensor:
         """``[n, 1, O, C_out]``: each example's bias gradient, every call and output position summed."""
@@ -1324,9 +1330,7 @@ class MultiheadAttentionRule(ExplicitForwardRule):
                 g_t = padded
             a_parts.append(a_t)
             g_parts.append(g_t)
-        if len(a_parts) == 1:
-            return a_parts[0], g_parts[0]
-        return torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1)
+        return along_positions(a_parts, g_parts)
 
     def operands(self, cotangents, n, forms):
         terms = []
